@@ -1,0 +1,162 @@
+"""Build the aiohttp application: shared state under typed keys, middleware, routes.
+
+One middleware wraps every request: it assigns the request id (kept from a sane incoming
+``X-Request-Id``, else new), checks the client key on ``/v1`` routes, renders every ``ProxyError``
+as an OpenAI error, turns anything unexpected into a 500 without leaking internals, and writes the
+one access-log line. The client session, cache and describer are opened and closed in a
+``cleanup_ctx``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from . import config, handlers, logs, upstream
+from .cache import DescriptionCache, MemoryLRU
+from .describe import Describer
+from .errors import NotFound, ProxyError, Unauthorized
+
+log = logging.getLogger("ocrproxy.access")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _request_id(request: web.Request) -> str:
+    incoming = request.headers.get("X-Request-Id", "")
+    return incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+
+
+def _check_key(request: web.Request, keys: tuple[str, ...]) -> None:
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    token = value.strip().encode()
+    valid = scheme.lower() == "bearer" and token != b""
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(token, key.encode())
+    if not (valid and matched):
+        raise Unauthorized(
+            "Incorrect or missing API key. Send `Authorization: Bearer <key>` "
+            "with a key this proxy was configured with."
+        )
+
+
+@web.middleware
+async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    cfg = request.app[handlers.CONFIG]
+    trace = handlers.Trace(_request_id(request))
+    request[handlers.TRACE] = trace
+    token = logs.request_id.set(trace.request_id)
+    response: web.StreamResponse | None = None
+    status = 500
+    try:
+        if cfg.auth.keys and request.path.startswith("/v1"):
+            _check_key(request, cfg.auth.keys)
+        response = await handler(request)
+        status = response.status
+        return response
+    except ProxyError as exc:
+        status = exc.status
+        return exc.to_response()
+    except web.HTTPException as exc:
+        status = exc.status
+        if exc.status == 404:
+            return NotFound(f"Unknown route {request.method} {request.path}").to_response()
+        if exc.status == 405:
+            error = ProxyError(f"Method {request.method} is not allowed on {request.path}")
+            error.status, error.type = 405, "invalid_request_error"
+            return error.to_response()
+        raise
+    except (ConnectionResetError, asyncio.CancelledError):
+        status = 499  # the client went away
+        raise
+    except Exception:
+        log.exception("unhandled error")
+        status = 500
+        return ProxyError("The proxy failed to handle this request").to_response()
+    finally:
+        _access_log(request, trace, status, response)
+        logs.request_id.reset(token)
+
+
+def _access_log(
+    request: web.Request,
+    trace: handlers.Trace,
+    status: int,
+    response: web.StreamResponse | None,
+) -> None:
+    if response is not None and response.prepared:
+        bytes_out = response.body_length
+    elif isinstance(response, web.Response) and response.body is not None:
+        bytes_out = len(response.body) if isinstance(response.body, bytes) else 0
+    else:
+        bytes_out = 0
+    fields = {
+        "method": request.method,
+        "route": request.path,
+        "status": status,
+        "model": trace.model,
+        "real_model": trace.real_model,
+        "ocr_model": trace.ocr_model,
+        "images": trace.images,
+        "cache_hits": trace.cache_hits,
+        "ocr_failures": trace.ocr_failures,
+        "ocr_ms": trace.ocr_ms,
+        "upstream": trace.upstream,
+        "upstream_status": trace.upstream_status,
+        "ttfb_ms": trace.ttfb_ms,
+        "total_ms": round((time.monotonic() - trace.started) * 1000, 2),
+        "bytes_out": bytes_out,
+    }
+    log.info("request", extra={"fields": fields, "request_id": trace.request_id})
+
+
+async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
+    trace = request.get(handlers.TRACE)
+    if trace is not None:
+        response.headers["X-Request-Id"] = trace.request_id
+
+
+async def _state(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[handlers.CONFIG]
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+    session = aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        trust_env=False,
+        skip_auto_headers=("Accept-Encoding",),
+    )
+    cache = DescriptionCache(MemoryLRU(cfg.cache.max_entries, cfg.cache.max_bytes, cfg.cache.ttl_s))
+    secrets = cfg.auth.keys + tuple(up.api_key for up in cfg.upstreams if up.api_key)
+    app[handlers.SESSION] = session
+    app[handlers.CACHE] = cache
+    app[handlers.DESCRIBER] = Describer(session, app[handlers.ROUTER], cfg.ocr, cache, secrets)
+    try:
+        yield
+    finally:
+        await cache.close()
+        await session.close()
+
+
+def create_app(cfg: config.Config) -> web.Application:
+    """The proxy as an aiohttp Application, ready for ``web.run_app`` or a test client."""
+    app = web.Application(client_max_size=cfg.server.max_body_bytes, middlewares=[middleware])
+    app[handlers.CONFIG] = cfg
+    app[handlers.ROUTER] = upstream.Router(cfg.upstreams)
+    app.cleanup_ctx.append(_state)
+    app.on_response_prepare.append(_stamp)
+    app.router.add_post("/v1/chat/completions", handlers.chat_completions)
+    app.router.add_get("/v1/models", handlers.models)
+    app.router.add_route("*", "/v1/{tail:.*}", handlers.passthrough)
+    app.router.add_get("/healthz", handlers.healthz)
+    return app

@@ -1,0 +1,237 @@
+"""The OCR step: one chat-completions call to the OCR model per distinct image, all at once.
+
+Theory of operation: the images of a request are grouped by identity, so an image sent twice is
+described once. Each distinct image goes through the description cache (memory LRU, shared tier,
+single-flight), and only a miss calls the OCR model: a non-streaming request with the analysis
+prompt and the image, bounded ``max_tokens``, under a global semaphore (``max_concurrency``) and a
+per-call timeout. A failure never escapes as an exception unless the policy is ``fail``: under
+``placeholder`` the image gets a short note saying it could not be analysed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+import msgspec
+
+from . import config, upstream
+from .cache import Description, DescriptionCache
+from .errors import OcrFailed
+from .images import Image
+from .logs import redact
+from .schema import encoder, ocr_response_decoder
+
+log = logging.getLogger("ocrproxy.describe")
+
+
+class OcrError(Exception):
+    """Describing one image failed; the message is safe to log and to show."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The result for one distinct image of a request."""
+
+    digest: bytes
+    description: Description | None
+    cached: bool
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class OcrReport:
+    """What the OCR step did for one request: shown in headers, logs and ``usage.ocr``."""
+
+    model: str
+    outcomes: dict[bytes, Outcome]
+    ms: float
+
+    @property
+    def images(self) -> int:
+        return len(self.outcomes)
+
+    @property
+    def cache_hits(self) -> int:
+        return sum(1 for o in self.outcomes.values() if o.cached and o.description)
+
+    @property
+    def failures(self) -> int:
+        return sum(1 for o in self.outcomes.values() if o.error)
+
+    def usage(self) -> dict[str, int | str]:
+        paid = [o.description for o in self.outcomes.values() if o.description and not o.cached]
+        prompt = sum(d.prompt_tokens for d in paid)
+        completion = sum(d.completion_tokens for d in paid)
+        return {
+            "model": self.model,
+            "images": self.images,
+            "cache_hits": self.cache_hits,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+
+class Describer:
+    """Calls the OCR model for images, through the cache, with bounded concurrency."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        router: upstream.Router,
+        settings: config.Ocr,
+        cache: DescriptionCache,
+        secrets: tuple[str, ...] = (),
+    ) -> None:
+        self.session = session
+        self.router = router
+        self.settings = settings
+        self.cache = cache
+        self.secrets = secrets
+        self.semaphore = asyncio.Semaphore(settings.max_concurrency)
+        self._prompt_digest = hashlib.sha256(settings.prompt.encode()).digest()
+
+    def key(self, model: str, image_digest: bytes) -> bytes:
+        """Cache key over the OCR model, the prompt and the image identity."""
+        h = hashlib.sha256(b"ocrproxy/1\0")
+        h.update(model.encode())
+        h.update(b"\0")
+        h.update(self._prompt_digest)
+        h.update(image_digest)
+        return h.digest()
+
+    async def describe_all(
+        self, images: list[Image], model: str, client_headers: Mapping[str, str]
+    ) -> OcrReport:
+        """Describe every distinct image concurrently; raise OcrFailed only under ``fail``."""
+        started = time.monotonic()
+        distinct: dict[bytes, Image] = {}
+        for image in images:
+            distinct.setdefault(image.digest, image)
+        up = self.router.route(model)
+        auth = upstream.auth_header(client_headers, up)
+        outcomes: dict[bytes, Outcome] = {}
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self._one(image, model, up, auth))
+                    for image in distinct.values()
+                ]
+        except BaseExceptionGroup as group_error:
+            # Under `fail` the first failure cancelled the rest: report that one.
+            raise group_error.exceptions[0] from None
+        for task in tasks:
+            outcome = task.result()
+            outcomes[outcome.digest] = outcome
+        return OcrReport(model, outcomes, (time.monotonic() - started) * 1000)
+
+    async def _one(
+        self, image: Image, model: str, up: config.Upstream, auth: str | None
+    ) -> Outcome:
+        key = self.key(model, image.digest)
+        try:
+            description, cached = await self.cache.get_or_create(
+                key, lambda: self._call(image, model, up, auth)
+            )
+        except OcrError as exc:
+            log.warning(
+                "OCR failed for %s: %s",
+                image.where,
+                exc,
+                extra={"fields": {"ocr_model": model, "image": image.digest.hex()[:16]}},
+            )
+            if self.settings.on_error == "fail":
+                raise OcrFailed(f"Image analysis failed for `{image.where}`: {exc}") from None
+            return Outcome(image.digest, None, False, str(exc))
+        return Outcome(image.digest, description, cached)
+
+    def _body(self, image: Image, model: str) -> bytes:
+        image_url: dict[str, str] = {"url": image.url}
+        if image.detail:
+            image_url["detail"] = image.detail
+        return encoder.encode(
+            {
+                "model": model,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": self.settings.prompt},
+                            {"type": "image_url", "image_url": image_url},
+                        ],
+                    }
+                ],
+                "max_tokens": self.settings.max_tokens,
+                "stream": False,
+            }
+        )
+
+    async def _call(
+        self, image: Image, model: str, up: config.Upstream, auth: str | None
+    ) -> Description:
+        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+        if auth:
+            headers["Authorization"] = auth
+        body = self._body(image, model)
+        async with self.semaphore:
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(self.settings.timeout_s):
+                    async with self.session.post(
+                        upstream.url(up, "chat/completions"),
+                        data=body,
+                        headers=headers,
+                        allow_redirects=False,
+                    ) as resp:
+                        payload = await resp.read()
+                        status = resp.status
+            except TimeoutError:
+                limit = self.settings.timeout_s
+                raise OcrError(f"the OCR model did not answer within {limit:g} s") from None
+            except aiohttp.ClientError as exc:
+                raise OcrError(f"the OCR upstream is unreachable ({type(exc).__name__})") from None
+            ms = (time.monotonic() - started) * 1000
+        if status != 200:
+            raise OcrError(f"the OCR model answered HTTP {status}: {self._reason(payload)}")
+        try:
+            answer = ocr_response_decoder.decode(payload)
+        except msgspec.DecodeError:
+            raise OcrError("the OCR model's answer is not a chat completion") from None
+        text = answer.choices[0].message.content if answer.choices else None
+        if not text or not text.strip():
+            raise OcrError("the OCR model returned an empty description")
+        usage = answer.usage
+        log.debug(
+            "OCR call done",
+            extra={
+                "fields": {
+                    "ocr_model": model,
+                    "image": image.digest.hex()[:16],
+                    "image_bytes": image.size,
+                    "ms": round(ms, 1),
+                    "prompt_tokens": usage.prompt_tokens if usage else 0,
+                    "completion_tokens": usage.completion_tokens if usage else 0,
+                }
+            },
+        )
+        return Description(
+            text=text.strip(),
+            model=model,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+        )
+
+    def _reason(self, payload: bytes) -> str:
+        """A short, redacted reason from an upstream error body."""
+        try:
+            message = msgspec.json.decode(payload)["error"]["message"]
+            text = message if isinstance(message, str) else str(message)
+        except (msgspec.DecodeError, KeyError, TypeError):
+            text = payload[:200].decode("utf-8", "replace")
+        return redact(text[:300], self.secrets)

@@ -1,0 +1,104 @@
+"""Errors the proxy makes itself, each knowing its HTTP status and OpenAI error shape.
+
+The tree is deliberately shallow::
+
+    ProxyError                      500 server_error
+    ├── BadRequest                  400 invalid_request_error
+    │   └── InvalidImage            400 invalid_request_error / invalid_image
+    ├── Unauthorized                401 invalid_request_error / invalid_api_key
+    ├── NotFound                    404 invalid_request_error
+    ├── PayloadTooLarge             413 invalid_request_error / payload_too_large
+    ├── UpstreamError               502 upstream_error / bad_gateway
+    │   └── UpstreamTimeout         504 upstream_error / gateway_timeout
+    └── OcrFailed                   502 upstream_error / ocr_failed
+
+Errors relayed from an upstream are never wrapped: their status and body reach the client as
+they were sent. Only what the proxy decides itself is rendered from this tree, always as
+``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+
+class ProxyError(Exception):
+    """Base of every error the proxy renders itself."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict[str, dict[str, str | None]]:
+        """The OpenAI-shaped error object."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.body())
+
+    def to_response(self, headers: dict[str, str] | None = None) -> web.Response:
+        return web.Response(
+            status=self.status,
+            body=self.to_bytes(),
+            content_type="application/json",
+            headers=headers,
+        )
+
+
+class BadRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class InvalidImage(BadRequest):
+    code = "invalid_image"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class NotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class UpstreamError(ProxyError):
+    status = 502
+    type = "upstream_error"
+    code = "bad_gateway"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "gateway_timeout"
+
+
+class OcrFailed(ProxyError):
+    status = 502
+    type = "upstream_error"
+    code = "ocr_failed"

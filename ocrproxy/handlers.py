@@ -1,0 +1,332 @@
+"""Route handlers: thin functions that run the pipeline for one request.
+
+``chat_completions`` is the product: it decides from the body's top-level fields whether OCR runs
+(model ends with the suffix, or ``ocr_model`` is given). If not, the body is forwarded byte for
+byte. If so: images → identities → descriptions (cache, OCR model) → rewritten text-only body →
+upstream → relay with ``usage.ocr``. A streaming request whose OCR step outlasts
+``keepalive_after_s`` gets its 200 and SSE headers early, then keep-alive comments, so that
+nginx and chat frontends do not give up while the images are being described.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from . import config, images, relay, upstream
+from .cache import DescriptionCache
+from .describe import Describer, OcrReport
+from .errors import BadRequest, PayloadTooLarge, ProxyError, UpstreamError
+from .rewrite import placeholder_block, reference_block, rewrite
+from .schema import RawObject, encoder, is_json, models_decoder, object_decoder
+
+CONFIG = web.AppKey("config", config.Config)
+ROUTER = web.AppKey("router", upstream.Router)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+CACHE = web.AppKey("cache", DescriptionCache)
+DESCRIBER = web.AppKey("describer", Describer)
+
+
+@dataclass
+class Trace:
+    """What the access log line says about one request."""
+
+    request_id: str
+    started: float = field(default_factory=time.monotonic)
+    model: str | None = None
+    real_model: str | None = None
+    ocr_model: str | None = None
+    images: int = 0
+    cache_hits: int = 0
+    ocr_failures: int = 0
+    ocr_ms: float | None = None
+    upstream: str | None = None
+    upstream_status: int | None = None
+    ttfb_ms: float | None = None
+
+    def upstream_answered(self, up: config.Upstream, status: int) -> None:
+        self.upstream = up.name
+        self.upstream_status = status
+        self.ttfb_ms = round((time.monotonic() - self.started) * 1000, 2)
+
+
+TRACE = web.RequestKey("trace", Trace)
+
+_str_decoder = msgspec.json.Decoder(str)
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole request body, refused with 413 past ``max_body_bytes`` before it is read."""
+    limit = request.app[CONFIG].server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(
+            f"The request body is larger than the limit of {limit} bytes"
+        ) from None
+
+
+def _field(obj: RawObject, name: str) -> Any:
+    raw = obj.get(name)
+    return None if raw is None else msgspec.json.decode(raw)
+
+
+def parse_chat(body: bytes) -> tuple[RawObject, str, Any]:
+    """Decode the top level of a chat request: (fields as raw JSON, model, ocr_model)."""
+    try:
+        obj = object_decoder.decode(body)
+    except msgspec.ValidationError:
+        raise BadRequest("The request body must be a JSON object") from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc}") from None
+    raw_model = obj.get("model")
+    try:
+        model = _str_decoder.decode(raw_model) if raw_model is not None else ""
+    except msgspec.ValidationError:
+        model = ""
+    if not model:
+        raise BadRequest("`model` is required and must be a non-empty string", param="model")
+    messages = obj.get("messages")
+    if messages is None:
+        raise BadRequest("`messages` is required", param="messages")
+    if not is_json(messages, b"["):
+        raise BadRequest("`messages` must be an array", param="messages")
+    ocr_model = _field(obj, "ocr_model")
+    if ocr_model is not None and (not isinstance(ocr_model, str) or not ocr_model):
+        raise BadRequest("`ocr_model` must be a non-empty string", param="ocr_model")
+    return obj, model, ocr_model
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    cfg = request.app[CONFIG]
+    trace = request[TRACE]
+    body = await read_body(request)
+    obj, model, ocr_model = parse_chat(body)
+    trace.model = model
+    suffix = cfg.ocr.suffix
+    has_suffix = model.endswith(suffix) and len(model) > len(suffix)
+    if not has_suffix and ocr_model is None:
+        trace.real_model = model
+        return await forward(request, request.app[ROUTER].route(model), "chat/completions", body)
+    real_model = model[: -len(suffix)] if has_suffix else model
+    return await ocr_chat(request, obj, real_model, ocr_model or cfg.ocr.model)
+
+
+async def forward(
+    request: web.Request, up: config.Upstream, path: str, body: Any
+) -> web.StreamResponse:
+    """Send the client's request to ``up`` unchanged (but for headers) and relay the answer."""
+    streamed = body is request.content
+    headers = upstream.request_headers(request.headers, up, keep_length=streamed)
+    target = upstream.url(up, path)
+    if request.rel_url.raw_query_string:
+        target += "?" + request.rel_url.raw_query_string
+    source = await upstream.open_request(
+        request.app[SESSION], up, request.method, target, headers=headers, data=body
+    )
+    request[TRACE].upstream_answered(up, source.status)
+    async with source:
+        return await relay.relay(request, source, {})
+
+
+def _ocr_headers(report: OcrReport | None, model: str) -> dict[str, str]:
+    headers = {"X-OCR-Model": model}
+    if report is not None:
+        headers["X-OCR-Images"] = str(report.images)
+        headers["X-OCR-Cache-Hits"] = str(report.cache_hits)
+        headers["X-OCR-Ms"] = f"{report.ms:.0f}"
+    return headers
+
+
+def _wants_usage(obj: RawObject) -> bool:
+    try:
+        options = _field(obj, "stream_options")
+    except msgspec.DecodeError:
+        return False
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+async def ocr_chat(
+    request: web.Request, obj: RawObject, real_model: str, ocr_model: str
+) -> web.StreamResponse:
+    """The OCR pipeline for one chat request."""
+    cfg = request.app[CONFIG]
+    trace = request[TRACE]
+    trace.real_model, trace.ocr_model = real_model, ocr_model
+    up = request.app[ROUTER].route(real_model)
+    request.app[ROUTER].route(ocr_model)  # an unknown OCR model is a 404 before any work
+    scan = images.scan(obj["messages"])
+    await images.identify(scan.images)
+    stream = _field(obj, "stream") is True
+
+    loop = asyncio.get_running_loop()
+    ocr_task = loop.create_task(
+        request.app[DESCRIBER].describe_all(scan.images, ocr_model, request.headers)
+    )
+    response: web.StreamResponse | None = None
+    try:
+        if stream and scan.images:
+            done, _ = await asyncio.wait({ocr_task}, timeout=cfg.ocr.keepalive_after_s)
+            if not done:
+                early = _ocr_headers(None, ocr_model)
+                early["X-OCR-Images"] = str(len({im.digest for im in scan.images}))
+                response = await relay.start_sse(request, early)
+                await relay.keep_alive(response, ocr_task, cfg.ocr.keepalive_interval_s)
+        report = await ocr_task
+    except ProxyError as exc:
+        if response is None:
+            raise
+        await response.write(relay.error_event(exc))
+        await response.write_eof()
+        return response
+    finally:
+        if not ocr_task.done():
+            ocr_task.cancel()
+
+    trace.images, trace.cache_hits = report.images, report.cache_hits
+    trace.ocr_failures, trace.ocr_ms = report.failures, round(report.ms, 1)
+    blocks = []
+    for number, image in enumerate(scan.images, 1):
+        described = report.outcomes[image.digest].description
+        blocks.append(
+            reference_block(number, ocr_model, described.text)
+            if described
+            else placeholder_block(number)
+        )
+    new_body = rewrite(obj, scan, blocks, real_model)
+    headers = upstream.request_headers(request.headers, up)
+    headers["Content-Type"] = "application/json"
+    headers["Accept-Encoding"] = "identity"
+    usage = report.usage()
+    edit_stream = stream and _wants_usage(obj)
+    send = upstream.open_request(
+        request.app[SESSION],
+        up,
+        "POST",
+        upstream.url(up, "chat/completions"),
+        headers=headers,
+        data=new_body,
+    )
+    if response is None:
+        source = await send
+        trace.upstream_answered(up, source.status)
+        async with source:
+            return await relay.relay(
+                request,
+                source,
+                _ocr_headers(report, ocr_model),
+                ocr_usage=usage,
+                edit_stream=edit_stream,
+            )
+
+    summary = f": ocr images={report.images} cache_hits={report.cache_hits} ms={report.ms:.0f}\n\n"
+    await response.write(summary.encode())
+    send_task = loop.create_task(send)
+    try:
+        await relay.keep_alive(response, send_task, cfg.ocr.keepalive_interval_s)
+        source = await send_task
+    except UpstreamError as exc:
+        await response.write(relay.error_event(exc))
+        await response.write_eof()
+        return response
+    except BaseException:
+        _discard(send_task)
+        raise
+    trace.upstream_answered(up, source.status)
+    async with source:
+        await relay.relay_into(response, source, ocr_usage=usage, edit_stream=edit_stream)
+    return response
+
+
+def _discard(task: asyncio.Task[aiohttp.ClientResponse]) -> None:
+    """Cancel an upstream request nobody waits for, or close the response it already got."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled() and task.exception() is None:
+        task.result().close()
+
+
+async def models(request: web.Request) -> web.StreamResponse:
+    """The upstreams' model lists merged, each model also offered with the OCR suffix."""
+    cfg = request.app[CONFIG]
+    session = request.app[SESSION]
+    router = request.app[ROUTER]
+
+    async def fetch(up: config.Upstream) -> tuple[int, bytes]:
+        headers = upstream.request_headers(request.headers, up)
+        source = await upstream.open_request(
+            session, up, "GET", upstream.url(up, "models"), headers=headers
+        )
+        async with source:
+            return source.status, await source.read()
+
+    results = await asyncio.gather(*(fetch(up) for up in router.upstreams), return_exceptions=True)
+    seen: dict[str, dict[str, Any]] = {}
+    first_error: BaseException | tuple[int, bytes] | None = None
+    for result in results:
+        if isinstance(result, BaseException):
+            if not isinstance(result, ProxyError):
+                raise result
+            first_error = first_error or result
+            continue
+        status, payload = result
+        if status != 200:
+            first_error = first_error or result
+            continue
+        try:
+            listing = models_decoder.decode(payload)
+        except msgspec.DecodeError:
+            first_error = first_error or UpstreamError("An upstream's model list is malformed")
+            continue
+        for entry in listing.data:
+            model_id = entry.get("id")
+            if isinstance(model_id, str):
+                seen.setdefault(model_id, entry)
+    if not seen and first_error is not None:
+        if isinstance(first_error, ProxyError):
+            raise first_error
+        if isinstance(first_error, tuple):
+            status, payload = first_error
+            return web.Response(status=status, body=payload, content_type="application/json")
+        raise first_error
+    suffix = cfg.ocr.suffix
+    data = list(seen.values())
+    data += [
+        {**entry, "id": model_id + suffix}
+        for model_id, entry in seen.items()
+        if not model_id.endswith(suffix) and model_id + suffix not in seen
+    ]
+    return web.Response(
+        body=encoder.encode({"object": "list", "data": data}), content_type="application/json"
+    )
+
+
+async def passthrough(request: web.Request) -> web.StreamResponse:
+    """Any other ``/v1/*`` request: relayed both ways untouched, routed by ``model`` if JSON."""
+    router = request.app[ROUTER]
+    path = request.rel_url.raw_path.removeprefix("/v1")
+    up = router.default
+    body: Any = None
+    if request.body_exists:
+        body = request.content
+        if request.content_type == "application/json":
+            body = await read_body(request)
+            try:
+                model = _field(object_decoder.decode(body), "model")
+            except (msgspec.DecodeError, TypeError):
+                model = None
+            if isinstance(model, str) and model:
+                up = router.route(model)
+    return await forward(request, up, path, body)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})

@@ -1,0 +1,207 @@
+"""Send the upstream's answer back to the client: plain bodies, SSE streams, and the usage merge.
+
+Theory of operation: bytes are relayed as they arrive (``iter_any``) and written at once; the
+write waits for the client to drain, so a slow client holds back the upstream instead of filling
+memory. Only two things are ever parsed: a plain JSON answer to an OCR request (to add
+``usage.ocr``) and, in a stream whose client asked for usage, whole SSE events, so that the one
+carrying ``usage`` can gain ``usage.ocr``. Everything else passes through untouched.
+
+Once a stream's headers are committed (early, as keep-alive, while OCR runs) an error can no
+longer change the status: it is sent as a ``data: {"error": ...}`` event and the stream ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from . import upstream
+from .errors import ProxyError
+from .schema import encoder, is_json, object_decoder
+
+# Upstream bodies at most this large (with a Content-Length) are read whole and sent in one write.
+SMALL_BODY = 256 * 1024
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
+
+
+def with_ocr_usage(payload: bytes, ocr: msgspec.Raw) -> bytes | None:
+    """``payload`` (a JSON object with a ``usage`` object) with ``usage.ocr`` added, else None."""
+    try:
+        obj = object_decoder.decode(payload)
+        usage_raw = obj.get("usage")
+        if usage_raw is None or not is_json(usage_raw, b"{"):
+            return None
+        usage = object_decoder.decode(usage_raw)
+    except msgspec.DecodeError:
+        return None
+    usage["ocr"] = ocr
+    obj["usage"] = msgspec.Raw(encoder.encode(usage))
+    return encoder.encode(obj)
+
+
+class UsageEditor:
+    """Splits an SSE byte stream into whole events and adds ``usage.ocr`` where usage appears."""
+
+    def __init__(self, ocr_usage: Mapping[str, Any]) -> None:
+        self.ocr = msgspec.Raw(encoder.encode(ocr_usage))
+        self.pending = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """Return the bytes that can be sent now; keep a partial event for later."""
+        buf = self.pending + data if self.pending else data
+        end = max(buf.rfind(sep) + len(sep) if sep in buf else -1 for sep in _EVENT_ENDS)
+        if end < 0:
+            self.pending = buf
+            return b""
+        ready, self.pending = buf[:end], buf[end:]
+        if b'"usage"' not in ready:
+            return ready
+        return b"".join(self._edit(line) for line in ready.splitlines(keepends=True))
+
+    def flush(self) -> bytes:
+        rest, self.pending = self.pending, b""
+        if b'"usage"' not in rest:
+            return rest
+        return b"".join(self._edit(line) for line in rest.splitlines(keepends=True))
+
+    def _edit(self, line: bytes) -> bytes:
+        if not line.startswith(b"data:") or b'"usage"' not in line:
+            return line
+        body = line[5:].strip()
+        edited = with_ocr_usage(body, self.ocr)
+        if edited is None:
+            return line
+        ending = line[len(line.rstrip(b"\r\n")) :]
+        return b"data: " + edited + ending
+
+
+def error_event(error: ProxyError | bytes) -> bytes:
+    """An SSE event carrying an OpenAI-shaped error object."""
+    payload = error.to_bytes() if isinstance(error, ProxyError) else error
+    return b"data: " + payload + b"\n\n"
+
+
+async def start_sse(request: web.Request, headers: Mapping[str, str]) -> web.StreamResponse:
+    """Commit a 200 SSE response now (before the upstream answered)."""
+    response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
+    await response.prepare(request)
+    return response
+
+
+async def keep_alive(
+    response: web.StreamResponse, task: asyncio.Future[Any], interval: float
+) -> None:
+    """Wait for ``task``, writing an SSE comment every ``interval`` seconds meanwhile."""
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=interval)
+        if done:
+            return
+        await response.write(b": keep-alive\n\n")
+
+
+async def _pump(
+    source: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+    editor: UsageEditor | None,
+) -> None:
+    if editor is None:
+        async for piece in source.content.iter_any():
+            await response.write(piece)
+        return
+    async for piece in source.content.iter_any():
+        out = editor.feed(piece)
+        if out:
+            await response.write(out)
+    tail = editor.flush()
+    if tail:
+        await response.write(tail)
+
+
+async def relay(
+    request: web.Request,
+    source: aiohttp.ClientResponse,
+    headers: Mapping[str, str],
+    *,
+    ocr_usage: Mapping[str, Any] | None = None,
+    edit_stream: bool = False,
+) -> web.StreamResponse:
+    """Relay an upstream response whose status the client has not seen yet."""
+    out_headers = upstream.response_headers(source.headers)
+    out_headers.update(headers)
+    content_type = source.headers.get("Content-Type", "")
+    encoded = "Content-Encoding" in source.headers
+    if content_type.startswith("text/event-stream"):
+        out_headers.update(SSE_HEADERS)
+        out_headers["Content-Type"] = content_type
+        response = web.StreamResponse(
+            status=source.status, reason=source.reason, headers=out_headers
+        )
+        await response.prepare(request)
+        editor = UsageEditor(ocr_usage) if ocr_usage is not None and edit_stream else None
+        await _pump(source, response, None if encoded else editor)
+        await response.write_eof()
+        return response
+    length = source.content_length
+    if ocr_usage is not None and source.status == 200 and not encoded:
+        payload = await source.read()
+        edited = with_ocr_usage(payload, msgspec.Raw(encoder.encode(ocr_usage)))
+        return web.Response(status=200, body=edited or payload, headers=out_headers)
+    if length is not None and length <= SMALL_BODY:
+        payload = await source.read()
+        return web.Response(
+            status=source.status, reason=source.reason, body=payload, headers=out_headers
+        )
+    response = web.StreamResponse(status=source.status, reason=source.reason, headers=out_headers)
+    if length is not None:
+        response.content_length = length
+    await response.prepare(request)
+    await _pump(source, response, None)
+    await response.write_eof()
+    return response
+
+
+async def relay_into(
+    response: web.StreamResponse,
+    source: aiohttp.ClientResponse,
+    *,
+    ocr_usage: Mapping[str, Any] | None,
+    edit_stream: bool,
+) -> None:
+    """Relay an upstream answer into an SSE response that is already committed."""
+    content_type = source.headers.get("Content-Type", "")
+    if source.status != 200:
+        payload = await source.content.read(64 * 1024)
+        try:
+            obj = object_decoder.decode(payload)
+            body = payload if "error" in obj else None
+        except msgspec.DecodeError:
+            body = None
+        if body is None:
+            body = encoder.encode(
+                {
+                    "error": {
+                        "message": f"The upstream answered HTTP {source.status}",
+                        "type": "upstream_error",
+                        "param": None,
+                        "code": str(source.status),
+                    }
+                }
+            )
+        await response.write(error_event(body))
+    elif content_type.startswith("text/event-stream"):
+        editor = UsageEditor(ocr_usage) if ocr_usage is not None and edit_stream else None
+        await _pump(source, response, editor)
+    else:
+        payload = await source.read()
+        await response.write(b"data: " + payload.strip() + b"\n\ndata: [DONE]\n\n")
+    await response.write_eof()

@@ -1,0 +1,70 @@
+"""Turn a chat request with images into a text-only one. Pure functions, no I/O.
+
+Rules:
+- Each image part is replaced *in place* by a text part holding a delimited reference block,
+  numbered by order of appearance across the whole request (an image sent twice gets two
+  numbers and the same description).
+- A content array that then holds only plain text parts (``{"type": "text", "text": ...}`` and
+  nothing else) is flattened into one string, parts joined by a blank line: many text-only
+  upstreams reject content arrays. An array with any other part stays an array.
+- Everything else (every other top-level field, every other message field, every other part) is
+  spliced back as the exact bytes the client sent. ``model`` becomes the real model and
+  ``ocr_model`` is removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .images import Scan
+from .schema import RawObject, encoder
+
+
+def reference_block(number: int, model: str, text: str) -> str:
+    """The text that stands in for image ``number`` once described."""
+    return (
+        f"[Image {number} (described by {model}; you cannot see the image itself, "
+        f"only this description)]\n{text}\n[End of image {number}]"
+    )
+
+
+def placeholder_block(number: int) -> str:
+    """The text that stands in for an image whose analysis failed."""
+    return (
+        f"[Image {number}: this image could not be analysed, so its content is unknown. "
+        f"If the answer depends on it, tell the user the image could not be read.]"
+    )
+
+
+def _content(scan: Scan, index: int, blocks: Sequence[str]) -> Any:
+    parts = scan.contents[index]
+    items: list[Any] = []
+    texts: list[str] = []
+    only_text = True
+    for part in parts:
+        if part.image is not None:
+            block = blocks[part.image]
+            items.append({"type": "text", "text": block})
+            texts.append(block)
+        elif part.text is not None:
+            items.append(part.raw)
+            texts.append(part.text)
+        else:
+            items.append(part.raw)
+            only_text = False
+    return "\n\n".join(texts) if only_text else items
+
+
+def rewrite(body: RawObject, scan: Scan, blocks: Sequence[str], model: str) -> bytes:
+    """Encode the text-only request: ``blocks[i]`` replaces ``scan.images[i]``."""
+    messages: list[Any] = []
+    for i, message in enumerate(scan.messages):
+        if scan.contents.get(i):
+            message = {**message, "content": _content(scan, i, blocks)}
+        messages.append(message)
+    out: dict[str, Any] = dict(body)
+    out.pop("ocr_model", None)
+    out["model"] = model
+    out["messages"] = messages
+    return encoder.encode(out)

@@ -1,0 +1,169 @@
+"""Routing a model to an upstream, and sending requests there with clean headers.
+
+Theory of operation: upstreams are tried in config order and the first whose ``models`` glob
+matches the model wins (the OCR model is routed the same way). Headers are copied from the
+client minus hop-by-hop headers, the client's address, and its credentials: when the upstream
+has its own ``api_key`` that key is sent; when it has none, the client's ``Authorization`` is
+relayed (pure relay mode). Connection errors become 502 and a missing answer 504, rendered by
+the error middleware; an upstream's own error statuses are relayed untouched by the caller.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict
+
+from . import config
+from .errors import NotFound, UpstreamError, UpstreamTimeout
+
+log = logging.getLogger("ocrproxy.upstream")
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Never forwarded upstream: recomputed by the client library, or credentials/addresses of the
+# client that the upstream must not see.
+_DROP_REQUEST = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "authorization",
+    "api-key",
+    "x-api-key",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+    "x-request-id",
+}
+_DROP_RESPONSE = HOP_BY_HOP | {"content-length", "x-request-id", "server", "date"}
+
+
+class Router:
+    """Maps a model name to the first upstream whose patterns match it."""
+
+    def __init__(self, upstreams: Iterable[config.Upstream]) -> None:
+        self.upstreams = tuple(upstreams)
+        self._memo: dict[str, config.Upstream] = {}
+
+    @property
+    def default(self) -> config.Upstream:
+        return self.upstreams[0]
+
+    def route(self, model: str) -> config.Upstream:
+        found = self._memo.get(model)
+        if found is not None:
+            return found
+        for up in self.upstreams:
+            if any(fnmatch.fnmatchcase(model, pattern) for pattern in up.models):
+                if len(self._memo) < 4096:
+                    self._memo[model] = up
+                return up
+        raise NotFound(
+            f"The model `{model}` is not served by any upstream of this proxy",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def url(up: config.Upstream, path: str) -> str:
+    """Join an upstream's base URL (``…/v1``) and a path below ``/v1``."""
+    return up.base_url.rstrip("/") + "/" + path.lstrip("/")
+
+
+def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
+    value = headers.get("Connection", "")
+    return {t.strip().lower() for t in value.split(",") if t.strip()}
+
+
+def request_headers(
+    incoming: Mapping[str, str], up: config.Upstream, *, keep_length: bool = False
+) -> CIMultiDict[str]:
+    """The headers to send upstream for a client request."""
+    extra = _connection_tokens(incoming)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        low = name.lower()
+        if low in _DROP_REQUEST or low in extra:
+            if keep_length and low == "content-length":
+                out[name] = value
+            continue
+        out.add(name, value)
+    auth = auth_header(incoming, up)
+    if auth:
+        out["Authorization"] = auth
+    return out
+
+
+def auth_header(incoming: Mapping[str, str], up: config.Upstream) -> str | None:
+    """The Authorization value for the upstream: its own key, or the client's in relay mode."""
+    if up.api_key:
+        return f"Bearer {up.api_key}"
+    return incoming.get("Authorization")
+
+
+def response_headers(incoming: Mapping[str, str]) -> CIMultiDict[str]:
+    """The upstream's response headers that may be relayed to the client."""
+    extra = _connection_tokens(incoming)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        low = name.lower()
+        if low in _DROP_RESPONSE or low in extra:
+            if low == "x-request-id":
+                out["X-Upstream-Request-Id"] = value
+            continue
+        out.add(name, value)
+    return out
+
+
+def timeout(up: config.Upstream) -> aiohttp.ClientTimeout:
+    """No total limit (long streams are healthy); bounded connect and idle read."""
+    return aiohttp.ClientTimeout(
+        total=None, sock_connect=up.connect_timeout_s, sock_read=up.read_timeout_s
+    )
+
+
+async def open_request(
+    session: aiohttp.ClientSession,
+    up: config.Upstream,
+    method: str,
+    target: str,
+    *,
+    headers: CIMultiDict[str],
+    data: Any = None,
+    request_timeout: aiohttp.ClientTimeout | None = None,
+) -> aiohttp.ClientResponse:
+    """Send a request and return the response once its headers arrived.
+
+    The caller owns the response and must close or release it.
+    """
+    try:
+        return await session.request(
+            method,
+            target,
+            headers=headers,
+            data=data,
+            timeout=request_timeout or timeout(up),
+            allow_redirects=False,
+        )
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        log.warning("upstream %s timed out: %s", up.name, type(exc).__name__)
+        raise UpstreamTimeout(f"The upstream `{up.name}` did not answer in time") from None
+    except aiohttp.ClientError as exc:
+        log.warning("upstream %s failed: %s", up.name, type(exc).__name__)
+        raise UpstreamError(f"The upstream `{up.name}` is unreachable") from None
