@@ -24,6 +24,7 @@ from . import config, handlers, logs, upstream
 from .cache import DescriptionCache, MemoryLRU
 from .describe import Describer
 from .errors import NotFound, ProxyError, Unauthorized
+from .fetch import Fetcher
 
 log = logging.getLogger("ocrproxy.access")
 
@@ -148,12 +149,26 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
         await session.close()
 
 
+async def _fetcher(app: web.Application) -> AsyncIterator[None]:
+    """The image fetcher's own session, kept apart from the upstream one (own resolver, rules)."""
+    if not app[handlers.CONFIG].ocr.fetch_images:
+        yield
+        return
+    fetcher = Fetcher(app[handlers.CONFIG].ocr)
+    app[handlers.FETCHER] = fetcher
+    try:
+        yield
+    finally:
+        await fetcher.close()
+
+
 def create_app(cfg: config.Config) -> web.Application:
     """The proxy as an aiohttp Application, ready for ``web.run_app`` or a test client."""
     app = web.Application(client_max_size=cfg.server.max_body_bytes, middlewares=[middleware])
     app[handlers.CONFIG] = cfg
     app[handlers.ROUTER] = upstream.Router(cfg.upstreams)
     app.cleanup_ctx.append(_state)
+    app.cleanup_ctx.append(_fetcher)
     app.on_response_prepare.append(_stamp)
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_get("/v1/models", handlers.models)

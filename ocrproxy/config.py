@@ -26,6 +26,9 @@ DEFAULT_MAX_BODY_BYTES = 50 * 1024 * 1024
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_OCR_MODEL = "gpt-4o-mini"
 DEFAULT_SUFFIX = "-ocr"
+DEFAULT_MAX_IMAGES = 64
+DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 
 DEFAULT_PROMPT = """\
 You are the eyes of a language model that cannot see images. Your description will replace this \
@@ -82,6 +85,13 @@ class Ocr(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     on_error: Literal["placeholder", "fail"] = "placeholder"
     keepalive_after_s: float = 3.0
     keepalive_interval_s: float = 5.0
+    fetch_images: bool = True
+    allow_private_hosts: tuple[str, ...] = ()
+    allowed_ports: tuple[int, ...] = (80, 443)
+    fetch_timeout_s: float = 15.0
+    max_images: int = DEFAULT_MAX_IMAGES
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
 class Cache(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -137,6 +147,19 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?$"
+)
+
+
+def _host_or_network(entry: str) -> bool:
+    try:
+        ipaddress.ip_network(entry, strict=False)
+        return True
+    except ValueError:
+        return bool(_HOSTNAME.match(entry))
+
+
 def validate(cfg: Config) -> Config:
     """Check what types alone cannot; return the config or raise ConfigError."""
     if not 0 < cfg.server.port < 65536:
@@ -156,9 +179,20 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("`$.ocr.model` must not be empty")
     if cfg.ocr.max_concurrency < 1:
         raise ConfigError("`$.ocr.max_concurrency` must be at least 1")
-    for key in ("timeout_s", "keepalive_after_s", "keepalive_interval_s"):
+    for key in ("timeout_s", "keepalive_after_s", "keepalive_interval_s", "fetch_timeout_s"):
         if getattr(cfg.ocr, key) <= 0:
             raise ConfigError(f"`$.ocr.{key}` must be positive")
+    for key in ("max_images", "max_image_bytes", "max_image_pixels"):
+        if getattr(cfg.ocr, key) < 1:
+            raise ConfigError(f"`$.ocr.{key}` must be at least 1")
+    if not cfg.ocr.allowed_ports or not all(0 < p < 65536 for p in cfg.ocr.allowed_ports):
+        raise ConfigError("`$.ocr.allowed_ports` must list ports between 1 and 65535")
+    for i, entry in enumerate(cfg.ocr.allow_private_hosts):
+        if not _host_or_network(entry):
+            raise ConfigError(
+                f"`$.ocr.allow_private_hosts[{i}]` must be a hostname or an IP network "
+                f"(CIDR), not {entry!r}"
+            )
     if cfg.cache.max_entries < 0 or cfg.cache.max_bytes < 0 or cfg.cache.ttl_s <= 0:
         raise ConfigError("`$.cache` limits must be non-negative and ttl_s positive")
     if any(not k for k in cfg.auth.keys):

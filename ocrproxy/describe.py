@@ -134,6 +134,8 @@ class Describer:
     async def _one(
         self, image: Image, model: str, up: config.Upstream, auth: str | None
     ) -> Outcome:
+        if image.error is not None:  # a remote image that could not be fetched
+            return Outcome(image.digest, None, False, image.error)
         key = self.key(model, image.digest)
         try:
             description, cached = await self.cache.get_or_create(

@@ -23,6 +23,7 @@ from . import config, images, relay, upstream
 from .cache import DescriptionCache
 from .describe import Describer, OcrReport
 from .errors import BadRequest, PayloadTooLarge, ProxyError, UpstreamError
+from .fetch import Fetcher
 from .rewrite import placeholder_block, reference_block, rewrite
 from .schema import RawObject, encoder, is_json, models_decoder, object_decoder
 
@@ -31,6 +32,7 @@ ROUTER = web.AppKey("router", upstream.Router)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 CACHE = web.AppKey("cache", DescriptionCache)
 DESCRIBER = web.AppKey("describer", Describer)
+FETCHER = web.AppKey("fetcher", Fetcher)  # present only when `[ocr] fetch_images` is on
 
 
 @dataclass
@@ -164,7 +166,7 @@ async def ocr_chat(
     up = request.app[ROUTER].route(real_model)
     request.app[ROUTER].route(ocr_model)  # an unknown OCR model is a 404 before any work
     scan = images.scan(obj["messages"])
-    await images.identify(scan.images)
+    await images.identify(scan.images, cfg.ocr, request.app.get(FETCHER))
     stream = _field(obj, "stream") is True
 
     loop = asyncio.get_running_loop()

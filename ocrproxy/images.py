@@ -6,9 +6,16 @@ part of type ``image_url`` whose ``image_url`` is ``{"url": ...}`` or a bare str
 Everything else in the request is kept as the raw bytes the client sent, so that ``rewrite``
 can splice the descriptions in without touching anything it does not understand.
 
-An image's identity is the sha256 of its decoded bytes (data URL) or of its URL string (remote
-image). Decoding and hashing megabytes of base64 would stall the event loop, so large payloads
-are handled in a worker thread (``hashlib`` releases the GIL while it hashes).
+An image's identity is the sha256 of its bytes. With ``fetch_images`` on (the default) a remote
+image is downloaded by ``fetch.Fetcher`` (SSRF rules, size and time limits there) and its ``url``
+becomes a base64 data URL, so the OCR model never fetches anything and a signed URL that changes
+on every turn still hits the cache; with it off, a remote image's identity is its URL string.
+Every image, sent or fetched, must be a PNG, JPEG, GIF or WebP by its magic bytes, at most
+``max_image_bytes`` decoded and ``max_image_pixels`` by its header; a request carries at most
+``max_images`` images. A client's own bad image is its error (400/413); a remote image that
+cannot be used follows ``on_error``: the image gets a placeholder, or the request fails.
+Decoding and hashing megabytes of base64 would stall the event loop, so large payloads are handled
+in a worker thread (``hashlib`` releases the GIL while it hashes).
 """
 
 from __future__ import annotations
@@ -16,18 +23,24 @@ from __future__ import annotations
 import asyncio
 import binascii
 import hashlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
-from .errors import BadRequest, InvalidImage
+from . import config, sniff
+from .errors import BadRequest, InvalidImage, PayloadTooLarge, ProxyError, UpstreamError
+from .fetch import Fetched, Fetcher, FetchError
 from .schema import RawObject, array_decoder, is_json, messages_decoder
 
 # Below this many characters of base64, decoding + hashing on the loop is cheaper than a thread hop.
 THREAD_THRESHOLD = 64 * 1024
 
 _any_decoder = msgspec.json.Decoder()
+_DEFAULTS = config.Ocr()
+
+log = logging.getLogger("ocrproxy.images")
 
 
 @dataclass(slots=True)
@@ -50,6 +63,7 @@ class Image:
     detail: str | None = None
     digest: bytes = b""
     size: int = 0
+    error: str | None = None  # why a remote image cannot be used: it gets a placeholder
 
     @property
     def where(self) -> str:
@@ -156,20 +170,108 @@ def decode_data_url(url: str, where: str) -> bytes:
     return data
 
 
-def _identify(images: list[Image]) -> None:
+def check_image(data: bytes, where: str, settings: config.Ocr) -> sniff.Sniffed:
+    """Apply the byte, format and dimension limits to a client's image (413 / 400)."""
+    if len(data) > settings.max_image_bytes:
+        raise PayloadTooLarge(
+            f"`{where}` is {len(data)} bytes, more than the limit of "
+            f"{settings.max_image_bytes} bytes per image",
+            param=where,
+        )
+    try:
+        return sniff.inspect(data, settings.max_image_pixels)
+    except sniff.ImageRejected as exc:
+        raise InvalidImage(f"`{where}` {exc}", param=where) from None
+
+
+def _identify(images: list[Image], settings: config.Ocr) -> None:
     for image in images:
         if image.is_data:
+            payload = len(image.url) - image.url.find(",") - 1
+            if payload // 4 * 3 - 2 > settings.max_image_bytes:
+                raise PayloadTooLarge(
+                    f"`{image.where}` is larger than the limit of "
+                    f"{settings.max_image_bytes} bytes per image",
+                    param=image.where,
+                )
             data = decode_data_url(image.url, image.where)
+            check_image(data, image.where, settings)
             image.size = len(data)
             image.digest = hashlib.sha256(data).digest()
         else:
             image.digest = hashlib.sha256(image.url.encode()).digest()
 
 
-async def identify(images: list[Image]) -> None:
-    """Fill in each image's digest and decoded size, off the event loop for large payloads."""
-    small = [im for im in images if len(im.url) < THREAD_THRESHOLD]
-    large = [im for im in images if len(im.url) >= THREAD_THRESHOLD]
-    _identify(small)
+def _refusal(image: Image, exc: FetchError) -> ProxyError:
+    message = f"The image at `{image.where}` could not be used: {exc}"
+    if exc.status == 413:
+        return PayloadTooLarge(message, param=image.where)
+    if exc.status == 400:
+        return InvalidImage(message, param=image.where, code="image_url_refused")
+    return UpstreamError(message, param=image.where, code="image_fetch_failed")
+
+
+def _adopt(image: Image, fetched: Fetched) -> None:
+    image.url = fetched.data_url()
+    image.size = len(fetched.data)
+    image.digest = hashlib.sha256(fetched.data).digest()
+
+
+async def _fetch_all(images: list[Image], settings: config.Ocr, fetcher: Fetcher) -> None:
+    """Download every distinct remote URL once, concurrently, and adopt (or refuse) the bytes."""
+    by_url: dict[str, list[Image]] = {}
+    for image in images:
+        by_url.setdefault(image.url, []).append(image)
+
+    async def one(url: str) -> Fetched | FetchError:
+        try:
+            return await fetcher.fetch(url)
+        except FetchError as exc:
+            return exc
+        except Exception:  # a bug must not crash the request: treat it as a failed fetch
+            log.exception("unexpected error while fetching an image")
+            return FetchError("the image could not be downloaded")
+
+    async with asyncio.TaskGroup() as group:
+        tasks = {url: group.create_task(one(url)) for url in by_url}
+    for url, task in tasks.items():
+        result = task.result()
+        first = by_url[url][0]
+        if isinstance(result, FetchError):
+            log.warning("image fetch failed for %s: %s", first.where, result)
+            if settings.on_error == "fail":
+                raise _refusal(first, result)
+            digest = hashlib.sha256(b"ocrproxy/unfetched\0" + url.encode()).digest()
+            for image in by_url[url]:
+                image.error, image.digest = str(result), digest
+            continue
+        if len(result.data) >= THREAD_THRESHOLD:
+            await asyncio.to_thread(_adopt, first, result)
+        else:
+            _adopt(first, result)
+        for image in by_url[url][1:]:
+            image.url, image.size, image.digest = first.url, first.size, first.digest
+
+
+async def identify(
+    images: list[Image], settings: config.Ocr = _DEFAULTS, fetcher: Fetcher | None = None
+) -> None:
+    """Check every image and fill in its digest and size; fetch remote ones if ``fetcher``.
+
+    Large payloads are decoded and hashed off the event loop.
+    """
+    if len(images) > settings.max_images:
+        raise BadRequest(
+            f"The request has {len(images)} images; the limit is {settings.max_images}",
+            param="messages",
+            code="too_many_images",
+        )
+    remote = [im for im in images if not im.is_data] if fetcher is not None else []
+    local = [im for im in images if im.is_data] if fetcher is not None else images
+    small = [im for im in local if len(im.url) < THREAD_THRESHOLD]
+    large = [im for im in local if len(im.url) >= THREAD_THRESHOLD]
+    _identify(small, settings)
     if large:
-        await asyncio.to_thread(_identify, large)
+        await asyncio.to_thread(_identify, large, settings)
+    if remote and fetcher is not None:
+        await _fetch_all(remote, settings, fetcher)

@@ -1,0 +1,136 @@
+"""Recognise an image from its first bytes: format by magic bytes, dimensions from the header.
+
+Theory of operation: the proxy never decodes pixels. It only needs to know that a payload is one
+of the formats OCR models accept (PNG, JPEG, GIF, WebP) and how large it claims to be, so that a
+60000×60000 "decompression bomb" is refused before anyone tries to decode it. Each format stores
+its dimensions near the start: PNG in the IHDR chunk (bytes 16–24), GIF in the logical screen
+descriptor (bytes 6–10), WebP in its first chunk (``VP8 ``, ``VP8L`` or ``VP8X``), JPEG in the
+first start-of-frame segment, found by walking the segment lengths (no entropy decoding).
+
+``sniff`` returns ``None`` for anything that is not one of those formats. A recognised format
+whose header is cut short or damaged gets ``width``/``height`` of ``None``: it cannot be a bomb we
+would decode, and the OCR model will reject it if it is truly broken.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic...); not DHT/JPG/DAC.
+_SOF_MARKERS = frozenset(
+    {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+)
+# Markers that stand alone, without a length field.
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})
+
+
+@dataclass(frozen=True, slots=True)
+class Sniffed:
+    """What the first bytes of a payload say about it."""
+
+    media_type: str
+    width: int | None = None
+    height: int | None = None
+
+    @property
+    def pixels(self) -> int | None:
+        if self.width is None or self.height is None:
+            return None
+        return self.width * self.height
+
+
+def _png(data: bytes) -> Sniffed:
+    if len(data) >= 24 and data[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", data[16:24])
+        return Sniffed("image/png", width, height)
+    return Sniffed("image/png")
+
+
+def _gif(data: bytes) -> Sniffed:
+    if len(data) >= 10:
+        width, height = struct.unpack("<HH", data[6:10])
+        return Sniffed("image/gif", width, height)
+    return Sniffed("image/gif")
+
+
+def _webp(data: bytes) -> Sniffed:
+    chunk = data[12:16]
+    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        width, height = struct.unpack("<HH", data[26:30])
+        return Sniffed("image/webp", width & 0x3FFF, height & 0x3FFF)
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return Sniffed("image/webp", (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
+    if chunk == b"VP8X" and len(data) >= 30:
+        width = int.from_bytes(data[24:27], "little") + 1
+        height = int.from_bytes(data[27:30], "little") + 1
+        return Sniffed("image/webp", width, height)
+    return Sniffed("image/webp")
+
+
+def _jpeg(data: bytes) -> Sniffed:
+    i = 2
+    end = len(data)
+    while i + 1 < end:
+        if data[i] != 0xFF:
+            break  # not at a marker: damaged, stop looking
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _STANDALONE:
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            break
+        if i + 4 > end:
+            break
+        length = struct.unpack(">H", data[i + 2 : i + 4])[0]
+        if length < 2:
+            break
+        if marker in _SOF_MARKERS:
+            if i + 9 > end:
+                break
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+            # A height of 0 means "defined later by a DNL marker": unknown, not zero.
+            return Sniffed("image/jpeg", width, height or None)
+        i += 2 + length
+    return Sniffed("image/jpeg")
+
+
+def sniff(data: bytes) -> Sniffed | None:
+    """The format and, when the header allows, the dimensions of ``data``; None if no image."""
+    if data.startswith(PNG_SIGNATURE):
+        return _png(data)
+    if data.startswith(b"\xff\xd8\xff"):
+        return _jpeg(data)
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return _gif(data)
+    if len(data) >= 12 and data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return _webp(data)
+    return None
+
+
+SUPPORTED = "PNG, JPEG, GIF or WebP"
+
+
+class ImageRejected(Exception):
+    """The payload is not an acceptable image; the message is safe to show to the client."""
+
+
+def inspect(data: bytes, max_pixels: int) -> Sniffed:
+    """Sniff ``data`` and apply the dimension limit; ImageRejected says why it is refused."""
+    found = sniff(data)
+    if found is None:
+        raise ImageRejected(f"is not a {SUPPORTED} image (its first bytes do not match)")
+    if found.width == 0 or found.height == 0:
+        raise ImageRejected("has a zero width or height")
+    pixels = found.pixels
+    if pixels is not None and pixels > max_pixels:
+        raise ImageRejected(
+            f"is {found.width}x{found.height} pixels, more than the limit of {max_pixels} pixels"
+        )
+    return found
