@@ -5,7 +5,8 @@ Theory of operation: a client may name any URL, so every URL is treated as hosti
 - The URL must be ``http`` or ``https``, carry no user name or password, and use a port from
   ``allowed_ports``. An IP literal, or a legacy numeric host (``2130706433``, ``127.1``,
   ``0x7f.1``, ``0177.0.0.1``) that ``getaddrinfo`` would turn into one, is checked before any
-  request, since aiohttp connects to IP literals without asking the resolver.
+  request, since aiohttp connects to IP literals without asking the resolver; ``localhost`` and
+  ``*.localhost`` count as 127.0.0.1 whatever the resolver says.
 - A host name is resolved once, by ``GuardedResolver``, which the connector asks for addresses:
   if *any* address is not public the fetch is refused, otherwise the connector connects to exactly
   the addresses that were checked. There is no second lookup, so DNS rebinding has no window.
@@ -218,6 +219,7 @@ class Fetcher:
         connector = aiohttp.TCPConnector(
             resolver=GuardedResolver(self.policy, resolver),
             use_dns_cache=False,
+            force_close=True,  # no idle connections to client-chosen hosts; every fetch re-checks
             limit=64,
             limit_per_host=8,
         )
@@ -256,6 +258,8 @@ class Fetcher:
             raise FetchRefused(f"the image URL's port is not allowed (allowed: {allowed})")
         host = _host(raw_host)
         address = literal_address(host)
+        if host == "localhost" or host.endswith(".localhost"):  # loopback by definition (RFC 6761)
+            address = ipaddress.IPv4Address("127.0.0.1")
         if address is not None:
             self.policy.check(host, [str(address)])
         elif not _HOSTNAME.match(host):
