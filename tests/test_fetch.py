@@ -584,3 +584,28 @@ async def test_remote_urls_pass_through_when_fetching_is_off(
     r = await proxy.post(URL, json=chat("m-ocr", image_part(url)))
     assert r.status == 200
     assert ocr_bodies(fake)[0]["messages"][0]["content"][1]["image_url"]["url"] == url
+
+
+@pytest.mark.parametrize(
+    ("ocr", "message"),
+    [
+        ({"allow_private_hosts": ["not a host!"]}, "allow_private_hosts[0]"),
+        ({"allowed_ports": [0]}, "allowed_ports"),
+        ({"allowed_ports": []}, "allowed_ports"),
+        ({"fetch_timeout_s": 0}, "fetch_timeout_s"),
+        ({"max_images": 0}, "max_images"),
+        ({"max_image_bytes": 0}, "max_image_bytes"),
+    ],
+)
+def test_fetch_and_limit_settings_are_validated(ocr: dict[str, Any], message: str) -> None:
+    raw = {"upstreams": [{"base_url": "http://127.0.0.1:9/v1"}], "ocr": ocr}
+    with pytest.raises(config.ConfigError, match=message.replace("[", r"\[")):
+        config.from_mapping(raw, env={})
+
+
+def test_private_host_entries_may_be_names_or_networks() -> None:
+    raw = {
+        "upstreams": [{"base_url": "http://127.0.0.1:9/v1"}],
+        "ocr": {"allow_private_hosts": ["images.internal", "10.0.0.0/8", "fd00::/8", "10.1.2.3"]},
+    }
+    assert config.from_mapping(raw, env={}).ocr.allow_private_hosts[1] == "10.0.0.0/8"
