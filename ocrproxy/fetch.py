@@ -35,6 +35,7 @@ import ipaddress
 import logging
 import re
 import socket
+import ssl
 from dataclasses import dataclass
 
 import aiohttp
@@ -210,7 +211,13 @@ class GuardedResolver(AbstractResolver):
 class Fetcher:
     """Downloads images under the rules above; one per application, with its own session."""
 
-    def __init__(self, settings: config.Ocr, resolver: AbstractResolver | None = None) -> None:
+    def __init__(
+        self,
+        settings: config.Ocr,
+        resolver: AbstractResolver | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """``resolver`` and ``ssl_context`` replace the system ones (tests, private CAs)."""
         self.policy = Policy(settings.allow_private_hosts)
         self.ports = frozenset(settings.allowed_ports)
         self.max_bytes = settings.max_image_bytes
@@ -219,7 +226,10 @@ class Fetcher:
         connector = aiohttp.TCPConnector(
             resolver=GuardedResolver(self.policy, resolver),
             use_dns_cache=False,
-            force_close=True,  # no idle connections to client-chosen hosts; every fetch re-checks
+            force_close=True,
+            ssl=ssl_context
+            if ssl_context is not None
+            else True,  # no idle connections to client-chosen hosts; every fetch re-checks
             limit=64,
             limit_per_host=8,
         )

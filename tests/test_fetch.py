@@ -11,6 +11,7 @@ import asyncio
 import base64
 import gzip
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestServer
@@ -180,9 +182,13 @@ async def make_fetcher(images: ImageServer) -> Any:
     """A Fetcher whose allowed ports include the image server's; closed after the test."""
     made: list[Fetcher] = []
 
-    def make(resolver: AbstractResolver | None = None, **settings: Any) -> Fetcher:
+    def make(
+        resolver: AbstractResolver | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        **settings: Any,
+    ) -> Fetcher:
         settings.setdefault("allowed_ports", (80, 443, images.port))
-        fetcher = Fetcher(config.Ocr(**settings), resolver=resolver)
+        fetcher = Fetcher(config.Ocr(**settings), resolver=resolver, ssl_context=ssl_context)
         made.append(fetcher)
         return fetcher
 
@@ -205,6 +211,37 @@ async def test_happy_fetch_keeps_the_host_name_and_returns_checked_bytes(
     assert fetched.data_url() == "data:image/png;base64," + base64.b64encode(IMAGE).decode()
     # Connected to the resolved address, but Host (and SNI under TLS) is still the name.
     assert images.requests == [("ok.png", f"images.test:{images.port}", "")]
+
+
+@pytest.mark.parametrize("cert_for", ["images.test", "other.test"])
+async def test_tls_keeps_the_host_name_for_sni_and_certificate_checks(
+    cert_for: str, aiohttp_server: Any, make_fetcher: FetcherFactory
+) -> None:
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(cert_for).configure_cert(server_ctx)
+    sni: list[str | None] = []
+
+    def record_sni(_sock: Any, name: str | None, _ctx: Any) -> None:
+        sni.append(name)
+
+    server_ctx.sni_callback = record_sni
+    state = ImageServer()
+    server: TestServer = await aiohttp_server(state.app(), ssl=server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    fetcher = make_fetcher(
+        trusted(), client_ctx, allow_private_hosts=("images.test",), allowed_ports=(server.port,)
+    )
+    url = f"https://images.test:{server.port}/ok.png"
+    if cert_for == "images.test":
+        assert (await fetcher.fetch(url)).data == IMAGE
+        assert state.requests == [("ok.png", f"images.test:{server.port}", "")]
+    else:  # the certificate is checked against the name, not the address we connected to
+        with pytest.raises(FetchError, match="ClientConnectorCertificateError"):
+            await fetcher.fetch(url)
+        assert state.requests == []
+    assert sni == ["images.test"]
 
 
 METADATA_URLS = [
