@@ -164,9 +164,9 @@ class Policy:
     def allows(self, host: str, ip: IPAddress) -> bool:
         if is_public(ip) or host in self.names:
             return True
-        plain = ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
-        if isinstance(plain, ipaddress.IPv6Address) and plain.scope_id:
-            plain = ipaddress.IPv6Address(str(plain).partition("%")[0])
+        plain: IPAddress = ip
+        if isinstance(ip, ipaddress.IPv6Address):  # match ::ffff:10.0.0.1 and fe80::1%eth0 too
+            plain = ip.ipv4_mapped or ipaddress.IPv6Address(str(ip).partition("%")[0])
         return any(plain in network for network in self.networks)
 
     def check(self, host: str, addresses: list[str]) -> None:
@@ -226,10 +226,8 @@ class Fetcher:
         connector = aiohttp.TCPConnector(
             resolver=GuardedResolver(self.policy, resolver),
             use_dns_cache=False,
-            force_close=True,
-            ssl=ssl_context
-            if ssl_context is not None
-            else True,  # no idle connections to client-chosen hosts; every fetch re-checks
+            force_close=True,  # no idle connections to client-chosen hosts; every fetch re-checks
+            ssl=ssl_context if ssl_context is not None else True,
             limit=64,
             limit_per_host=8,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import ipaddress
 import socket
 import ssl
 import time
@@ -25,7 +26,14 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestServer
 
 from ocrproxy import config
-from ocrproxy.fetch import Fetcher, FetchError, FetchRefused, FetchTooLarge, literal_address
+from ocrproxy.fetch import (
+    Fetcher,
+    FetchError,
+    FetchRefused,
+    FetchTooLarge,
+    Policy,
+    literal_address,
+)
 from tests.conftest import chat
 from tests.fakes import FakeOpenAI, image_part, png
 from tests.imagedata import png_header
@@ -73,6 +81,7 @@ class ImageServer:
     host: str = "127.0.0.1"
     port: int = 0
     requests: list[tuple[str, str, str]] = field(default_factory=list)  # path, Host, Cookie
+    seen_headers: list[dict[str, str]] = field(default_factory=list)
     sent: int = 0
     aborted: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -87,6 +96,7 @@ class ImageServer:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
         self.requests.append((name, request.host, request.headers.get("Cookie", "")))
+        self.seen_headers.append(dict(request.headers))
         if name in ("ok.png", "same.png", "also.png"):
             return web.Response(body=IMAGE, content_type="image/png")
         if name == "cookie.png":
@@ -548,9 +558,14 @@ async def test_fetched_images_reach_the_ocr_model_as_data_urls_and_share_a_cache
         "and",
         image_part(images.url("/same.png?sig=xyz")),
     )
-    r = await proxy.post(URL, json=request)
+    r = await proxy.post(URL, json=request, headers={"Authorization": "Bearer sk-client-key"})
     assert r.status == 200, await r.text()
     assert fake.ocr_calls == ["cat"]  # two URLs, same bytes: one OCR call
+    # The image host sees none of the client's headers, its key least of all.
+    assert len(images.seen_headers) == 2
+    for headers in images.seen_headers:
+        assert "Authorization" not in headers and "sk-client-key" not in str(headers)
+        assert headers["Accept-Encoding"] == "identity"
     (body,) = ocr_bodies(fake)
     sent = body["messages"][0]["content"][1]["image_url"]["url"]
     assert sent == "data:image/png;base64," + base64.b64encode(IMAGE).decode()
@@ -646,3 +661,14 @@ def test_private_host_entries_may_be_names_or_networks() -> None:
         "ocr": {"allow_private_hosts": ["images.internal", "10.0.0.0/8", "fd00::/8", "10.1.2.3"]},
     }
     assert config.from_mapping(raw, env={}).ocr.allow_private_hosts[1] == "10.0.0.0/8"
+
+
+def test_allow_private_hosts_networks_match_mapped_and_scoped_forms() -> None:
+    policy = Policy(("10.0.0.0/8", "fe80::/10", "Images.Internal."))
+    assert policy.allows("x", ipaddress.ip_address("10.1.2.3"))
+    assert policy.allows("x", ipaddress.ip_address("::ffff:10.1.2.3"))
+    assert policy.allows("x", ipaddress.ip_address("fe80::1%eth0"))
+    assert policy.allows("images.internal", ipaddress.ip_address("192.168.0.9"))
+    assert not policy.allows("x", ipaddress.ip_address("127.0.0.1"))
+    assert not policy.allows("x", ipaddress.ip_address("169.254.169.254"))
+    assert policy.allows("x", ipaddress.ip_address("93.184.216.34"))
