@@ -166,13 +166,11 @@ async def ocr_chat(
     up = request.app[ROUTER].route(real_model)
     request.app[ROUTER].route(ocr_model)  # an unknown OCR model is a 404 before any work
     scan = images.scan(obj["messages"])
-    await images.identify(scan.images, cfg.ocr, request.app.get(FETCHER))
+    await images.identify(scan.images, cfg.ocr)
     stream = _field(obj, "stream") is True
 
     loop = asyncio.get_running_loop()
-    ocr_task = loop.create_task(
-        request.app[DESCRIBER].describe_all(scan.images, ocr_model, request.headers)
-    )
+    ocr_task = loop.create_task(_describe(request, scan.images, ocr_model))
     response: web.StreamResponse | None = None
     try:
         if stream and scan.images:
@@ -246,6 +244,14 @@ async def ocr_chat(
     async with source:
         await relay.relay_into(response, source, ocr_usage=usage, edit_stream=edit_stream)
     return response
+
+
+async def _describe(request: web.Request, found: list[images.Image], model: str) -> OcrReport:
+    """The OCR step as one task: fetch remote images (if on), then describe them all."""
+    fetcher = request.app.get(FETCHER)
+    if fetcher is not None:
+        await images.fetch_remote(found, request.app[CONFIG].ocr, fetcher)
+    return await request.app[DESCRIBER].describe_all(found, model, request.headers)
 
 
 def _discard(task: asyncio.Task[aiohttp.ClientResponse]) -> None:

@@ -227,20 +227,25 @@ async def _fetch_all(images: list[Image], settings: config.Ocr, fetcher: Fetcher
         try:
             return await fetcher.fetch(url)
         except FetchError as exc:
-            return exc
+            error = exc
         except Exception:  # a bug must not crash the request: treat it as a failed fetch
             log.exception("unexpected error while fetching an image")
-            return FetchError("the image could not be downloaded")
+            error = FetchError("the image could not be downloaded")
+        where = by_url[url][0].where
+        log.warning("image fetch failed for %s: %s", where, error)
+        if settings.on_error == "fail":  # fail fast: the task group cancels the other fetches
+            raise _refusal(by_url[url][0], error)
+        return error
 
-    async with asyncio.TaskGroup() as group:
-        tasks = {url: group.create_task(one(url)) for url in by_url}
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = {url: group.create_task(one(url)) for url in by_url}
+    except BaseExceptionGroup as group_error:
+        raise group_error.exceptions[0] from None
     for url, task in tasks.items():
         result = task.result()
         first = by_url[url][0]
         if isinstance(result, FetchError):
-            log.warning("image fetch failed for %s: %s", first.where, result)
-            if settings.on_error == "fail":
-                raise _refusal(first, result)
             digest = hashlib.sha256(b"ocrproxy/unfetched\0" + url.encode()).digest()
             for image in by_url[url]:
                 image.error, image.digest = str(result), digest
@@ -253,10 +258,8 @@ async def _fetch_all(images: list[Image], settings: config.Ocr, fetcher: Fetcher
             image.url, image.size, image.digest = first.url, first.size, first.digest
 
 
-async def identify(
-    images: list[Image], settings: config.Ocr = _DEFAULTS, fetcher: Fetcher | None = None
-) -> None:
-    """Check every image and fill in its digest and size; fetch remote ones if ``fetcher``.
+async def identify(images: list[Image], settings: config.Ocr = _DEFAULTS) -> None:
+    """Check the image count and every data URL; fill in digests (a remote one: of its URL).
 
     Large payloads are decoded and hashed off the event loop.
     """
@@ -266,12 +269,15 @@ async def identify(
             param="messages",
             code="too_many_images",
         )
-    remote = [im for im in images if not im.is_data] if fetcher is not None else []
-    local = [im for im in images if im.is_data] if fetcher is not None else images
-    small = [im for im in local if len(im.url) < THREAD_THRESHOLD]
-    large = [im for im in local if len(im.url) >= THREAD_THRESHOLD]
+    small = [im for im in images if len(im.url) < THREAD_THRESHOLD]
+    large = [im for im in images if len(im.url) >= THREAD_THRESHOLD]
     _identify(small, settings)
     if large:
         await asyncio.to_thread(_identify, large, settings)
-    if remote and fetcher is not None:
+
+
+async def fetch_remote(images: list[Image], settings: config.Ocr, fetcher: Fetcher) -> None:
+    """Download the remote images (after ``identify``): their digest becomes that of the bytes."""
+    remote = [im for im in images if not im.is_data]
+    if remote:
         await _fetch_all(remote, settings, fetcher)

@@ -99,6 +99,9 @@ class ImageServer:
         self.seen_headers.append(dict(request.headers))
         if name in ("ok.png", "same.png", "also.png"):
             return web.Response(body=IMAGE, content_type="image/png")
+        if name == "slow-ok.png":
+            await asyncio.sleep(1.0)
+            return web.Response(body=IMAGE, content_type="image/png")
         if name == "cookie.png":
             response = web.Response(body=IMAGE, content_type="image/png")
             response.set_cookie("session", "tracked")
@@ -144,6 +147,9 @@ class ImageServer:
             raise web.HTTPFound(f"http://127.0.0.1:{self.port}/ok.png")
         if name == "to-localhost":
             raise web.HTTPFound(f"http://localhost:{self.port}/ok.png")
+        if name == "slow-to-metadata":
+            await asyncio.sleep(0.6)
+            raise web.HTTPFound("http://169.254.169.254/latest/meta-data/")
         if name == "to-metadata":
             raise web.HTTPFound("http://169.254.169.254/latest/meta-data/")
         if name == "to-ftp":
@@ -672,3 +678,39 @@ def test_allow_private_hosts_networks_match_mapped_and_scoped_forms() -> None:
     assert not policy.allows("x", ipaddress.ip_address("127.0.0.1"))
     assert not policy.allows("x", ipaddress.ip_address("169.254.169.254"))
     assert policy.allows("x", ipaddress.ip_address("93.184.216.34"))
+
+
+async def test_slow_fetch_counts_as_ocr_time_for_stream_keepalive(
+    make_proxy: Any, fake: FakeOpenAI, images: ImageServer
+) -> None:
+    # The fetch runs inside the OCR step, so a stream gets its headers and keep-alive comments
+    # while a slow image host is still sending, instead of waiting on the download in silence.
+    proxy = await make_proxy(ocr=allow(images, keepalive_after_s=0.2, keepalive_interval_s=0.3))
+    started = time.monotonic()
+    r = await proxy.post(
+        URL, json=chat("m-ocr", image_part(images.url("/slow-ok.png")), stream=True)
+    )
+    assert r.status == 200 and time.monotonic() - started < 0.8
+    text = (await r.read()).decode()
+    assert time.monotonic() - started >= 1.0
+    assert text.startswith(": ") and "data: [DONE]" in text
+    assert fake.ocr_calls == ["cat"]
+
+
+async def test_refused_fetch_after_stream_started_ends_with_an_error_event(
+    make_proxy: Any, fake: FakeOpenAI, images: ImageServer
+) -> None:
+    proxy = await make_proxy(ocr=allow(images, on_error="fail", keepalive_after_s=0.2))
+    request = chat(
+        "m-ocr",
+        image_part(images.url("/slow-ok.png")),
+        image_part(images.url("/slow-to-metadata")),
+        stream=True,
+    )
+    started = time.monotonic()
+    r = await proxy.post(URL, json=request)
+    assert r.status == 200
+    text = (await r.read()).decode()
+    assert '"code":"image_url_refused"' in text.replace(" ", "") and "169.254" not in text
+    assert time.monotonic() - started < 0.95  # the refusal cancelled the other, slower fetch
+    assert fake.received == []
