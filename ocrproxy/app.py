@@ -27,6 +27,7 @@ from .errors import NotFound, ProxyError, Unauthorized
 
 log = logging.getLogger("ocrproxy.access")
 
+_QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})  # probes: debug, not info
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -118,7 +119,8 @@ def _access_log(
         "total_ms": round((time.monotonic() - trace.started) * 1000, 2),
         "bytes_out": bytes_out,
     }
-    log.info("request", extra={"fields": fields, "request_id": trace.request_id})
+    level = logging.DEBUG if request.path in _QUIET_ROUTES and status < 400 else logging.INFO
+    log.log(level, "request", extra={"fields": fields, "request_id": trace.request_id})
 
 
 async def _stamp(request: web.Request, response: web.StreamResponse) -> None:

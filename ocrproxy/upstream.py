@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 from . import config
 from .errors import NotFound, UpstreamError, UpstreamTimeout
@@ -155,7 +156,7 @@ async def open_request(
     try:
         return await session.request(
             method,
-            target,
+            URL(target, encoded=True),  # the client's path and query, not re-quoted
             headers=headers,
             data=data,
             timeout=request_timeout or timeout(up),

@@ -228,7 +228,7 @@ class FakeOpenAI:
         return web.json_response(
             {
                 "method": request.method,
-                "path": request.path_qs,
+                "path": request.raw_path,
                 "headers": item.headers,
                 "length": len(item.body),
                 "sha256": hashlib.sha256(item.body).hexdigest(),
