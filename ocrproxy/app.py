@@ -129,6 +129,10 @@ async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
         response.headers["X-Request-Id"] = trace.request_id
 
 
+def _secrets(cfg: config.Config) -> tuple[str, ...]:
+    return cfg.auth.keys + tuple(up.api_key for up in cfg.upstreams if up.api_key)
+
+
 async def _state(app: web.Application) -> AsyncIterator[None]:
     cfg = app[handlers.CONFIG]
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
@@ -139,10 +143,11 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
         skip_auto_headers=("Accept-Encoding",),
     )
     cache = DescriptionCache(MemoryLRU(cfg.cache.max_entries, cfg.cache.max_bytes, cfg.cache.ttl_s))
-    secrets = cfg.auth.keys + tuple(up.api_key for up in cfg.upstreams if up.api_key)
     app[handlers.SESSION] = session
     app[handlers.CACHE] = cache
-    app[handlers.DESCRIBER] = Describer(session, app[handlers.ROUTER], cfg.ocr, cache, secrets)
+    app[handlers.DESCRIBER] = Describer(
+        session, app[handlers.ROUTER], cfg.ocr, cache, _secrets(cfg)
+    )
     try:
         yield
     finally:
@@ -155,6 +160,7 @@ def create_app(cfg: config.Config) -> web.Application:
     app = web.Application(client_max_size=cfg.server.max_body_bytes, middlewares=[middleware])
     app[handlers.CONFIG] = cfg
     app[handlers.ROUTER] = upstream.Router(cfg.upstreams)
+    app[handlers.SECRETS] = tuple(s.encode() for s in _secrets(cfg))
     app.cleanup_ctx.append(_state)
     app.on_response_prepare.append(_stamp)
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)

@@ -42,6 +42,7 @@ HOP_BY_HOP = frozenset(
 _DROP_REQUEST = HOP_BY_HOP | {
     "host",
     "content-length",
+    "content-encoding",
     "authorization",
     "api-key",
     "x-api-key",
@@ -97,6 +98,8 @@ def request_headers(
 ) -> CIMultiDict[str]:
     """The headers to send upstream for a client request."""
     extra = _connection_tokens(incoming)
+    # aiohttp hands the handler a decompressed body: its encoding and length no longer apply.
+    keep_length = keep_length and "Content-Encoding" not in incoming
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         low = name.lower()

@@ -535,3 +535,56 @@ async def test_payload_bytes_untouched_by_proxy_encoding(proxy, fake):
     ocr_request = next(r.json() for r in fake.received if r.json().get("model") == "vision-1")
     sent_url = ocr_request["messages"][0]["content"][1]["image_url"]["url"]
     assert base64.b64decode(sent_url.partition(",")[2]) == png("large", 300_000)
+
+
+# -- OCR retries -------------------------------------------------------------------------------
+
+
+async def test_ocr_retries_on_429_and_5xx_then_succeeds(make_proxy, fake):
+    proxy = await make_proxy(ocr={"retries": 2, "retry_backoff_s": 0.01})
+    fake.ocr_flaky = {"flaky": [429, 503]}
+    r = await proxy.post(URL, json=chat("m-ocr", image_part(data_url("flaky"))))
+    assert r.status == 200
+    assert fake.ocr_calls == ["flaky"] * 3
+    assert "A picture showing flaky." in fake.chat_requests[-1].json()["messages"][0]["content"]
+
+
+async def test_ocr_retries_are_bounded(make_proxy, fake):
+    proxy = await make_proxy(ocr={"retries": 1, "retry_backoff_s": 0.01})
+    fake.ocr_flaky = {"down": [503, 503, 503]}
+    r = await proxy.post(URL, json=chat("m-ocr", image_part(data_url("down"))))
+    assert r.status == 200
+    assert fake.ocr_calls == ["down"] * 2
+    assert "could not be analysed" in fake.chat_requests[-1].json()["messages"][0]["content"]
+
+
+async def test_ocr_client_errors_are_not_retried(make_proxy, fake):
+    proxy = await make_proxy(ocr={"retries": 3, "retry_backoff_s": 0.01})
+    fake.ocr_flaky = {"bad": [400]}
+    await proxy.post(URL, json=chat("m-ocr", image_part(data_url("bad"))))
+    assert fake.ocr_calls == ["bad"]
+
+
+async def test_ocr_retry_honours_retry_after(make_proxy, fake):
+    proxy = await make_proxy(ocr={"retries": 1, "retry_backoff_s": 0.0})
+    fake.ocr_flaky = {"wait": [429]}
+    fake.retry_after = "0.4"
+    started = time.monotonic()
+    r = await proxy.post(URL, json=chat("m-ocr", image_part(data_url("wait"))))
+    assert r.status == 200 and fake.ocr_calls == ["wait", "wait"]
+    assert time.monotonic() - started >= 0.4
+
+
+async def test_ocr_connect_errors_are_retried(make_proxy, fake, unused_tcp_port):
+    proxy = await make_proxy(
+        upstreams=[
+            {"base_url": f"http://127.0.0.1:{unused_tcp_port}/v1", "models": ["vision-*"]},
+            {"base_url": fake.url},
+        ],
+        ocr={"retries": 2, "retry_backoff_s": 0.2},
+    )
+    started = time.monotonic()
+    r = await proxy.post(URL, json=chat("m-ocr", image_part(data_url("x"))))
+    assert time.monotonic() - started >= 0.3  # two backoffs: at least 0.1 s + 0.2 s
+    assert r.status == 200
+    assert "could not be analysed" in fake.chat_requests[-1].json()["messages"][0]["content"]
