@@ -28,6 +28,7 @@ from .fetch import Fetcher
 
 log = logging.getLogger("ocrproxy.access")
 
+_QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})  # probes: debug, not info
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -119,13 +120,18 @@ def _access_log(
         "total_ms": round((time.monotonic() - trace.started) * 1000, 2),
         "bytes_out": bytes_out,
     }
-    log.info("request", extra={"fields": fields, "request_id": trace.request_id})
+    level = logging.DEBUG if request.path in _QUIET_ROUTES and status < 400 else logging.INFO
+    log.log(level, "request", extra={"fields": fields, "request_id": trace.request_id})
 
 
 async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
     trace = request.get(handlers.TRACE)
     if trace is not None:
         response.headers["X-Request-Id"] = trace.request_id
+
+
+def _secrets(cfg: config.Config) -> tuple[str, ...]:
+    return cfg.auth.keys + tuple(up.api_key for up in cfg.upstreams if up.api_key)
 
 
 async def _state(app: web.Application) -> AsyncIterator[None]:
@@ -138,10 +144,11 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
         skip_auto_headers=("Accept-Encoding",),
     )
     cache = DescriptionCache(MemoryLRU(cfg.cache.max_entries, cfg.cache.max_bytes, cfg.cache.ttl_s))
-    secrets = cfg.auth.keys + tuple(up.api_key for up in cfg.upstreams if up.api_key)
     app[handlers.SESSION] = session
     app[handlers.CACHE] = cache
-    app[handlers.DESCRIBER] = Describer(session, app[handlers.ROUTER], cfg.ocr, cache, secrets)
+    app[handlers.DESCRIBER] = Describer(
+        session, app[handlers.ROUTER], cfg.ocr, cache, _secrets(cfg)
+    )
     try:
         yield
     finally:
@@ -167,6 +174,7 @@ def create_app(cfg: config.Config) -> web.Application:
     app = web.Application(client_max_size=cfg.server.max_body_bytes, middlewares=[middleware])
     app[handlers.CONFIG] = cfg
     app[handlers.ROUTER] = upstream.Router(cfg.upstreams)
+    app[handlers.SECRETS] = tuple(s.encode() for s in _secrets(cfg))
     app.cleanup_ctx.append(_state)
     app.cleanup_ctx.append(_fetcher)
     app.on_response_prepare.append(_stamp)

@@ -83,6 +83,8 @@ class Ocr(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_concurrency: int = 32
     timeout_s: float = 60.0
     on_error: Literal["placeholder", "fail"] = "placeholder"
+    retries: int = 2
+    retry_backoff_s: float = 0.5
     keepalive_after_s: float = 3.0
     keepalive_interval_s: float = 5.0
     fetch_images: bool = True
@@ -179,6 +181,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("`$.ocr.model` must not be empty")
     if cfg.ocr.max_concurrency < 1:
         raise ConfigError("`$.ocr.max_concurrency` must be at least 1")
+    if cfg.ocr.retries < 0 or cfg.ocr.retry_backoff_s < 0:
+        raise ConfigError("`$.ocr.retries` and `$.ocr.retry_backoff_s` must not be negative")
     for key in ("timeout_s", "keepalive_after_s", "keepalive_interval_s", "fetch_timeout_s"):
         if getattr(cfg.ocr, key) <= 0:
             raise ConfigError(f"`$.ocr.{key}` must be positive")

@@ -25,7 +25,7 @@ async def fake(aiohttp_server: Any) -> FakeOpenAI:
 def make_config(fake: FakeOpenAI, **sections: dict[str, Any]) -> config.Config:
     raw: dict[str, Any] = {
         "upstreams": [{"name": "fake", "base_url": fake.url, "api_key": "sk-upstream-secret"}],
-        "ocr": {"model": "vision-1", "keepalive_after_s": 3.0},
+        "ocr": {"model": "vision-1", "keepalive_after_s": 3.0, "retries": 0},
     }
     for name, values in sections.items():
         if isinstance(values, dict) and isinstance(raw.get(name), dict):

@@ -1,0 +1,119 @@
+"""The proxy as a user runs it: a real `ocrproxy serve` process, its logs, and its shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.conftest import chat
+from tests.fakes import data_url, image_part
+
+SECRET_UPSTREAM = "sk-upstreamSECRET0123456789abcdef"
+SECRET_CLIENT = "client-SECRET-key-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+async def served(fake, tmp_path: Path):
+    port = free_port()
+    path = tmp_path / "ocrproxy.toml"
+    path.write_text(
+        f"""
+[server]
+port = {port}
+log_level = "info"
+[auth]
+keys = ["{SECRET_CLIENT}"]
+[[upstreams]]
+name = "fake"
+base_url = "{fake.url}"
+api_key = "${{UPSTREAM_KEY}}"
+[ocr]
+model = "vision-1"
+"""
+    )
+    env = {**os.environ, "UPSTREAM_KEY": SECRET_UPSTREAM}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ocrproxy",
+        "serve",
+        "--config",
+        str(path),
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(100):
+            try:
+                async with session.get(base + "/healthz") as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
+        else:
+            proc.kill()
+            raise AssertionError("the proxy did not start")
+        yield proc, base, session
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
+async def test_serve_logs_one_json_line_per_request_without_secrets(served, fake):
+    proc, base, session = served
+    headers = {"Authorization": f"Bearer {SECRET_CLIENT}", "X-Request-Id": "req-log-1"}
+    img = data_url("confidential-pixels", size=3000)
+    async with session.post(
+        base + "/v1/chat/completions", headers=headers, json=chat("m-ocr", image_part(img))
+    ) as r:
+        assert r.status == 200
+    proc.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(proc.wait(), 20)
+    assert proc.returncode == 0
+    log = (await proc.stderr.read()).decode()
+    lines = [orjson.loads(line) for line in log.splitlines() if line.startswith("{")]
+    access = [line for line in lines if line["logger"] == "ocrproxy.access"]
+    assert len(access) == 1
+    entry = access[0]
+    assert entry["request_id"] == "req-log-1"
+    assert entry["route"] == "/v1/chat/completions" and entry["status"] == 200
+    assert entry["model"] == "m-ocr" and entry["real_model"] == "m"
+    assert entry["ocr_model"] == "vision-1" and entry["images"] == 1
+    assert entry["cache_hits"] == 0 and entry["upstream_status"] == 200
+    assert entry["ocr_ms"] >= 0 and entry["ttfb_ms"] > 0 and entry["total_ms"] >= entry["ttfb_ms"]
+    assert entry["bytes_out"] > 0
+    assert all("request_id" in line for line in lines)
+    for forbidden in (SECRET_UPSTREAM, SECRET_CLIENT, img[30:90], "A picture showing"):
+        assert forbidden not in log
+
+
+async def test_sigterm_lets_a_live_stream_finish(served, fake):
+    proc, base, session = served
+    fake.chunk_delay = 0.1
+    fake.chunks = 10
+    headers = {"Authorization": f"Bearer {SECRET_CLIENT}"}
+    async with session.post(
+        base + "/v1/chat/completions", headers=headers, json=chat("m", "hi", stream=True)
+    ) as r:
+        first = await r.content.readuntil(b"\n\n")
+        proc.send_signal(signal.SIGTERM)
+        rest = await r.read()
+    assert first.startswith(b"data: ")
+    assert rest.endswith(b"data: [DONE]\n\n")
+    await asyncio.wait_for(proc.wait(), 20)
+    assert proc.returncode == 0
