@@ -54,6 +54,7 @@ HEAD_BYTES = 32  # enough for PNG, GIF and WebP dimensions
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _HOSTNAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_-]{1,63})*$")
+_NUMBER = re.compile(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*")  # one inet_aton part
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
 
@@ -117,21 +118,12 @@ def is_public(ip: IPAddress) -> bool:
 def _legacy_ipv4(host: str) -> ipaddress.IPv4Address | None:
     """The address ``inet_aton`` makes of a numeric host (``127.1``, ``0x7f.1``...), else None."""
     parts = host.split(".")
-    if not 1 <= len(parts) <= 4:
+    if not 1 <= len(parts) <= 4 or not all(_NUMBER.fullmatch(part) for part in parts):
         return None
-    numbers: list[int] = []
-    for part in parts:
-        try:
-            if part[:2] in ("0x", "0X"):
-                numbers.append(int(part[2:] or "0", 16))
-            elif len(part) > 1 and part.startswith("0"):
-                numbers.append(int(part[1:], 8))
-            else:
-                numbers.append(int(part, 10) if part.isdigit() else -1)
-        except ValueError:
-            return None
-        if numbers[-1] < 0:
-            return None
+    numbers = [
+        int(part[2:], 16) if part[:2] in ("0x", "0X") else int(part, 8 if part[0] == "0" else 10)
+        for part in parts
+    ]
     *head, last = numbers
     if any(n > 255 for n in head) or last >= 1 << (8 * (4 - len(head))):
         return None

@@ -24,6 +24,8 @@ import trustme
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ocrproxy import config
 from ocrproxy.fetch import (
@@ -326,6 +328,19 @@ def test_odd_numeric_forms_mean_what_the_system_resolver_says(host: str) -> None
     # Our parser agrees with getaddrinfo, so the literal check sees what a connect would hit.
     system = socket.getaddrinfo(host, 80, socket.AF_INET)[0][4][0]
     assert str(literal_address(host)) == system == "127.0.0.1"
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.text(alphabet="0123456789xXabcdefABF._", min_size=1, max_size=20))
+def test_numeric_host_parser_agrees_with_inet_aton(host: str) -> None:
+    # Whatever the C library would read as an IPv4 address, the literal check reads the same.
+    try:
+        expected: ipaddress.IPv4Address | None = ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        expected = None
+    found = literal_address(host)
+    assert found is None or isinstance(found, ipaddress.IPv4Address)
+    assert found == expected
 
 
 @pytest.mark.parametrize(
