@@ -6,6 +6,7 @@ import asyncio
 import signal
 from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
 
@@ -62,7 +63,8 @@ async def test_serve_logs_one_json_line_per_request_without_secrets(served, fake
         assert forbidden not in log
 
 
-async def test_sigterm_lets_a_live_stream_finish(served, fake):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_shutdown_signal_lets_a_live_stream_finish(served, fake, sig):
     proc, base, session, log_path = served
     fake.chunk_delay = 0.1
     fake.chunks = 10
@@ -71,9 +73,33 @@ async def test_sigterm_lets_a_live_stream_finish(served, fake):
         base + "/v1/chat/completions", headers=headers, json=chat("m", "hi", stream=True)
     ) as r:
         first = await r.content.readuntil(b"\n\n")
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         rest = await r.read()
     assert first.startswith(b"data: ")
     assert rest.endswith(b"data: [DONE]\n\n")
     await asyncio.wait_for(proc.wait(), 20)
     assert proc.returncode == 0
+
+
+async def test_shutdown_cancels_streams_past_the_timeout(fake, tmp_path):
+    config = f"""
+[server]
+shutdown_timeout = 1.0
+[[upstreams]]
+base_url = "{fake.url}"
+"""
+    async with spawn_proxy(tmp_path, config) as (proc, base, session, _):
+        async with session.post(
+            base + "/v1/chat/completions", json=chat("slow-stream", "x", stream=True)
+        ) as r:
+            await r.content.readuntil(b"\n\n")
+            started = asyncio.get_running_loop().time()
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), 10)
+            waited = asyncio.get_running_loop().time() - started
+        assert proc.returncode == 0
+        assert 0.9 <= waited < 5  # waited for the stream, then gave up at shutdown_timeout
+        # new connections are refused once it is shutting down
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with session.get(base + "/healthz"):
+                pass
