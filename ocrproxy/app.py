@@ -169,6 +169,27 @@ async def _fetcher(app: web.Application) -> AsyncIterator[None]:
         await fetcher.close()
 
 
+async def _watch_loop(threshold_s: float, period_s: float = 0.05) -> None:
+    """Warn whenever the event loop was blocked longer than ``threshold_s``."""
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        await asyncio.sleep(period_s)
+        stalled = loop.time() - started - period_s
+        if stalled > threshold_s:
+            log.warning("event loop stalled for %.0f ms", stalled * 1000, extra={"request_id": "-"})
+
+
+async def _watchdog(app: web.Application) -> AsyncIterator[None]:
+    threshold = app[handlers.CONFIG].server.stall_warning_ms / 1000
+    task = asyncio.get_running_loop().create_task(_watch_loop(threshold))
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def create_app(cfg: config.Config) -> web.Application:
     """The proxy as an aiohttp Application, ready for ``web.run_app`` or a test client."""
     app = web.Application(client_max_size=cfg.server.max_body_bytes, middlewares=[middleware])
@@ -177,6 +198,8 @@ def create_app(cfg: config.Config) -> web.Application:
     app[handlers.SECRETS] = tuple(s.encode() for s in _secrets(cfg))
     app.cleanup_ctx.append(_state)
     app.cleanup_ctx.append(_fetcher)
+    if cfg.server.stall_warning_ms > 0:
+        app.cleanup_ctx.append(_watchdog)
     app.on_response_prepare.append(_stamp)
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_get("/v1/models", handlers.models)

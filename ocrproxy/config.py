@@ -60,6 +60,7 @@ class Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     shutdown_timeout: float = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    stall_warning_ms: float = 100.0  # warn when the event loop is blocked longer; 0 disables
 
 
 class Auth(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

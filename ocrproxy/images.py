@@ -184,7 +184,7 @@ def check_image(data: bytes, where: str, settings: config.Ocr) -> sniff.Sniffed:
         raise InvalidImage(f"`{where}` {exc}", param=where) from None
 
 
-def _identify(images: list[Image], settings: config.Ocr) -> None:
+def _identify(images: list[Image], settings: config.Ocr = _DEFAULTS) -> None:
     for image in images:
         if image.is_data:
             payload = len(image.url) - image.url.find(",") - 1

@@ -71,6 +71,7 @@ class FakeOpenAI:
     # label -> statuses to answer with, one per call, before answering normally
     ocr_flaky: dict[str, list[int]] = field(default_factory=dict)
     retry_after: str | None = None
+    bytes_written: int = 0
     chunks: int = 5
     chunk_delay: float = 0.0
     received: list[Received] = field(default_factory=list)
@@ -126,6 +127,8 @@ class FakeOpenAI:
                 {"error": {"message": f"bad key {request.headers.get('Authorization')}"}},
                 status=401,
             )
+        if model == "firehose":
+            return await self.firehose(request)
         if model in ("die-mid-stream", "stall-mid-stream"):
             return await self.broken_stream(request, model)
         if body.get("stream"):
@@ -186,6 +189,20 @@ class FakeOpenAI:
             raise
         if request.transport is None or request.transport.is_closing():
             self.stream_closed.set()
+        return response
+
+    async def firehose(self, request: web.Request) -> web.StreamResponse:
+        """128 MB of SSE as fast as the reader takes it; counts what it managed to write."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        event = b"data: " + b"x" * (64 * 1024 - 8) + b"\n\n"
+        try:
+            for _ in range(2048):
+                await response.write(event)
+                self.bytes_written += len(event)
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.stream_closed.set()
+            raise
         return response
 
     async def broken_stream(self, request: web.Request, model: str) -> web.StreamResponse:

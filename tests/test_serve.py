@@ -3,37 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import sys
 from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
 
-from tests.conftest import chat
+from tests.conftest import chat, spawn_proxy
 from tests.fakes import data_url, image_part
 
 SECRET_UPSTREAM = "sk-upstreamSECRET0123456789abcdef"
 SECRET_CLIENT = "client-SECRET-key-0123456789"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 async def served(fake, tmp_path: Path):
-    port = free_port()
-    path = tmp_path / "ocrproxy.toml"
-    path.write_text(
-        f"""
+    config = f"""
 [server]
-port = {port}
 log_level = "info"
 [auth]
 keys = ["{SECRET_CLIENT}"]
@@ -44,38 +31,12 @@ api_key = "${{UPSTREAM_KEY}}"
 [ocr]
 model = "vision-1"
 """
-    )
-    env = {**os.environ, "UPSTREAM_KEY": SECRET_UPSTREAM}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ocrproxy",
-        "serve",
-        "--config",
-        str(path),
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as session:
-        for _ in range(100):
-            try:
-                async with session.get(base + "/healthz") as r:
-                    if r.status == 200:
-                        break
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.05)
-        else:
-            proc.kill()
-            raise AssertionError("the proxy did not start")
-        yield proc, base, session
-    if proc.returncode is None:
-        proc.kill()
-        await proc.wait()
+    async with spawn_proxy(tmp_path, config, env={"UPSTREAM_KEY": SECRET_UPSTREAM}) as served:
+        yield served
 
 
 async def test_serve_logs_one_json_line_per_request_without_secrets(served, fake):
-    proc, base, session = served
+    proc, base, session, log_path = served
     headers = {"Authorization": f"Bearer {SECRET_CLIENT}", "X-Request-Id": "req-log-1"}
     img = data_url("confidential-pixels", size=3000)
     async with session.post(
@@ -85,7 +46,7 @@ async def test_serve_logs_one_json_line_per_request_without_secrets(served, fake
     proc.send_signal(signal.SIGTERM)
     await asyncio.wait_for(proc.wait(), 20)
     assert proc.returncode == 0
-    log = (await proc.stderr.read()).decode()
+    log = log_path.read_text()
     lines = [orjson.loads(line) for line in log.splitlines() if line.startswith("{")]
     access = [line for line in lines if line["logger"] == "ocrproxy.access"]
     assert len(access) == 1
@@ -102,8 +63,9 @@ async def test_serve_logs_one_json_line_per_request_without_secrets(served, fake
         assert forbidden not in log
 
 
-async def test_sigterm_lets_a_live_stream_finish(served, fake):
-    proc, base, session = served
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_shutdown_signal_lets_a_live_stream_finish(served, fake, sig):
+    proc, base, session, log_path = served
     fake.chunk_delay = 0.1
     fake.chunks = 10
     headers = {"Authorization": f"Bearer {SECRET_CLIENT}"}
@@ -111,9 +73,33 @@ async def test_sigterm_lets_a_live_stream_finish(served, fake):
         base + "/v1/chat/completions", headers=headers, json=chat("m", "hi", stream=True)
     ) as r:
         first = await r.content.readuntil(b"\n\n")
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         rest = await r.read()
     assert first.startswith(b"data: ")
     assert rest.endswith(b"data: [DONE]\n\n")
     await asyncio.wait_for(proc.wait(), 20)
     assert proc.returncode == 0
+
+
+async def test_shutdown_cancels_streams_past_the_timeout(fake, tmp_path):
+    config = f"""
+[server]
+shutdown_timeout = 1.0
+[[upstreams]]
+base_url = "{fake.url}"
+"""
+    async with spawn_proxy(tmp_path, config) as (proc, base, session, _):
+        async with session.post(
+            base + "/v1/chat/completions", json=chat("slow-stream", "x", stream=True)
+        ) as r:
+            await r.content.readuntil(b"\n\n")
+            started = asyncio.get_running_loop().time()
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), 10)
+            waited = asyncio.get_running_loop().time() - started
+        assert proc.returncode == 0
+        assert 0.9 <= waited < 5  # waited for the stream, then gave up at shutdown_timeout
+        # new connections are refused once it is shutting down
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with session.get(base + "/healthz"):
+                pass
