@@ -19,8 +19,9 @@ Theory of operation: a client may name any URL, so every URL is treated as hosti
 - Redirects are followed by hand, at most ``MAX_REDIRECTS`` hops, each one checked like the first.
   Environment proxies are ignored, cookies are never kept, nothing is decompressed: a
   ``Content-Encoding`` other than identity is refused, so a gzip bomb is never inflated.
-- The body is streamed under a byte cap that aborts the download as soon as it is crossed, and
-  under connect, idle-read and total timeouts. It must be served as ``image/*`` and its magic
+- The body is streamed under a byte cap that aborts the download as soon as it is crossed (per
+  image, and a ``Budget`` for all the images of one request), and under connect, idle-read and
+  total timeouts. It must be served as ``image/*`` and its magic
   bytes and header dimensions must pass ``sniff.inspect``.
 
 Error messages are shown to clients, so they name the rule that refused the URL and never a
@@ -77,6 +78,21 @@ class FetchTooLarge(FetchRefused):
     """The image is larger than ``max_image_bytes``."""
 
     status = 413
+
+
+class Budget:
+    """The bytes the fetches of one request may still download, together."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.left = limit
+
+    def take(self, size: int) -> None:
+        self.left -= size
+        if self.left < 0:
+            raise FetchTooLarge(
+                f"the request's remote images together are larger than {self.limit} bytes"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,11 +282,14 @@ class Fetcher:
             raise FetchRefused("the image URL's host is not a valid host name")
         return parsed
 
-    async def fetch(self, url: str) -> Fetched:
-        """Download and check one image; FetchError (or a subclass) says why it was not."""
+    async def fetch(self, url: str, budget: Budget | None = None) -> Fetched:
+        """Download and check one image; FetchError (or a subclass) says why it was not.
+
+        ``budget``, shared by the fetches of one request, caps the bytes they download together.
+        """
         try:
             async with asyncio.timeout(self.timeout_s):
-                return await self._follow(url)
+                return await self._follow(url, budget or Budget(self.max_bytes))
         except TimeoutError:
             raise FetchError(
                 f"the image server did not deliver the image within {self.timeout_s:g} s"
@@ -279,7 +298,7 @@ class Fetcher:
             log.debug("image fetch failed: %r", exc)
             raise FetchError(f"the image could not be downloaded ({type(exc).__name__})") from None
 
-    async def _follow(self, url: str) -> Fetched:
+    async def _follow(self, url: str, budget: Budget) -> Fetched:
         target = self.check_url(url)
         for _ in range(MAX_REDIRECTS + 1):
             async with self.session.get(target, allow_redirects=False) as response:
@@ -298,13 +317,13 @@ class Fetcher:
                 if response.status != 200:
                     raise FetchError(f"the image server answered HTTP {response.status}")
                 try:
-                    return await self._read(response)
+                    return await self._read(response, budget)
                 except BaseException:
                     response.close()  # drop the connection instead of draining the rest
                     raise
         raise FetchRefused(f"the image URL redirected more than {MAX_REDIRECTS} times")
 
-    async def _read(self, response: aiohttp.ClientResponse) -> Fetched:
+    async def _read(self, response: aiohttp.ClientResponse, budget: Budget) -> Fetched:
         encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             raise FetchRefused("the image server sent a compressed response (Content-Encoding)")
@@ -321,6 +340,7 @@ class Fetcher:
             body += chunk
             if len(body) > self.max_bytes:
                 raise too_large
+            budget.take(len(chunk))
             if not checked_head and len(body) >= HEAD_BYTES:
                 self._inspect(bytes(body[:HEAD_BYTES]))
                 checked_head = True

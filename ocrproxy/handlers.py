@@ -268,7 +268,8 @@ async def _describe(request: web.Request, found: list[images.Image], model: str)
     """The OCR step as one task: fetch remote images (if on), then describe them all."""
     fetcher = request.app.get(FETCHER)
     if fetcher is not None:
-        await images.fetch_remote(found, request.app[CONFIG].ocr, fetcher)
+        cfg = request.app[CONFIG]
+        await images.fetch_remote(found, cfg.ocr, fetcher, cfg.server.max_body_bytes)
     return await request.app[DESCRIBER].describe_all(found, model, request.headers)
 
 

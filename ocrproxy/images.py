@@ -31,7 +31,7 @@ import msgspec
 
 from . import config, sniff
 from .errors import BadRequest, InvalidImage, PayloadTooLarge, ProxyError, UpstreamError
-from .fetch import Fetched, Fetcher, FetchError
+from .fetch import Budget, Fetched, Fetcher, FetchError
 from .schema import RawObject, array_decoder, is_json, messages_decoder
 
 # Below this many characters of base64, decoding + hashing on the loop is cheaper than a thread hop.
@@ -217,7 +217,9 @@ def _adopt(image: Image, fetched: Fetched) -> None:
     image.digest = hashlib.sha256(fetched.data).digest()
 
 
-async def _fetch_all(images: list[Image], settings: config.Ocr, fetcher: Fetcher) -> None:
+async def _fetch_all(
+    images: list[Image], settings: config.Ocr, fetcher: Fetcher, budget: Budget
+) -> None:
     """Download every distinct remote URL once, concurrently, and adopt (or refuse) the bytes."""
     by_url: dict[str, list[Image]] = {}
     for image in images:
@@ -225,7 +227,7 @@ async def _fetch_all(images: list[Image], settings: config.Ocr, fetcher: Fetcher
 
     async def one(url: str) -> Fetched | FetchError:
         try:
-            return await fetcher.fetch(url)
+            return await fetcher.fetch(url, budget)
         except FetchError as exc:
             error = exc
         except Exception:  # a bug must not crash the request: treat it as a failed fetch
@@ -276,8 +278,13 @@ async def identify(images: list[Image], settings: config.Ocr = _DEFAULTS) -> Non
         await asyncio.to_thread(_identify, large, settings)
 
 
-async def fetch_remote(images: list[Image], settings: config.Ocr, fetcher: Fetcher) -> None:
-    """Download the remote images (after ``identify``): their digest becomes that of the bytes."""
+async def fetch_remote(
+    images: list[Image], settings: config.Ocr, fetcher: Fetcher, total_bytes: int
+) -> None:
+    """Download the remote images (after ``identify``): their digest becomes that of the bytes.
+
+    Together they may not exceed ``total_bytes`` (the most a client could send inline).
+    """
     remote = [im for im in images if not im.is_data]
     if remote:
-        await _fetch_all(remote, settings, fetcher)
+        await _fetch_all(remote, settings, fetcher, Budget(total_bytes))

@@ -101,6 +101,9 @@ class ImageServer:
         self.seen_headers.append(dict(request.headers))
         if name in ("ok.png", "same.png", "also.png"):
             return web.Response(body=IMAGE, content_type="image/png")
+        if name == "sized.png":
+            body = png(request.query["label"], int(request.query["size"]))
+            return web.Response(body=body, content_type="image/png")
         if name == "slow-ok.png":
             await asyncio.sleep(1.0)
             return web.Response(body=IMAGE, content_type="image/png")
@@ -729,3 +732,25 @@ async def test_refused_fetch_after_stream_started_ends_with_an_error_event(
     assert '"code":"image_url_refused"' in text.replace(" ", "") and "169.254" not in text
     assert time.monotonic() - started < 0.95  # the refusal cancelled the other, slower fetch
     assert fake.received == []
+
+
+@pytest.mark.parametrize("on_error", ["placeholder", "fail"])
+async def test_remote_images_of_one_request_share_a_byte_budget(
+    on_error: str, make_proxy: Any, fake: FakeOpenAI, images: ImageServer
+) -> None:
+    # Each image is under max_image_bytes, but together they exceed max_body_bytes: the most a
+    # client could have sent inline is also the most the proxy downloads for one request.
+    proxy = await make_proxy(
+        server={"max_body_bytes": 500_000}, ocr=allow(images, on_error=on_error)
+    )
+    parts = [image_part(images.url(f"/sized.png?label={x}&size=200000")) for x in "abc"]
+    r = await proxy.post(URL, json=chat("m-ocr", *parts))
+    if on_error == "fail":
+        assert r.status == 413
+        assert "together" in (await r.json())["error"]["message"]
+        return
+    assert r.status == 200
+    content = fake.chat_requests[-1].json()["messages"][0]["content"]
+    failed = content.count("could not be analysed")
+    # Downloads run concurrently, so which ones cross the line first is up to the scheduler.
+    assert failed >= 1 and len(fake.ocr_calls) + failed == 3 and len(fake.ocr_calls) <= 2
