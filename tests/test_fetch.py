@@ -371,13 +371,15 @@ async def test_host_name_resolving_to_a_private_address_is_refused(
         assert address not in str(caught.value)
 
 
-async def test_localhost_name_through_the_system_resolver_is_refused(
-    images: ImageServer, make_fetcher: FetcherFactory
+@pytest.mark.parametrize("host", ["localhost", "img.localhost", "a.b.LOCALHOST."])
+async def test_localhost_names_are_loopback_whatever_dns_says(
+    host: str, images: ImageServer, make_fetcher: FetcherFactory
 ) -> None:
-    fetcher = make_fetcher()  # real getaddrinfo, no test resolver
-    with pytest.raises(FetchRefused):
-        await fetcher.fetch(images.url("/ok.png", host="localhost"))
-    assert images.requests == []
+    resolver = MapResolver({host.rstrip(".").lower(): [["93.184.216.34"]]})
+    fetcher = make_fetcher(resolver)
+    with pytest.raises(FetchRefused, match="non-public"):
+        await fetcher.fetch(images.url("/ok.png", host=host))
+    assert images.requests == [] and resolver.lookups == []
 
 
 async def test_dns_rebinding_connects_only_to_the_checked_address(
