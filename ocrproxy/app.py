@@ -62,6 +62,10 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     response: web.StreamResponse | None = None
     status = 500
     try:
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            response = _preflight(request, cfg.server.cors_origins)
+            status = response.status
+            return response
         if cfg.auth.keys and request.path.startswith("/v1"):
             _check_key(request, cfg.auth.keys)
         response = await handler(request)
@@ -124,10 +128,45 @@ def _access_log(
     log.log(level, "request", extra={"fields": fields, "request_id": trace.request_id})
 
 
+_EXPOSED = (
+    "X-Request-Id, X-Upstream-Request-Id, X-OCR-Model, X-OCR-Images, X-OCR-Cache-Hits, X-OCR-Ms"
+)
+
+
+def _allowed_origin(request: web.Request, origins: tuple[str, ...]) -> str | None:
+    origin = request.headers.get("Origin")
+    if origin is None or not origins:
+        return None
+    return origin if "*" in origins or origin in origins else None
+
+
+def _preflight(request: web.Request, origins: tuple[str, ...]) -> web.Response:
+    """Answer a browser's CORS preflight (no key needed: browsers send none with it)."""
+    origin = _allowed_origin(request, origins)
+    if origin is None:
+        return web.Response(status=403, headers={"Vary": "Origin"})
+    requested = request.headers.get("Access-Control-Request-Headers", "")
+    return web.Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS",
+            "Access-Control-Allow-Headers": requested or "Authorization, Content-Type",
+            "Access-Control-Max-Age": "600",
+            "Vary": "Origin",
+        },
+    )
+
+
 async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
     trace = request.get(handlers.TRACE)
     if trace is not None:
         response.headers["X-Request-Id"] = trace.request_id
+    origin = _allowed_origin(request, request.app[handlers.CONFIG].server.cors_origins)
+    if origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = _EXPOSED
+        response.headers.add("Vary", "Origin")
 
 
 def _secrets(cfg: config.Config) -> tuple[str, ...]:

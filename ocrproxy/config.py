@@ -61,6 +61,7 @@ class Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     shutdown_timeout: float = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     stall_warning_ms: float = 100.0  # warn when the event loop is blocked longer; 0 disables
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*": any)
 
 
 class Auth(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -233,3 +233,39 @@ async def test_unknown_route_is_openai_shaped_404(proxy):
     r = await proxy.get("/nope")
     assert r.status == 404
     assert set((await r.json())["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_cors_for_browser_clients(make_proxy, fake):
+    proxy = await make_proxy(
+        server={"cors_origins": ["https://chat.example"]}, auth={"keys": ["ck"]}
+    )
+    pre = await proxy.options(
+        CHAT,
+        headers={
+            "Origin": "https://chat.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
+    assert pre.status == 204
+    assert pre.headers["Access-Control-Allow-Origin"] == "https://chat.example"
+    assert pre.headers["Access-Control-Allow-Headers"] == "authorization, content-type"
+    r = await proxy.post(
+        CHAT,
+        json=chat("m-ocr", "x"),
+        headers={"Origin": "https://chat.example", "Authorization": "Bearer ck"},
+    )
+    assert r.headers["Access-Control-Allow-Origin"] == "https://chat.example"
+    assert "X-OCR-Images" in r.headers["Access-Control-Expose-Headers"]
+    other = await proxy.options(
+        CHAT, headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    )
+    assert other.status == 403 and "Access-Control-Allow-Origin" not in other.headers
+    r = await proxy.post(CHAT, json=chat("m", "x"), headers={"Origin": "https://evil.example"})
+    assert r.status == 401 and "Access-Control-Allow-Origin" not in r.headers
+    assert fake.received == [fake.received[0]]  # only the allowed, keyed request went upstream
+
+
+async def test_no_cors_headers_unless_configured(proxy):
+    r = await proxy.post(CHAT, json=chat("m", "x"), headers={"Origin": "https://a.example"})
+    assert "Access-Control-Allow-Origin" not in r.headers
