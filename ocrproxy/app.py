@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from . import config, handlers, logs, upstream
+from . import config, handlers, local, logs, upstream
 from .cache import DescriptionCache, MemoryLRU
 from .describe import Describer
 from .errors import NotFound, ProxyError, Unauthorized
@@ -140,11 +140,17 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     secrets = cfg.auth.keys + tuple(up.api_key for up in cfg.upstreams if up.api_key)
     app[handlers.SESSION] = session
     app[handlers.CACHE] = cache
-    app[handlers.DESCRIBER] = Describer(session, app[handlers.ROUTER], cfg.ocr, cache, secrets)
+    engine = local.Engine(cfg.ocr.local)
+    app[handlers.DESCRIBER] = Describer(
+        session, app[handlers.ROUTER], cfg.ocr, cache, secrets, engine
+    )
+    if cfg.ocr.model == cfg.ocr.local_alias and (problem := engine.problem()):
+        local.log.warning("the default OCR model is the local engine, which can't run: %s", problem)
     try:
         yield
     finally:
         await cache.close()
+        engine.close()
         await session.close()
 
 
