@@ -6,6 +6,8 @@ decoding, Pillow decoding and resizing, recognition) runs in a thread pool sized
 ``tesserocr`` releases the GIL while Tesseract works, so the event loop keeps serving. A Tesseract
 API object must never be shared between threads, so each pool thread lazily builds its own and
 keeps it for the life of the thread (loading the language data once per thread, not per image).
+The pool's threads run at a lower CPU priority than the event loop, so that proxying traffic
+stays quick while every core is reading images.
 
 A semaphore with one slot per thread admits work: a request waiting for a slot holds only the
 bytes it already had, never a decoded bitmap. A slot is given back when the *thread* finishes,
@@ -58,8 +60,15 @@ SYSTEM_TESSDATA = (
 )
 # Larger images are refused before decoding: ~300 MB of greyscale at most.
 MAX_PIXELS = 80_000_000
-# Images whose longest side is below this are scaled up 2x: Tesseract misreads tiny glyphs.
-SMALL_SIDE = 1000
+# Tesseract reads lines about this tall (in pixels) best. Screenshots at 1x have 13-20 px lines,
+# which it misreads; a quick layout pass measures the median line, and smaller text is scaled up
+# to this height (at most MAX_UPSCALE times). Scaling everything up would not do: large letters
+# on a small photo then stop looking like text to Tesseract's page segmentation.
+LINE_HEIGHT = 44
+MAX_UPSCALE = 3.0
+ORIENTATION = 0x0112  # the EXIF tag of a photo's rotation
+# How much lower than the event loop's the OCR threads' CPU priority is (Linux "nice" steps).
+NICENESS = 5
 # Mean brightness (0-255) below which an image is taken for light text on dark and inverted.
 DARK_MEAN = 110
 
@@ -117,7 +126,8 @@ def prepare(data: bytes, max_side: int) -> PILImage.Image:
                 f"at most {MAX_PIXELS // 1_000_000} megapixels)"
             )
         image.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale
-        image = ImageOps.exif_transpose(image)
+        if image.getexif().get(ORIENTATION, 1) != 1:
+            image = ImageOps.exif_transpose(image)
         if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
             rgba = image.convert("RGBA")
             flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -132,11 +142,18 @@ def prepare(data: bytes, max_side: int) -> PILImage.Image:
         scale = max_side / longest
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    elif longest < SMALL_SIDE:
-        image = image.resize((image.width * 2, image.height * 2), Image.Resampling.BICUBIC)
     if ImageStat.Stat(image).mean[0] < DARK_MEAN:
         image = ImageOps.invert(image)
     return image
+
+
+def upscale_factor(line_heights: list[int], longest: int, max_side: int) -> float:
+    """How much to enlarge an image whose text lines measure ``line_heights`` pixels (1: not)."""
+    if not line_heights:
+        return 1.0
+    median = sorted(line_heights)[len(line_heights) // 2]
+    factor = min(LINE_HEIGHT / max(median, 1), MAX_UPSCALE, max_side / longest)
+    return factor if factor >= 1.2 else 1.0
 
 
 _BLANK_RUN = re.compile(r"\n{3,}")
@@ -157,11 +174,30 @@ def as_description(engine_name: str, text: str) -> str:
     )
 
 
+def _lower_priority() -> None:
+    """Run in each new OCR thread: yield the CPU to the event loop when both want it."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICENESS)
+    except (AttributeError, OSError):  # not Linux (where a thread id is a process id), or denied
+        pass
+
+
 def _release(loop: asyncio.AbstractEventLoop, slots: asyncio.Semaphore, _: object) -> None:
     try:
         loop.call_soon_threadsafe(slots.release)
     except RuntimeError:  # the loop is closed: nobody is left to admit
         pass
+
+
+def _set_image(api: Any, image: PILImage.Image) -> bytes:
+    """Hand a greyscale image to Tesseract as raw pixels, which it reads without a copy.
+
+    ``api.SetImage`` would first encode the image to a file format, holding the GIL for tens of
+    milliseconds on a large page. The caller keeps the returned buffer alive until ``Clear``.
+    """
+    pixels = image.tobytes()
+    api.SetImageBytes(pixels, image.width, image.height, 1, image.width)
+    return pixels
 
 
 class Engine:
@@ -241,7 +277,9 @@ class Engine:
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ocrproxy-tesseract")
+            self._pool = ThreadPoolExecutor(
+                self.threads, thread_name_prefix="ocrproxy-tesseract", initializer=_lower_priority
+            )
         return self._pool
 
     def _api(self) -> Any:
@@ -267,9 +305,16 @@ class Engine:
         image = prepare(load(), self.settings.max_side)
         api = self._api()
         deadline_ms = int(self.settings.timeout_s * 1000)
-        started = time.monotonic()
         try:
-            api.SetImage(image)
+            pixels = _set_image(api, image)
+            longest = max(image.size)
+            factor = upscale_factor(self._line_heights(api), longest, self.settings.max_side)
+            if factor > 1:
+                from PIL import Image
+
+                size = (round(image.width * factor), round(image.height * factor))
+                pixels = _set_image(api, image.resize(size, Image.Resampling.BICUBIC))
+            started = time.monotonic()
             finished = api.Recognize(timeout=deadline_ms)
             if not finished and (time.monotonic() - started) * 1000 >= deadline_ms:
                 raise RecognitionError(
@@ -279,7 +324,22 @@ class Engine:
             text: str = api.GetUTF8Text() if finished else ""
         finally:
             api.Clear()
+        del pixels  # Tesseract read from this buffer until Clear()
         return tidy(text)
+
+    def _line_heights(self, api: Any) -> list[int]:
+        """The heights of the text lines a layout pass finds in the current image."""
+        tesserocr = _tesserocr()
+        level = tesserocr.RIL.TEXTLINE
+        heights: list[int] = []
+        layout = api.AnalyseLayout()
+        if layout is None:
+            return heights
+        for line in tesserocr.iterate_level(layout, level):
+            box = line.BoundingBox(level)
+            if box:
+                heights.append(box[3] - box[1])
+        return heights
 
     def close(self) -> None:
         """Stop taking work; a recognition already running ends by its own deadline."""
