@@ -6,8 +6,6 @@ decoding, Pillow decoding and resizing, recognition) runs in a thread pool sized
 ``tesserocr`` releases the GIL while Tesseract works, so the event loop keeps serving. A Tesseract
 API object must never be shared between threads, so each pool thread lazily builds its own and
 keeps it for the life of the thread (loading the language data once per thread, not per image).
-The pool's threads run at a lower CPU priority than the event loop, so that proxying traffic
-stays quick while every core is reading images.
 
 A semaphore with one slot per thread admits work: a request waiting for a slot holds only the
 bytes it already had, never a decoded bitmap. A slot is given back when the *thread* finishes,
@@ -67,8 +65,6 @@ MAX_PIXELS = 80_000_000
 LINE_HEIGHT = 44
 MAX_UPSCALE = 3.0
 ORIENTATION = 0x0112  # the EXIF tag of a photo's rotation
-# How much lower than the event loop's the OCR threads' CPU priority is (Linux "nice" steps).
-NICENESS = 5
 # Mean brightness (0-255) below which an image is taken for light text on dark and inverted.
 DARK_MEAN = 110
 
@@ -174,14 +170,6 @@ def as_description(engine_name: str, text: str) -> str:
     )
 
 
-def _lower_priority() -> None:
-    """Run in each new OCR thread: yield the CPU to the event loop when both want it."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICENESS)
-    except (AttributeError, OSError):  # not Linux (where a thread id is a process id), or denied
-        pass
-
-
 def _release(loop: asyncio.AbstractEventLoop, slots: asyncio.Semaphore, _: object) -> None:
     try:
         loop.call_soon_threadsafe(slots.release)
@@ -277,9 +265,7 @@ class Engine:
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(
-                self.threads, thread_name_prefix="ocrproxy-tesseract", initializer=_lower_priority
-            )
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ocrproxy-tesseract")
         return self._pool
 
     def _api(self) -> Any:
