@@ -16,9 +16,10 @@ the real bound is a little longer on huge pages, which is why images are first s
 ``max_side`` pixels on their longest side.
 
 Before recognition, an image is flattened onto white (transparent screenshots), turned to
-greyscale, rotated by its EXIF orientation (phone photos), scaled down if large or up if tiny,
-and inverted if it is mostly dark (dark-mode screenshots), since Tesseract reads dark text on
-a light background best.
+greyscale, rotated by its EXIF orientation (phone photos), scaled down if large, and inverted if
+it is mostly dark (dark-mode screenshots), since Tesseract reads dark text on a light background
+best. Then a layout pass measures its text lines, and small text (a screenshot at 1x) is scaled
+up to the height Tesseract reads best before the real recognition.
 
 ``tesserocr`` and Pillow are an optional extra: nothing here imports them until the engine is
 used, and ``Engine.problem`` says, in words an operator can act on, why the engine cannot run.
