@@ -525,3 +525,28 @@ async def test_cli_describe(
     args = ["describe", "https://example.com/a.png", "--config", str(cfg)]
     code, out, err = await asyncio.to_thread(run, args)
     assert code == 1 and "could not be analysed" in out and "fetch_images" in err
+
+
+async def test_alias_is_configurable_and_ocr_timeout_applies(
+    make_proxy: ProxyFactory, fake: FakeOpenAI
+) -> None:
+    ocr = {"local_alias": "tesseract", "timeout_s": 0.02, "on_error": "fail"}
+    proxy = await make_proxy(ocr=ocr)
+    shot = data_url(encode(dark_screenshot()[0]))
+    body = chat("gpt-3.5-turbo-ocr", "Read", image_part(shot), ocr_model="tesseract")
+    resp = await proxy.post("/v1/chat/completions", json=body)
+    error = (await resp.json())["error"]
+    assert resp.status == 502 and error["code"] == "ocr_failed"
+    assert "the local OCR engine did not finish within 0.02 s" in error["message"]
+    assert fake.ocr_calls == [] and fake.chat_requests == []
+
+
+def test_the_proxy_does_not_load_the_engine_until_asked() -> None:
+    import subprocess
+
+    code = (
+        "import sys, ocrproxy.app, ocrproxy.cli; "
+        "assert 'tesserocr' not in sys.modules and 'PIL' not in sys.modules, sys.modules.keys()"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=30)
