@@ -164,6 +164,28 @@ async def test_reads_fonts_and_sizes(engine: local.Engine, name: str | None, siz
     assert cer(PARAGRAPHS, text) <= 0.02, text
 
 
+async def test_reads_bold_and_slanted_text(engine: local.Engine) -> None:
+    """Styles made from Pillow's own font, so that they exist on every machine."""
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    face = font(24)
+    box = probe.multiline_textbbox((0, 0), PARAGRAPHS, font=face, spacing=8, stroke_width=1)
+    bold = Image.new("RGB", (box[2] + 80, box[3] + 80), "white")
+    ImageDraw.Draw(bold).multiline_text(
+        (40, 40), PARAGRAPHS, font=face, fill="black", spacing=8, stroke_width=1
+    )
+    assert cer(PARAGRAPHS, await read(engine, encode(bold))) <= 0.02
+    upright = render(PARAGRAPHS, face)
+    shear = 0.2  # tops lean right by about 11 degrees, like an oblique face
+    slanted = upright.transform(
+        (upright.width + int(shear * upright.height), upright.height),
+        Image.Transform.AFFINE,
+        (1, shear, -shear * upright.height, 0, 1, 0),
+        resample=Image.Resampling.BICUBIC,
+        fillcolor="white",
+    )
+    assert cer(PARAGRAPHS, await read(engine, encode(slanted))) <= 0.03
+
+
 async def test_keeps_lines_and_paragraphs(engine: local.Engine) -> None:
     text = await read(engine, encode(render(PARAGRAPHS, font(24))))
     first, _, second = text.partition("\n\n")
