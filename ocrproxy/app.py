@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from . import config, handlers, logs, upstream
+from . import config, handlers, local, logs, upstream
 from .cache import DescriptionCache, MemoryLRU
 from .describe import Describer
 from .errors import NotFound, ProxyError, Unauthorized
@@ -185,13 +185,17 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     cache = DescriptionCache(MemoryLRU(cfg.cache.max_entries, cfg.cache.max_bytes, cfg.cache.ttl_s))
     app[handlers.SESSION] = session
     app[handlers.CACHE] = cache
+    engine = local.Engine(cfg.ocr.local)
     app[handlers.DESCRIBER] = Describer(
-        session, app[handlers.ROUTER], cfg.ocr, cache, _secrets(cfg)
+        session, app[handlers.ROUTER], cfg.ocr, cache, _secrets(cfg), engine
     )
+    if cfg.ocr.model == cfg.ocr.local_alias and (problem := engine.problem()):
+        local.log.warning("the default OCR model is the local engine, which can't run: %s", problem)
     try:
         yield
     finally:
         await cache.close()
+        engine.close()
         await session.close()
 
 

@@ -29,6 +29,7 @@ DEFAULT_SUFFIX = "-ocr"
 DEFAULT_MAX_IMAGES = 64
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+DEFAULT_LOCAL_ALIAS = "local"
 
 DEFAULT_PROMPT = """\
 You are the eyes of a language model that cannot see images. Your description will replace this \
@@ -77,8 +78,19 @@ class Upstream(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     read_timeout_s: float = 600.0
 
 
+class OcrLocal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The built-in Tesseract engine (``ocrproxy.local``), used when the OCR model is the alias."""
+
+    languages: tuple[str, ...] = ("eng",)
+    tessdata_path: str = ""  # empty: $TESSDATA_PREFIX, else Debian's tessdata directory
+    threads: int = 0  # 0: one per CPU
+    max_side: int = 2500
+    timeout_s: float = 20.0
+
+
 class Ocr(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     model: str = DEFAULT_OCR_MODEL
+    local_alias: str = DEFAULT_LOCAL_ALIAS
     suffix: str = DEFAULT_SUFFIX
     prompt: str = DEFAULT_PROMPT
     max_tokens: int = 1500
@@ -96,6 +108,7 @@ class Ocr(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_images: int = DEFAULT_MAX_IMAGES
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    local: OcrLocal = OcrLocal()
 
 
 class Cache(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -199,6 +212,7 @@ def validate(cfg: Config) -> Config:
                 f"`$.ocr.allow_private_hosts[{i}]` must be a hostname or an IP network "
                 f"(CIDR), not {entry!r}"
             )
+    _validate_local(cfg.ocr)
     if cfg.cache.max_entries < 0 or cfg.cache.max_bytes < 0 or cfg.cache.ttl_s <= 0:
         raise ConfigError("`$.cache` limits must be non-negative and ttl_s positive")
     if any(not k for k in cfg.auth.keys):
@@ -211,6 +225,29 @@ def validate(cfg: Config) -> Config:
             "Set [auth] keys, or listen on 127.0.0.1 behind a proxy that authenticates."
         )
     return cfg
+
+
+_LANGUAGE = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def _validate_local(ocr: Ocr) -> None:
+    if not ocr.local_alias:
+        raise ConfigError("`$.ocr.local_alias` must not be empty")
+    local = ocr.local
+    if not local.languages:
+        raise ConfigError("`$.ocr.local.languages` must name at least one language")
+    for i, language in enumerate(local.languages):
+        if not _LANGUAGE.match(language):
+            raise ConfigError(
+                f"`$.ocr.local.languages[{i}]` must be a Tesseract language name such as "
+                f"`eng` or `chi_sim`, not {language!r}"
+            )
+    if local.threads < 0:
+        raise ConfigError("`$.ocr.local.threads` must be 0 (one per CPU) or more")
+    if local.max_side < 256:
+        raise ConfigError("`$.ocr.local.max_side` must be at least 256")
+    if local.timeout_s <= 0:
+        raise ConfigError("`$.ocr.local.timeout_s` must be positive")
 
 
 def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:

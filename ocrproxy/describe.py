@@ -6,26 +6,31 @@ single-flight), and only a miss calls the OCR model: a non-streaming request wit
 prompt and the image, bounded ``max_tokens``, under a global semaphore (``max_concurrency``) and a
 per-call timeout. A failure never escapes as an exception unless the policy is ``fail``: under
 ``placeholder`` the image gets a short note saying it could not be analysed.
+
+The OCR model named by ``[ocr] local_alias`` is not called over HTTP: the built-in Tesseract
+engine (``local.py``) reads the image's text instead, through the same cache (its key names the
+engine, its version and languages) and into the same reference block, at no token cost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import hashlib
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
 import msgspec
 
-from . import config, upstream
+from . import config, local, upstream
 from .cache import Description, DescriptionCache
-from .errors import OcrFailed
-from .images import Image
+from .errors import BadRequest, OcrFailed
+from .images import Image, decode_data_url
 from .logs import redact
 from .schema import encoder, ocr_response_decoder
 
@@ -114,8 +119,10 @@ class Describer:
         settings: config.Ocr,
         cache: DescriptionCache,
         secrets: tuple[str, ...] = (),
+        engine: local.Engine | None = None,
     ) -> None:
         self.session = session
+        self.engine = engine
         self.router = router
         self.settings = settings
         self.cache = cache
@@ -132,6 +139,15 @@ class Describer:
         h.update(image_digest)
         return h.digest()
 
+    def check_model(self, model: str) -> None:
+        """Refuse an OCR model before any work: 404 if unrouted, 400 if the engine can't run."""
+        if model != self.settings.local_alias:
+            self.router.route(model)
+            return
+        problem = self.engine.problem() if self.engine else local.INSTALL_HINT
+        if problem is not None:
+            raise BadRequest(problem, code="ocr_model_unavailable")
+
     async def describe_all(
         self, images: list[Image], model: str, client_headers: Mapping[str, str]
     ) -> OcrReport:
@@ -140,13 +156,22 @@ class Describer:
         distinct: dict[bytes, Image] = {}
         for image in images:
             distinct.setdefault(image.digest, image)
-        up = self.router.route(model)
-        auth = upstream.auth_header(client_headers, up)
+        create: Callable[[Image], Awaitable[Description]]
+        if model == self.settings.local_alias:
+            self.check_model(model)
+            assert self.engine is not None
+            key_model = f"{model}\0{self.engine.cache_tag()}"
+            create = functools.partial(self._read, model=model)
+        else:
+            up = self.router.route(model)
+            auth = upstream.auth_header(client_headers, up)
+            key_model = model
+            create = functools.partial(self._call, model=model, up=up, auth=auth)
         outcomes: dict[bytes, Outcome] = {}
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [
-                    group.create_task(self._one(image, model, up, auth))
+                    group.create_task(self._one(image, model, key_model, create))
                     for image in distinct.values()
                 ]
         except BaseExceptionGroup as group_error:
@@ -158,15 +183,17 @@ class Describer:
         return OcrReport(model, outcomes, (time.monotonic() - started) * 1000)
 
     async def _one(
-        self, image: Image, model: str, up: config.Upstream, auth: str | None
+        self,
+        image: Image,
+        model: str,
+        key_model: str,
+        create: Callable[[Image], Awaitable[Description]],
     ) -> Outcome:
         if image.error is not None:  # a remote image that could not be fetched
             return Outcome(image.digest, None, False, image.error)
-        key = self.key(model, image.digest)
+        key = self.key(key_model, image.digest)
         try:
-            description, cached = await self.cache.get_or_create(
-                key, lambda: self._call(image, model, up, auth)
-            )
+            description, cached = await self.cache.get_or_create(key, lambda: create(image))
         except OcrError as exc:
             log.warning(
                 "OCR failed for %s: %s",
@@ -279,6 +306,41 @@ class Describer:
                 ) from None
             except aiohttp.ClientError as exc:
                 raise OcrError(f"the OCR call failed ({type(exc).__name__})") from None
+
+    async def _read(self, image: Image, model: str) -> Description:
+        """The local engine's reading of one image (the OCR model is the local alias)."""
+        assert self.engine is not None
+        if not image.is_data:
+            raise OcrError(
+                "the local OCR engine does not fetch remote images unless [ocr] fetch_images is "
+                "enabled; send the image as a data: URL"
+            )
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.settings.timeout_s):
+                text = await self.engine.recognize(
+                    functools.partial(decode_data_url, image.url, image.where)
+                )
+        except TimeoutError:
+            limit = self.settings.timeout_s
+            raise OcrError(f"the local OCR engine did not finish within {limit:g} s") from None
+        except local.RecognitionError as exc:
+            raise OcrError(f"the local OCR engine failed: {exc}") from None
+        except local.Unavailable as exc:
+            raise BadRequest(str(exc), code="ocr_model_unavailable") from None
+        log.debug(
+            "local OCR done",
+            extra={
+                "fields": {
+                    "ocr_model": model,
+                    "image": image.digest.hex()[:16],
+                    "image_bytes": image.size,
+                    "ms": round((time.monotonic() - started) * 1000, 1),
+                    "chars": len(text),
+                }
+            },
+        )
+        return Description(text=local.as_description(self.engine.name, text), model=model)
 
     def _reason(self, payload: bytes) -> str:
         """A short, redacted reason from an upstream error body."""

@@ -175,7 +175,7 @@ async def ocr_chat(
     trace = request[TRACE]
     trace.real_model, trace.ocr_model = real_model, ocr_model
     up = request.app[ROUTER].route(real_model)
-    request.app[ROUTER].route(ocr_model)  # an unknown OCR model is a 404 before any work
+    request.app[DESCRIBER].check_model(ocr_model)  # 404 unknown, 400 unavailable: before work
     scan = images.scan(obj["messages"])
     await images.identify(scan.images, cfg.ocr)
     stream = _field(obj, "stream") is True

@@ -212,7 +212,7 @@ def _refusal(image: Image, exc: FetchError) -> ProxyError:
 
 
 def _adopt(image: Image, fetched: Fetched) -> None:
-    image.url = fetched.data_url()
+    image.url, image.is_data = fetched.data_url(), True  # from here on, it is a data URL
     image.size = len(fetched.data)
     image.digest = hashlib.sha256(fetched.data).digest()
 
@@ -257,7 +257,8 @@ async def _fetch_all(
         else:
             _adopt(first, result)
         for image in by_url[url][1:]:
-            image.url, image.size, image.digest = first.url, first.size, first.digest
+            image.url, image.is_data = first.url, True
+            image.size, image.digest = first.size, first.digest
 
 
 async def identify(images: list[Image], settings: config.Ocr = _DEFAULTS) -> None:

@@ -3,11 +3,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 import msgspec
@@ -119,3 +120,18 @@ def chat(model: str, *content: Any, **extra: Any) -> dict[str, Any]:
 
 def encode(obj: Any) -> bytes:
     return msgspec.json.encode(obj)
+
+
+def missing(reason: str) -> NoReturn:
+    """Skip a test that needs something this machine lacks; under CI (``$CI`` set), fail it."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}, and CI is set: install it rather than skip")
+    pytest.skip(reason)
+
+
+def require_binary(name: str) -> str:
+    """The path of a system program, or skip (fail under CI) when it is not installed."""
+    path = shutil.which(name)
+    if path is None:
+        missing(f"`{name}` is not installed")
+    return path

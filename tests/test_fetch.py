@@ -11,6 +11,7 @@ import asyncio
 import base64
 import gzip
 import ipaddress
+import logging
 import socket
 import ssl
 import time
@@ -756,3 +757,63 @@ async def test_remote_images_of_one_request_share_a_byte_budget(
     failed = content.count("could not be analysed")
     # Downloads run concurrently, so which ones cross the line first is up to the scheduler.
     assert failed >= 1 and len(fake.ocr_calls) + failed == 3 and len(fake.ocr_calls) <= 2
+
+
+async def test_local_engine_reads_a_fetched_remote_image(
+    make_proxy: Any, fake: FakeOpenAI, aiohttp_server: Any
+) -> None:
+    # The built-in Tesseract engine cannot download anything: with fetching on, a remote image
+    # reaches it as bytes, and is read like an inline one.
+    from ocrproxy import local
+    from tests.conftest import missing
+    from tests.test_local import PARAGRAPHS, cer, encode, font, render
+
+    problem = local.Engine(config.OcrLocal()).problem()
+    if problem is not None:
+        missing(problem)
+    scan = encode(render(PARAGRAPHS, font(22)))
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(body=scan, content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/scan.png", serve)
+    server: TestServer = await aiohttp_server(app)
+    proxy = await make_proxy(
+        ocr={"model": "local", "allow_private_hosts": ["127.0.0.1"], "allowed_ports": [server.port]}
+    )
+    url = f"http://127.0.0.1:{server.port}/scan.png?sig=1"
+    r = await proxy.post(URL, json=chat("gpt-3.5-turbo-ocr", "Summarise", image_part(url)))
+    assert r.status == 200, await r.text()
+    assert fake.ocr_calls == []
+    sent = fake.chat_requests[-1].json()["messages"][0]["content"]
+    transcript = sent.split("TEXT:\n", 1)[1].split("\nDESCRIPTION:", 1)[0]
+    assert cer(PARAGRAPHS, transcript) <= 0.02, transcript
+
+
+async def test_cli_describe_fetches_like_the_proxy(
+    images: ImageServer, fake: FakeOpenAI, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ocrproxy import cli
+
+    logger = logging.getLogger("ocrproxy")  # `describe` sets up logging for the process
+    saved = logger.handlers[:], logger.level, logger.propagate
+    cfg = tmp_path / "ocrproxy.toml"
+    cfg.write_text(
+        f'[[upstreams]]\nbase_url = "{fake.url}"\n[ocr]\nmodel = "vision-1"\n'
+        f'allow_private_hosts = ["127.0.0.1"]\nallowed_ports = [80, 443, {images.port}]\n'
+    )
+
+    def run(url: str) -> tuple[int, str, str]:
+        code = cli.main(["describe", url, "--config", str(cfg)])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    try:
+        code, out, _ = await asyncio.to_thread(run, images.url("/ok.png?sig=1"))
+        assert code == 0 and "A picture showing cat." in out
+        assert [r[0] for r in images.requests] == ["ok.png"]
+        code, out, err = await asyncio.to_thread(run, "http://169.254.169.254/latest/meta-data/")
+        assert code == 1 and "non-public" in err and "could not be analysed" in out
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
