@@ -21,8 +21,8 @@ Theory of operation: a client may name any URL, so every URL is treated as hosti
   ``Content-Encoding`` other than identity is refused, so a gzip bomb is never inflated.
 - The body is streamed under a byte cap that aborts the download as soon as it is crossed (per
   image, and a ``Budget`` for all the images of one request), and under connect, idle-read and
-  total timeouts. It must be served as ``image/*`` and its magic
-  bytes and header dimensions must pass ``sniff.inspect``.
+  total timeouts. It must be served as ``image/*``, and its magic bytes and header dimensions
+  must pass ``sniff.inspect``: checked on the first bytes, so a bomb is dropped at its header.
 
 Error messages are shown to clients, so they name the rule that refused the URL and never a
 resolved address, an internal host name or a socket error's text; those go to the debug log.

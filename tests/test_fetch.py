@@ -138,6 +138,8 @@ class ImageServer:
             return response
         if name == "endless.png":
             return await self.endless(request)
+        if name == "huge-endless.png":
+            return await self.endless(request, png_header(60000, 60000))
         if name == "slow-headers.png":
             await asyncio.sleep(10)
         if name == "slow-body.png":
@@ -162,10 +164,10 @@ class ImageServer:
             raise web.HTTPFound("ftp://images.test/ok.png")
         raise web.HTTPNotFound()
 
-    async def endless(self, request: web.Request) -> web.StreamResponse:
+    async def endless(self, request: web.Request, head: bytes = IMAGE) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "image/png"})
         await response.prepare(request)
-        chunk = IMAGE + b"\0" * (64 * 1024 - len(IMAGE))
+        chunk = head + b"\0" * (64 * 1024 - len(head))
         try:
             while self.sent < BIG:
                 await response.write(chunk)
@@ -489,6 +491,16 @@ async def test_oversized_stream_is_cut_off_while_streaming(
     assert time.monotonic() - started < 5
     await asyncio.wait_for(images.aborted.wait(), 5)  # the server saw the connection dropped
     assert images.sent < BIG // 4
+
+
+async def test_huge_dimensions_stop_the_download_at_the_header(
+    images: ImageServer, make_fetcher: FetcherFactory
+) -> None:
+    fetcher = make_fetcher(trusted(), allow_private_hosts=("images.test",))  # 20 MiB cap
+    with pytest.raises(FetchRefused, match="60000x60000"):
+        await fetcher.fetch(images.url("/huge-endless.png", host="images.test"))
+    await asyncio.wait_for(images.aborted.wait(), 5)
+    assert images.sent < 20 * 1024 * 1024  # dropped long before the byte cap
 
 
 async def test_declared_oversize_is_refused_before_reading_the_body(
