@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from . import config, handlers, logs, upstream
+from . import config, handlers, logs, tiers, upstream
 from .cache import DescriptionCache, MemoryLRU
 from .describe import Describer
 from .errors import NotFound, ProxyError, Unauthorized
@@ -136,7 +136,11 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
         trust_env=False,
         skip_auto_headers=("Accept-Encoding",),
     )
-    cache = DescriptionCache(MemoryLRU(cfg.cache.max_entries, cfg.cache.max_bytes, cfg.cache.ttl_s))
+    tier = tiers.open_tier(cfg.cache, cfg.ocr.timeout_s)
+    if isinstance(tier, tiers.SqliteTier):
+        await tier.open()
+    lru = MemoryLRU(cfg.cache.max_entries, cfg.cache.max_bytes, cfg.cache.ttl_s)
+    cache = DescriptionCache(lru, tier)
     secrets = cfg.auth.keys + tuple(up.api_key for up in cfg.upstreams if up.api_key)
     app[handlers.SESSION] = session
     app[handlers.CACHE] = cache

@@ -63,3 +63,17 @@ def chat(model: str, *content: Any, **extra: Any) -> dict[str, Any]:
 
 def encode(obj: Any) -> bytes:
     return msgspec.json.encode(obj)
+
+
+def require_binary(name: str) -> str:
+    """The path of system binary ``name``; skip the test if it is missing, fail under CI."""
+    import os
+    import shutil
+
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if path is None:
+        message = f"{name} is not installed (apt-get install the package that provides it)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI must run this test")
+        pytest.skip(message)
+    return path
