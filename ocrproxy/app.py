@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from . import config, handlers, logs, tiers, upstream
+from . import config, handlers, logs, metrics, tiers, upstream
 from .cache import DescriptionCache, MemoryLRU
 from .describe import Describer
 from .errors import NotFound, ProxyError, Unauthorized
@@ -140,11 +140,12 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     if isinstance(tier, tiers.SqliteTier):
         await tier.open()
     lru = MemoryLRU(cfg.cache.max_entries, cfg.cache.max_bytes, cfg.cache.ttl_s)
-    cache = DescriptionCache(lru, tier)
+    cache = DescriptionCache(lru, tier, on_lookup=app[metrics.METRICS].cache_lookup)
     secrets = cfg.auth.keys + tuple(up.api_key for up in cfg.upstreams if up.api_key)
     app[handlers.SESSION] = session
     app[handlers.CACHE] = cache
     app[handlers.DESCRIBER] = Describer(session, app[handlers.ROUTER], cfg.ocr, cache, secrets)
+    app[handlers.DESCRIBER].on_call = app[metrics.METRICS].ocr_call
     try:
         yield
     finally:
@@ -154,7 +155,9 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(cfg: config.Config) -> web.Application:
     """The proxy as an aiohttp Application, ready for ``web.run_app`` or a test client."""
-    app = web.Application(client_max_size=cfg.server.max_body_bytes, middlewares=[middleware])
+    app = web.Application(
+        client_max_size=cfg.server.max_body_bytes, middlewares=[middleware, metrics.middleware]
+    )
     app[handlers.CONFIG] = cfg
     app[handlers.ROUTER] = upstream.Router(cfg.upstreams)
     app.cleanup_ctx.append(_state)
@@ -163,4 +166,5 @@ def create_app(cfg: config.Config) -> web.Application:
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_route("*", "/v1/{tail:.*}", handlers.passthrough)
     app.router.add_get("/healthz", handlers.healthz)
+    metrics.install(app)
     return app
