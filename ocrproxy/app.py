@@ -104,6 +104,8 @@ def _access_log(
     fields = {
         "method": request.method,
         "route": request.path,
+        "remote": request.remote,
+        "forwarded_for": request.headers.get("X-Forwarded-For"),
         "status": status,
         "model": trace.model,
         "real_model": trace.real_model,
