@@ -11,6 +11,7 @@ Rules:
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import re
@@ -202,6 +203,10 @@ def _validate_deploy(cfg: Config) -> None:
         raise ConfigError(
             "`$.cache.redis_url` must be a redis://, rediss:// or unix:// URL "
             'when `$.cache.backend` is "redis"'
+        )
+    if cache.backend == "redis" and importlib.util.find_spec("redis") is None:
+        raise ConfigError(
+            '`$.cache.backend` "redis" needs the redis package: pip install "ocrproxy[redis]"'
         )
     if cache.redis_timeout_s <= 0:
         raise ConfigError("`$.cache.redis_timeout_s` must be positive")

@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -187,7 +188,7 @@ class Supervisor:
         while pending and not self.stopping:
             try:
                 pending.discard(self.ready.get(timeout=0.2))
-            except Exception:  # queue.Empty
+            except queue.Empty:
                 pass
             if any(p.exitcode is not None for p in self.workers):
                 raise SystemExit("ocrproxy: a worker failed to start (see its log above)")

@@ -177,7 +177,7 @@ class SqliteTier:
 
         if self._conn is not None:
             await self._run(shut)
-        self._thread.shutdown(wait=True)
+        self._thread.shutdown(wait=False)  # idle now: the connection is closed
 
 
 def _decode(data: bytes | None, tier: str) -> Description | None:

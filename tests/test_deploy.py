@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -221,3 +223,71 @@ async def test_nginx_forwards_request_id_and_client_address(
         assert access[rid]["route"] == "/v1/models"
     nginx_log = (tmp_path / "nginx" / "access.log").read_text()
     assert f"rid={minted}" in nginx_log  # both logs carry the same id
+
+
+def workers_of(pid: int) -> set[int]:
+    """The worker processes of supervisor ``pid`` (not multiprocessing's resource tracker)."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    found = set()
+    for child in map(int, text.split()):
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.add(child)
+        except FileNotFoundError:
+            pass
+    return found
+
+
+async def test_workers_share_the_sqlite_tier_and_a_dead_worker_is_replaced(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    port, metrics_port = free_port(), free_port()
+    toml = proxy_toml(
+        fake.url,
+        port,
+        server=f"metrics_port = {metrics_port}\n",
+        cache=f'backend = "sqlite"\npath = "{tmp_path / "state" / "cache.sqlite3"}"\n',
+    )
+    proc = ProxyProcess(tmp_path, toml, "--workers", "2")
+    await proc.start()
+    url, side = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}"
+    try:
+        for i in range(12):  # new connections, spread over both workers
+            async with aiohttp.ClientSession() as session:
+                async with session.post(
+                    url + "/v1/chat/completions", json=chat_with_image("shared")
+                ) as resp:
+                    assert resp.status == 200
+                    assert resp.headers["X-OCR-Cache-Hits"] == ("0" if i == 0 else "1")
+        assert fake.ocr_calls == ["shared"]  # one OCR call for both workers
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url + "/metrics") as resp:
+                assert resp.status == 404  # only on the metrics port
+            async with session.get(side + "/readyz") as resp:
+                assert await resp.json() == {
+                    "status": "ready",
+                    "cache": {"backend": "sqlite", "reachable": True},
+                }
+            async with session.get(side + "/metrics") as resp:
+                text = await resp.text()
+        # the worker that did not pay found the description in the shared file
+        assert 'ocrproxy_cache_lookups_total{result="hit",tier="sqlite"}' in text
+
+        assert proc.proc is not None
+        before = workers_of(proc.proc.pid)
+        assert len(before) == 2
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        async with asyncio.timeout(15):
+            while True:
+                now = workers_of(proc.proc.pid)
+                if victim not in now and len(now) == 2:
+                    break
+                await asyncio.sleep(0.1)
+        assert f"worker {victim} exited with -9; starting another" in proc.log
+        for _ in range(6):
+            async with aiohttp.ClientSession() as session:
+                async with session.get(url + "/healthz") as resp:
+                    assert resp.status == 200
+    finally:
+        assert await proc.stop() == 0
