@@ -109,6 +109,8 @@ def _run_worker(
     logs.setup(cfg.server.log_level)
     _event_loop_policy()
     asyncio.run(_serve(cfg, reuse_port, ready, stopping))
+    # Drained and about to exit: a repeated SIGTERM must not turn a clean exit into a kill.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _worker_main(cfg: config.Config, ready: Any) -> None:

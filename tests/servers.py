@@ -146,6 +146,12 @@ class ProxyProcess:
                 out.append(orjson.loads(line))
         return out
 
+    async def exited(self, timeout: float = 20.0) -> int:
+        """Wait for the process to exit by itself; its return code."""
+        assert self.proc is not None
+        async with asyncio.timeout(timeout):
+            return await self.proc.wait()
+
     async def stop(self, timeout: float = 40.0) -> int:
         assert self.proc is not None
         if self.proc.returncode is None:

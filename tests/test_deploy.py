@@ -123,7 +123,7 @@ async def test_ready_is_notified_once_listening_and_sigterm_drains(
         assert resp.status == 200  # drained, not cut
         assert "A picture showing slow." in (await resp.json())["choices"][0]["message"]["content"]
         resp.release()
-    assert await served.stop() == 0
+    assert await served.exited() == 0
 
 
 def chat_with_image(label: str, size: int = 0, **extra: Any) -> dict[str, Any]:

@@ -336,3 +336,19 @@ async def test_readyz_reports_the_tier(
     resp = await bad.get("/readyz")
     assert resp.status == 503
     assert (await resp.json())["cache"] == {"backend": "redis", "reachable": False}
+
+
+async def test_failed_ocr_call_releases_the_redis_claim(
+    make_proxy: ProxyFactory,
+    fake: FakeOpenAI,
+    redis_port: int,
+    redis_client: aioredis.Redis,
+) -> None:
+    fake.ocr_fail = {"bad"}
+    settings = {"backend": "redis", "redis_url": f"redis://127.0.0.1:{redis_port}/0"}
+    proxy = await make_proxy(cache=settings)
+    resp = await proxy.post("/v1/chat/completions", json=ocr_request("bad"))
+    assert resp.status == 200  # placeholder policy
+    assert fake.ocr_calls == ["bad"]
+    assert await redis_client.keys("ocrproxy:lock:*") == []  # nobody waits for a dead claim
+    assert await redis_client.keys("ocrproxy:d:*") == []  # and a failure is not cached
