@@ -108,7 +108,11 @@ def _run_worker(
 ) -> None:
     logs.setup(cfg.server.log_level)
     _event_loop_policy()
-    asyncio.run(_serve(cfg, reuse_port, ready, stopping))
+    try:
+        asyncio.run(_serve(cfg, reuse_port, ready, stopping))
+    except OSError as exc:  # the port is taken, the address is not ours...
+        log.error("cannot listen: %s", exc)
+        raise SystemExit(1) from None
     # Drained and about to exit: a repeated SIGTERM must not turn a clean exit into a kill.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -122,10 +126,11 @@ def serve(cfg: config.Config) -> None:
     """Run until SIGTERM/SIGINT, with ``cfg.server.workers`` processes."""
     logs.setup(cfg.server.log_level)
     log.info(
-        "ocrproxy %s listening on http://%s:%d (%d worker(s), %d upstream(s), OCR model %s)",
+        "ocrproxy %s starting on http://%s:%d (%s, %d worker(s), %d upstream(s), OCR model %s)",
         __version__,
         cfg.server.host,
         cfg.server.port,
+        _event_loop_policy(),
         cfg.server.workers,
         len(cfg.upstreams),
         cfg.ocr.model,

@@ -8,6 +8,7 @@ import io
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -291,3 +292,24 @@ async def test_workers_share_the_sqlite_tier_and_a_dead_worker_is_replaced(
                     assert resp.status == 200
     finally:
         assert await proc.stop() == 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_taken_port_is_a_clear_failure(workers: str, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config_file = tmp_path / "c.toml"
+        config_file.write_text(proxy_toml("http://127.0.0.1:9/v1", port))
+        result = subprocess.run(
+            [sys.executable, "-m", "ocrproxy", "serve", "--config", str(config_file)]
+            + ["--workers", workers],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    assert result.returncode == 1
+    assert "cannot listen" in result.stderr and "address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
