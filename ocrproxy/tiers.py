@@ -8,7 +8,7 @@ request id) and treated as a miss, and the request goes on with the memory tier 
   dedicated thread that owns the connection, so the event loop never blocks on disk. WAL mode
   and a busy timeout let several worker processes share the file. The table is bounded:
   expired rows and, past ``max_entries``, the least recently used ones are deleted as new rows
-  arrive.
+  arrive. "Recently used" is kept to ``touch_after_s``, so most reads take no write lock.
 - ``RedisTier`` is shared by every instance. Values carry a TTL. On a miss, ``get`` *claims*
   the key with a short lock (``SET NX PX``) so other instances wait for this one's answer
   instead of paying for the same image; a waiter polls until the value appears, the claim is
@@ -65,12 +65,14 @@ class SqliteTier:
         *,
         busy_timeout_s: float = 5.0,
         evict_every: int = 64,
+        touch_after_s: float = 600.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
         self.max_entries = max_entries
         self.busy_timeout_s = busy_timeout_s
         self.evict_every = evict_every
+        self.touch_after_s = touch_after_s
         self._clock = clock
         self._writes = 0
         self._conn: sqlite3.Connection | None = None
@@ -106,11 +108,12 @@ class SqliteTier:
 
         def read(conn: sqlite3.Connection) -> bytes | None:
             row = conn.execute(
-                "SELECT value FROM descriptions WHERE key = ? AND expires > ?", (key, now)
+                "SELECT value, used FROM descriptions WHERE key = ? AND expires > ?", (key, now)
             ).fetchone()
             if row is None:
                 return None
-            conn.execute("UPDATE descriptions SET used = ? WHERE key = ?", (now, key))
+            if row[1] < now - self.touch_after_s:  # a read rarely needs the write lock
+                conn.execute("UPDATE descriptions SET used = ? WHERE key = ?", (now, key))
             return bytes(row[0])
 
         try:

@@ -75,7 +75,9 @@ async def test_sqlite_roundtrip_survives_reopen(tmp_path: Path) -> None:
 
 async def test_sqlite_expiry_and_eviction(tmp_path: Path) -> None:
     now = [1000.0]
-    tier = SqliteTier(str(tmp_path / "c.db"), max_entries=3, evict_every=1, clock=lambda: now[0])
+    tier = SqliteTier(
+        str(tmp_path / "c.db"), max_entries=3, evict_every=1, touch_after_s=0, clock=lambda: now[0]
+    )
     await tier.set(b"old", D, ttl_s=10)
     now[0] += 11
     assert await tier.get(b"old") is None  # expired
@@ -120,6 +122,22 @@ async def test_sqlite_locked_file_does_not_block_the_event_loop(tmp_path: Path) 
     assert ticks >= 20  # the loop kept running while the write waited
     await tier.set(b"k", D, ttl_s=60)
     assert await tier.get(b"k") == D
+    await tier.close()
+
+
+async def test_sqlite_reads_go_on_while_another_process_writes(tmp_path: Path) -> None:
+    path = str(tmp_path / "c.db")
+    tier = SqliteTier(path, max_entries=100, busy_timeout_s=3)
+    await tier.set(b"k", D, ttl_s=60)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # holds the write lock
+    try:
+        started = time.monotonic()
+        assert await tier.get(b"k") == D
+        assert time.monotonic() - started < 0.5  # not the 3 s busy timeout
+    finally:
+        other.rollback()
+        other.close()
     await tier.close()
 
 
