@@ -313,3 +313,37 @@ def test_a_taken_port_is_a_clear_failure(workers: str, tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "cannot listen" in result.stderr and "address already in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_sigterm_to_the_supervisor_drains_every_worker(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    port = free_port()
+    metrics_dir = tmp_path / "metrics"
+    proc = ProxyProcess(tmp_path, proxy_toml(fake.url, port), "--workers", "2")
+    await proc.start(env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
+    fake.ocr_delay = 1.0
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    sessions = [aiohttp.ClientSession() for _ in range(10)]  # new connections: both workers
+    try:
+        loop = asyncio.get_running_loop()
+        pending = [
+            loop.create_task(s.post(url, json=chat_with_image(f"img{i}")))
+            for i, s in enumerate(sessions)
+        ]
+        await asyncio.sleep(0.5)  # every request is inside its OCR call
+        assert fake.ocr_active == 10
+        assert proc.proc is not None
+        proc.proc.send_signal(signal.SIGTERM)
+        responses = await asyncio.gather(*pending)
+        assert [r.status for r in responses] == [200] * 10
+        for r in responses:
+            r.release()
+        assert await proc.exited() == 0
+    finally:
+        for s in sessions:
+            await s.close()
+        await proc.stop()
+    assert proc.log.count("shutting down: draining") == 2
+    # both workers were serving (each counted requests) and both finished theirs
+    assert len({p.stem.split("_")[1] for p in metrics_dir.glob("counter_*.db")}) == 2
