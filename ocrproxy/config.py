@@ -59,6 +59,8 @@ class Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     shutdown_timeout: float = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    stall_warning_ms: float = 100.0  # warn when the event loop is blocked longer; 0 disables
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*": any)
     workers: int = 1
     metrics_port: int = 0  # 0: /metrics and /readyz on the main port, direct loopback clients only
     metrics_host: str = DEFAULT_HOST
@@ -85,6 +87,8 @@ class Ocr(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_concurrency: int = 32
     timeout_s: float = 60.0
     on_error: Literal["placeholder", "fail"] = "placeholder"
+    retries: int = 2
+    retry_backoff_s: float = 0.5
     keepalive_after_s: float = 3.0
     keepalive_interval_s: float = 5.0
 
@@ -167,6 +171,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("`$.ocr.model` must not be empty")
     if cfg.ocr.max_concurrency < 1:
         raise ConfigError("`$.ocr.max_concurrency` must be at least 1")
+    if cfg.ocr.retries < 0 or cfg.ocr.retry_backoff_s < 0:
+        raise ConfigError("`$.ocr.retries` and `$.ocr.retry_backoff_s` must not be negative")
     for key in ("timeout_s", "keepalive_after_s", "keepalive_interval_s"):
         if getattr(cfg.ocr, key) <= 0:
             raise ConfigError(f"`$.ocr.{key}` must be positive")

@@ -11,8 +11,10 @@ per-call timeout. A failure never escapes as an exception unless the policy is `
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hashlib
 import logging
+import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,8 +32,32 @@ from .schema import encoder, ocr_response_decoder
 log = logging.getLogger("ocrproxy.describe")
 
 
+# Statuses worth another try: rate limits and transient server trouble.
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+MAX_RETRY_AFTER = 10.0
+
+
 class OcrError(Exception):
     """Describing one image failed; the message is safe to log and to show."""
+
+
+class _Retryable(Exception):
+    """A failure before any answer (connection refused or reset): safe to try again."""
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 @dataclass(slots=True)
@@ -194,26 +220,29 @@ class Describer:
         if auth:
             headers["Authorization"] = auth
         body = self._body(image, model)
-        async with self.semaphore:
-            started = time.monotonic()
+        target = upstream.url(up, "chat/completions")
+        started = time.monotonic()
+        attempt = 0
+        while True:
             try:
-                async with asyncio.timeout(self.settings.timeout_s):
-                    async with self.session.post(
-                        upstream.url(up, "chat/completions"),
-                        data=body,
-                        headers=headers,
-                        allow_redirects=False,
-                    ) as resp:
-                        payload = await resp.read()
-                        status = resp.status
-            except TimeoutError:
-                limit = self.settings.timeout_s
-                raise OcrError(f"the OCR model did not answer within {limit:g} s") from None
-            except aiohttp.ClientError as exc:
-                raise OcrError(f"the OCR upstream is unreachable ({type(exc).__name__})") from None
-            ms = (time.monotonic() - started) * 1000
-        if status != 200:
-            raise OcrError(f"the OCR model answered HTTP {status}: {self._reason(payload)}")
+                status, payload, retry_after = await self._attempt(target, body, headers)
+            except _Retryable as exc:
+                error, retry_after = OcrError(str(exc)), None
+            else:
+                if status == 200:
+                    break
+                error = OcrError(f"the OCR model answered HTTP {status}: {self._reason(payload)}")
+                if status not in RETRY_STATUSES:
+                    raise error
+            if attempt >= self.settings.retries:
+                raise error
+            delay = self.settings.retry_backoff_s * (2**attempt) * random.uniform(0.5, 1.5)
+            if retry_after is not None:
+                delay = max(delay, min(retry_after, MAX_RETRY_AFTER))
+            attempt += 1
+            log.debug("OCR call retried", extra={"fields": {"reason": str(error), "delay": delay}})
+            await asyncio.sleep(delay)
+        ms = (time.monotonic() - started) * 1000
         try:
             answer = ocr_response_decoder.decode(payload)
         except msgspec.DecodeError:
@@ -241,6 +270,28 @@ class Describer:
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
         )
+
+    async def _attempt(
+        self, target: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes, float | None]:
+        """One HTTP call under the concurrency cap: (status, body, Retry-After seconds)."""
+        async with self.semaphore:
+            try:
+                async with asyncio.timeout(self.settings.timeout_s):
+                    async with self.session.post(
+                        target, data=body, headers=headers, allow_redirects=False
+                    ) as resp:
+                        payload = await resp.read()
+                        return resp.status, payload, _retry_after(resp.headers)
+            except TimeoutError:
+                limit = self.settings.timeout_s
+                raise OcrError(f"the OCR model did not answer within {limit:g} s") from None
+            except aiohttp.ClientConnectionError as exc:
+                raise _Retryable(
+                    f"the OCR upstream is unreachable ({type(exc).__name__})"
+                ) from None
+            except aiohttp.ClientError as exc:
+                raise OcrError(f"the OCR call failed ({type(exc).__name__})") from None
 
     def _reason(self, payload: bytes) -> str:
         """A short, redacted reason from an upstream error body."""
