@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from . import config, handlers, local, logs, upstream
+from . import config, handlers, local, logs, metrics, tiers, upstream
 from .cache import DescriptionCache, MemoryLRU
 from .describe import Describer
 from .errors import NotFound, ProxyError, Unauthorized
@@ -110,6 +110,8 @@ def _access_log(
     fields = {
         "method": request.method,
         "route": request.path,
+        "remote": request.remote,
+        "forwarded_for": request.headers.get("X-Forwarded-For"),
         "status": status,
         "model": trace.model,
         "real_model": trace.real_model,
@@ -182,7 +184,11 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
         trust_env=False,
         skip_auto_headers=("Accept-Encoding",),
     )
-    cache = DescriptionCache(MemoryLRU(cfg.cache.max_entries, cfg.cache.max_bytes, cfg.cache.ttl_s))
+    tier = tiers.open_tier(cfg.cache, cfg.ocr.timeout_s)
+    if isinstance(tier, tiers.SqliteTier):
+        await tier.open()
+    lru = MemoryLRU(cfg.cache.max_entries, cfg.cache.max_bytes, cfg.cache.ttl_s)
+    cache = DescriptionCache(lru, tier, on_lookup=app[metrics.METRICS].cache_lookup)
     app[handlers.SESSION] = session
     app[handlers.CACHE] = cache
     engine = local.Engine(cfg.ocr.local)
@@ -191,6 +197,7 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     )
     if cfg.ocr.model == cfg.ocr.local_alias and (problem := engine.problem()):
         local.log.warning("the default OCR model is the local engine, which can't run: %s", problem)
+    app[handlers.DESCRIBER].on_call = app[metrics.METRICS].ocr_call
     try:
         yield
     finally:
@@ -235,7 +242,9 @@ async def _watchdog(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(cfg: config.Config) -> web.Application:
     """The proxy as an aiohttp Application, ready for ``web.run_app`` or a test client."""
-    app = web.Application(client_max_size=cfg.server.max_body_bytes, middlewares=[middleware])
+    app = web.Application(
+        client_max_size=cfg.server.max_body_bytes, middlewares=[middleware, metrics.middleware]
+    )
     app[handlers.CONFIG] = cfg
     app[handlers.ROUTER] = upstream.Router(cfg.upstreams)
     app[handlers.SECRETS] = tuple(s.encode() for s in _secrets(cfg))
@@ -248,4 +257,5 @@ def create_app(cfg: config.Config) -> web.Application:
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_route("*", "/v1/{tail:.*}", handlers.passthrough)
     app.router.add_get("/healthz", handlers.healthz)
+    metrics.install(app)
     return app

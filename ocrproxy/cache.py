@@ -45,13 +45,22 @@ def load(data: bytes) -> Description:
 
 
 class Tier(Protocol):
-    """A shared or persistent store behind the memory LRU (sqlite, redis)."""
+    """A shared or persistent store behind the memory LRU (sqlite, redis).
+
+    A tier never raises: a failure is a miss. On a miss, ``get`` may *claim* the key for this
+    process (so other instances wait for its answer); the claim ends with ``set``, or with
+    ``release`` when the OCR call failed or was cancelled.
+    """
 
     name: str
 
     async def get(self, key: bytes) -> Description | None: ...
 
     async def set(self, key: bytes, value: Description, ttl_s: float) -> None: ...
+
+    async def release(self, key: bytes) -> None: ...
+
+    async def ping(self) -> bool: ...
 
     async def close(self) -> None: ...
 
@@ -127,6 +136,7 @@ class DescriptionCache:
     lru: MemoryLRU
     tier: Tier | None = None
     stats: CacheStats = field(default_factory=CacheStats)
+    on_lookup: Callable[[str, str], None] | None = None  # (tier, "hit"|"miss"|"join"), for metrics
     _flights: dict[bytes, _Flight] = field(default_factory=dict)
 
     @property
@@ -141,9 +151,11 @@ class DescriptionCache:
         hit = self.lru.get(key)
         if hit is not None:
             self.stats.hits += 1
+            self._count("memory", "hit")
             return hit, True
         flight = self._flights.get(key)
         joined = flight is not None
+        self._count("memory", "join" if joined else "miss")
         if flight is None:
             task = asyncio.get_running_loop().create_task(self._fill(key, create))
             flight = self._flights[key] = _Flight(task)
@@ -170,16 +182,26 @@ class DescriptionCache:
     ) -> tuple[Description, bool]:
         if self.tier is not None:
             stored = await self.tier.get(key)
+            self._count(self.tier.name, "miss" if stored is None else "hit")
             if stored is not None:
                 self.stats.tier_hits += 1
                 self.lru.put(key, stored)
                 return stored, True
         self.stats.misses += 1
-        value = await create()
+        try:
+            value = await create()
+        except BaseException:
+            if self.tier is not None:
+                await self.tier.release(key)
+            raise
         self.lru.put(key, value)
         if self.tier is not None:
             await self.tier.set(key, value, self.lru.ttl_s)
         return value, False
+
+    def _count(self, tier: str, result: str) -> None:
+        if self.on_lookup is not None:
+            self.on_lookup(tier, result)
 
     async def close(self) -> None:
         """Cancel every flight and close the tier."""

@@ -14,10 +14,8 @@ from pathlib import Path
 
 import aiohttp
 import orjson
-from aiohttp import web
 
-from . import __version__, config, images, local, logs, upstream
-from .app import create_app
+from . import __version__, config, images, local, logs, server, upstream
 from .cache import DescriptionCache, MemoryLRU
 from .describe import Describer
 from .errors import ProxyError
@@ -39,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default=os.environ.get("OCRPROXY_CONFIG"), help=config_help)
     serve.add_argument("--host", help="listen address (overrides [server] host)")
     serve.add_argument("--port", type=int, help="listen port (overrides [server] port)")
+    serve.add_argument(
+        "--workers", type=int, help="worker processes on one port (overrides [server] workers)"
+    )
     check = sub.add_parser("check-config", help="validate and print the effective config")
     check.add_argument("--config", default=os.environ.get("OCRPROXY_CONFIG"), help=config_help)
     describe = sub.add_parser(
@@ -50,39 +51,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     describe.add_argument("--config", default=os.environ.get("OCRPROXY_CONFIG"), help=config_help)
     return parser
-
-
-def _event_loop_policy() -> str:
-    try:
-        import uvloop
-    except ImportError:
-        return "asyncio"
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return "uvloop"
-
-
-def serve(cfg: config.Config) -> None:
-    """Run the proxy until SIGINT/SIGTERM, then drain for ``shutdown_timeout`` seconds."""
-    logs.setup(cfg.server.log_level)
-    loop_kind = _event_loop_policy()
-    log.info(
-        "ocrproxy %s listening on http://%s:%d (%s, %d upstream(s), OCR model %s)",
-        __version__,
-        cfg.server.host,
-        cfg.server.port,
-        loop_kind,
-        len(cfg.upstreams),
-        cfg.ocr.model,
-    )
-    web.run_app(
-        create_app(cfg),
-        host=cfg.server.host,
-        port=cfg.server.port,
-        shutdown_timeout=cfg.server.shutdown_timeout,
-        handler_cancellation=True,
-        access_log=None,
-        print=None,
-    )
 
 
 def _image_url(source: str) -> str:
@@ -147,9 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = config.load(args.config)
             logs.setup("error")
             return asyncio.run(describe(cfg, args.image, args.model or cfg.ocr.model))
-        cfg = config.load(args.config, host=args.host, port=args.port)
+        cfg = config.load(args.config, host=args.host, port=args.port, workers=args.workers)
     except config.ConfigError as exc:
         sys.stderr.write(f"ocrproxy: invalid configuration: {exc}\n")
         return 2
-    serve(cfg)
+    server.serve(cfg)
     return 0

@@ -11,6 +11,7 @@ Rules:
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import re
@@ -30,6 +31,7 @@ DEFAULT_MAX_IMAGES = 64
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 DEFAULT_LOCAL_ALIAS = "local"
+DEFAULT_CACHE_FILE = "descriptions.sqlite3"
 
 DEFAULT_PROMPT = """\
 You are the eyes of a language model that cannot see images. Your description will replace this \
@@ -63,6 +65,9 @@ class Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     stall_warning_ms: float = 100.0  # warn when the event loop is blocked longer; 0 disables
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*": any)
+    workers: int = 1
+    metrics_port: int = 0  # 0: /metrics and /readyz on the main port, direct loopback clients only
+    metrics_host: str = DEFAULT_HOST
 
 
 class Auth(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -115,6 +120,12 @@ class Cache(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_entries: int = 10_000
     max_bytes: int = 64 * 1024 * 1024
     ttl_s: float = 86_400.0
+    backend: Literal["memory", "sqlite", "redis"] = "memory"
+    path: str = ""  # sqlite file; default: $STATE_DIRECTORY (systemd) or ".", + DEFAULT_CACHE_FILE
+    tier_max_entries: int = 1_000_000
+    redis_url: str = ""
+    redis_prefix: str = "ocrproxy:"
+    redis_timeout_s: float = 0.5
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -215,6 +226,7 @@ def validate(cfg: Config) -> Config:
     _validate_local(cfg.ocr)
     if cfg.cache.max_entries < 0 or cfg.cache.max_bytes < 0 or cfg.cache.ttl_s <= 0:
         raise ConfigError("`$.cache` limits must be non-negative and ttl_s positive")
+    _validate_deploy(cfg)
     if any(not k for k in cfg.auth.keys):
         raise ConfigError("`$.auth.keys` must not contain an empty key")
     spends_money = any(up.api_key for up in cfg.upstreams)
@@ -250,6 +262,39 @@ def _validate_local(ocr: Ocr) -> None:
         raise ConfigError("`$.ocr.local.timeout_s` must be positive")
 
 
+def _validate_deploy(cfg: Config) -> None:
+    server, cache = cfg.server, cfg.cache
+    if server.workers < 1:
+        raise ConfigError("`$.server.workers` must be at least 1")
+    if not 0 <= server.metrics_port < 65536:
+        raise ConfigError("`$.server.metrics_port` must be between 0 (off) and 65535")
+    if server.metrics_port and server.metrics_port == server.port:
+        raise ConfigError("`$.server.metrics_port` must differ from `$.server.port`")
+    if cache.backend == "sqlite" and not cache.path:
+        raise ConfigError("`$.cache.path` must name the sqlite file")
+    if cache.tier_max_entries < 1:
+        raise ConfigError("`$.cache.tier_max_entries` must be at least 1")
+    if cache.backend == "redis" and not cache.redis_url.startswith(
+        ("redis://", "rediss://", "unix://")
+    ):
+        raise ConfigError(
+            "`$.cache.redis_url` must be a redis://, rediss:// or unix:// URL "
+            'when `$.cache.backend` is "redis"'
+        )
+    if cache.backend == "redis" and importlib.util.find_spec("redis") is None:
+        raise ConfigError(
+            '`$.cache.backend` "redis" needs the redis package: pip install "ocrproxy[redis]"'
+        )
+    if cache.redis_timeout_s <= 0:
+        raise ConfigError("`$.cache.redis_timeout_s` must be positive")
+
+
+def _default_cache_path(env: Mapping[str, str]) -> str:
+    # systemd's StateDirectory= sets STATE_DIRECTORY (colon-separated if several).
+    state = env.get("STATE_DIRECTORY", "").split(":")[0] or "."
+    return os.path.join(state, DEFAULT_CACHE_FILE)
+
+
 def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
     """Build a validated Config from parsed TOML (or any mapping)."""
     env = os.environ if env is None else env
@@ -260,6 +305,9 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         raise ConfigError(str(exc)) from None
     if not cfg.upstreams:
         cfg = msgspec.structs.replace(cfg, upstreams=(_default_upstream(env),))
+    if cfg.cache.backend == "sqlite" and not cfg.cache.path:
+        cache = msgspec.structs.replace(cfg.cache, path=_default_cache_path(env))
+        cfg = msgspec.structs.replace(cfg, cache=cache)
     return validate(cfg)
 
 
@@ -269,6 +317,7 @@ def load(
     env: Mapping[str, str] | None = None,
     host: str | None = None,
     port: int | None = None,
+    workers: int | None = None,
 ) -> Config:
     """Load the config file (or none), apply command-line overrides, validate."""
     env = os.environ if env is None else env
@@ -283,12 +332,10 @@ def load(
             raw = msgspec.toml.decode(text)
         except msgspec.DecodeError as exc:
             raise ConfigError(f"{p}: {exc}") from None
-    if host is not None or port is not None:
+    overrides = {"host": host, "port": port, "workers": workers}
+    if any(v is not None for v in overrides.values()):
         server = dict(raw.get("server", {}))
-        if host is not None:
-            server["host"] = host
-        if port is not None:
-            server["port"] = port
+        server.update({k: v for k, v in overrides.items() if v is not None})
         raw["server"] = server
     return from_mapping(raw, env)
 
@@ -299,10 +346,20 @@ def _mask(secret: str) -> str:
     return secret[:3] + "…" + ("*" * 4) if len(secret) > 8 else "****"
 
 
+def _mask_url(url: str) -> str:
+    """``redis://user:password@host`` with the password hidden."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':')[0]}:****@{host}"
+
+
 def masked(cfg: Config) -> dict[str, Any]:
     """The effective config as plain data, every secret masked, for printing."""
     data: dict[str, Any] = msgspec.to_builtins(cfg)
     data["auth"]["keys"] = [_mask(k) for k in cfg.auth.keys]
     for up in data["upstreams"]:
         up["api_key"] = _mask(up["api_key"])
+    data["cache"]["redis_url"] = _mask_url(cfg.cache.redis_url)
     return data

@@ -128,6 +128,7 @@ class Describer:
         self.cache = cache
         self.secrets = secrets
         self.semaphore = asyncio.Semaphore(settings.max_concurrency)
+        self.on_call: Callable[[str, bool, float], None] | None = None  # (model, ok, s): metrics
         self._prompt_digest = hashlib.sha256(settings.prompt.encode()).digest()
 
     def key(self, model: str, image_digest: bytes) -> bytes:
@@ -228,6 +229,20 @@ class Describer:
         )
 
     async def _call(
+        self, image: Image, model: str, up: config.Upstream, auth: str | None
+    ) -> Description:
+        started = time.monotonic()
+        try:
+            description = await self._request(image, model, up, auth)
+        except OcrError:
+            if self.on_call is not None:
+                self.on_call(model, False, time.monotonic() - started)
+            raise
+        if self.on_call is not None:
+            self.on_call(model, True, time.monotonic() - started)
+        return description
+
+    async def _request(
         self, image: Image, model: str, up: config.Upstream, auth: str | None
     ) -> Description:
         headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}

@@ -131,7 +131,7 @@ def missing(reason: str) -> NoReturn:
 
 def require_binary(name: str) -> str:
     """The path of a system program, or skip (fail under CI) when it is not installed."""
-    path = shutil.which(name)
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     if path is None:
-        missing(f"`{name}` is not installed")
+        missing(f"`{name}` is not installed (apt-get install the package that provides it)")
     return path

@@ -1,0 +1,253 @@
+"""Prometheus metrics, ``/metrics`` and ``/readyz``.
+
+Theory of operation: one ``Metrics`` object per application owns its collectors. Counting happens
+at three points only: a middleware (requests by route and status, latency, time to first
+upstream byte, in-flight requests and streams, upstream errors), the description cache's lookup
+hook (hits and misses by tier) and the describer's call hook (OCR calls, failures and latency by
+model). With several worker processes, ``PROMETHEUS_MULTIPROC_DIR`` is set by the parent before
+any worker starts; each worker then writes its samples to files there and any worker can answer
+a scrape with the sum of all of them.
+
+``/metrics`` and ``/readyz`` are operator endpoints, not client ones. With ``[server]
+metrics_port`` they are served only on that port (bound to ``metrics_host``, loopback by default).
+Without it they answer on the main port only to *direct* loopback clients: a request that came
+through a reverse proxy (it carries ``X-Forwarded-For``, ``X-Real-IP`` or ``Forwarded``) gets a
+404 even though nginx connects from 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from . import handlers
+from .errors import NotFound, ProxyError, UpstreamError
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_FORWARDED = ("X-Forwarded-For", "X-Real-IP", "Forwarded")
+
+
+class Metrics:
+    """The proxy's collectors, in their own registry (or in shared files for several workers)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+        if self.multiprocess:
+            MultiProcessCollector(self.registry)  # type: ignore[no-untyped-call]
+        target = None if self.multiprocess else self.registry
+        self.requests = Counter(
+            "ocrproxy_requests",
+            "Requests answered, by route and status",
+            ["route", "status"],
+            registry=target,
+        )
+        self.latency = Histogram(
+            "ocrproxy_request_duration_seconds",
+            "Time from request to the end of the response, by route",
+            ["route"],
+            buckets=_SECONDS,
+            registry=target,
+        )
+        self.ttfb = Histogram(
+            "ocrproxy_upstream_ttfb_seconds",
+            "Time from request to the upstream's response headers, by upstream",
+            ["upstream"],
+            buckets=_SECONDS,
+            registry=target,
+        )
+        self.ocr_latency = Histogram(
+            "ocrproxy_ocr_duration_seconds",
+            "Duration of one OCR-model call, by model",
+            ["model"],
+            buckets=_SECONDS,
+            registry=target,
+        )
+        self.ocr_calls = Counter(
+            "ocrproxy_ocr_calls",
+            "OCR-model calls, by model and outcome (ok, error)",
+            ["model", "outcome"],
+            registry=target,
+        )
+        self.cache = Counter(
+            "ocrproxy_cache_lookups",
+            "Description cache lookups, by tier and result (hit, miss, join)",
+            ["tier", "result"],
+            registry=target,
+        )
+        self.upstream_errors = Counter(
+            "ocrproxy_upstream_errors",
+            "Upstream failures, by upstream and kind (unreachable, timeout, http_5xx)",
+            ["upstream", "kind"],
+            registry=target,
+        )
+        self.in_flight = Gauge(
+            "ocrproxy_requests_in_flight",
+            "Requests being served",
+            registry=target,
+            multiprocess_mode="livesum",
+        )
+        self.streams = Gauge(
+            "ocrproxy_streams_in_flight",
+            "Server-sent event streams open to clients",
+            registry=target,
+            multiprocess_mode="livesum",
+        )
+
+    def cache_lookup(self, tier: str, result: str) -> None:
+        self.cache.labels(tier, result).inc()
+
+    def ocr_call(self, model: str, ok: bool, seconds: float) -> None:
+        self.ocr_calls.labels(model, "ok" if ok else "error").inc()
+        self.ocr_latency.labels(model).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+METRICS = web.AppKey("metrics", Metrics)
+MAIN_APP = web.AppKey("main_app", web.Application)
+_STREAMING = web.RequestKey("streaming", bool)
+
+
+def _route(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _upstream_of(request: web.Request, trace: handlers.Trace | None) -> str:
+    if trace is None:
+        return "unknown"
+    if trace.upstream:
+        return trace.upstream
+    if trace.real_model:
+        try:
+            return request.app[handlers.ROUTER].route(trace.real_model).name
+        except ProxyError:
+            pass
+    return "unknown"
+
+
+@web.middleware
+async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count one request; sits inside the main middleware, so it sees the handler's errors."""
+    metrics = request.app[METRICS]
+    started = time.monotonic()
+    metrics.in_flight.inc()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except UpstreamError as exc:
+        status = exc.status
+        kind = "timeout" if exc.status == 504 else "unreachable"
+        metrics.upstream_errors.labels(
+            _upstream_of(request, request.get(handlers.TRACE)), kind
+        ).inc()
+        raise
+    except (ProxyError, web.HTTPException) as exc:
+        status = exc.status
+        raise
+    except (ConnectionResetError, asyncio.CancelledError):
+        status = 499
+        raise
+    finally:
+        metrics.in_flight.dec()
+        if request.get(_STREAMING):
+            metrics.streams.dec()
+        route = _route(request)
+        metrics.requests.labels(route, str(status)).inc()
+        metrics.latency.labels(route).observe(time.monotonic() - started)
+        trace = request.get(handlers.TRACE)
+        if trace is not None and trace.upstream and trace.ttfb_ms is not None:
+            metrics.ttfb.labels(trace.upstream).observe(trace.ttfb_ms / 1000)
+            if trace.upstream_status is not None and trace.upstream_status >= 500:
+                metrics.upstream_errors.labels(trace.upstream, "http_5xx").inc()
+
+
+async def _count_stream(request: web.Request, response: web.StreamResponse) -> None:
+    if METRICS in request.app and response.content_type == "text/event-stream":
+        request[_STREAMING] = True
+        request.app[METRICS].streams.inc()
+
+
+def _is_loopback(address: str | None) -> bool:
+    try:
+        return address is not None and ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _guard(request: web.Request) -> None:
+    """On the main port, only a direct loopback client may see operator endpoints."""
+    if MAIN_APP in request.app:
+        return  # the separate metrics port
+    direct = not any(h in request.headers for h in _FORWARDED)
+    if not (direct and _is_loopback(request.remote)):
+        raise NotFound(f"Unknown route {request.method} {request.path}")
+
+
+def _main(request: web.Request) -> web.Application:
+    return request.app[MAIN_APP] if MAIN_APP in request.app else request.app
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    _guard(request)
+    body = _main(request)[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when the config is loaded (it is, or we would not run) and the cache tier answers."""
+    _guard(request)
+    app = _main(request)
+    cfg = app[handlers.CONFIG]
+    cache = app.get(handlers.CACHE)
+    reachable = cache is not None and (cache.tier is None or await cache.tier.ping())
+    body = {
+        "status": "ready" if reachable else "unavailable",
+        "cache": {"backend": cfg.cache.backend, "reachable": reachable},
+    }
+    return web.json_response(body, status=200 if reachable else 503)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def install(app: web.Application) -> None:
+    """Add counting (and, without a metrics port, the operator routes) to the main app."""
+    app[METRICS] = Metrics()
+    app.on_response_prepare.append(_count_stream)
+    if not app[handlers.CONFIG].server.metrics_port:
+        app.router.add_get("/metrics", metrics_handler)
+        app.router.add_get("/readyz", readyz)
+
+
+def create_metrics_app(main: web.Application) -> web.Application:
+    """The small app served on ``[server] metrics_port``: /metrics, /readyz, /healthz."""
+    app = web.Application()
+    app[MAIN_APP] = main
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/healthz", healthz)
+    return app
