@@ -23,7 +23,7 @@ from aiohttp import web
 from . import config, handlers, local, logs, metrics, tiers, upstream
 from .cache import DescriptionCache, MemoryLRU
 from .describe import Describer
-from .errors import NotFound, ProxyError, Unauthorized
+from .errors import MethodNotAllowed, NotFound, ProxyError, Unauthorized
 from .fetch import Fetcher
 
 log = logging.getLogger("ocrproxy.access")
@@ -64,35 +64,34 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     try:
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             response = _preflight(request, cfg.server.cors_origins)
-            status = response.status
             return response
         if cfg.auth.keys and request.path.startswith("/v1"):
             _check_key(request, cfg.auth.keys)
         response = await handler(request)
-        status = response.status
-        return response
     except ProxyError as exc:
-        status = exc.status
-        return exc.to_response()
+        response = exc.to_response()
     except web.HTTPException as exc:
-        status = exc.status
         if exc.status == 404:
-            return NotFound(f"Unknown route {request.method} {request.path}").to_response()
-        if exc.status == 405:
-            error = ProxyError(f"Method {request.method} is not allowed on {request.path}")
-            error.status, error.type = 405, "invalid_request_error"
-            return error.to_response()
-        raise
+            response = NotFound(f"Unknown route {request.method} {request.path}").to_response()
+        elif exc.status == 405:
+            response = MethodNotAllowed(
+                f"Method {request.method} is not allowed on {request.path}"
+            ).to_response()
+        else:
+            status = exc.status
+            raise
     except (ConnectionResetError, asyncio.CancelledError):
         status = 499  # the client went away
         raise
     except Exception:
         log.exception("unhandled error")
-        status = 500
-        return ProxyError("The proxy failed to handle this request").to_response()
+        response = ProxyError("The proxy failed to handle this request").to_response()
     finally:
+        if response is not None:
+            status = response.status
         _access_log(request, trace, status, response)
         logs.request_id.reset(token)
+    return response
 
 
 def _access_log(

@@ -7,6 +7,7 @@ The tree is deliberately shallow::
     │   └── InvalidImage            400 invalid_request_error / invalid_image
     ├── Unauthorized                401 invalid_request_error / invalid_api_key
     ├── NotFound                    404 invalid_request_error
+    ├── MethodNotAllowed            405 invalid_request_error
     ├── PayloadTooLarge             413 invalid_request_error / payload_too_large
     ├── UpstreamError               502 upstream_error / bad_gateway
     │   └── UpstreamTimeout         504 upstream_error / gateway_timeout
@@ -79,6 +80,12 @@ class NotFound(ProxyError):
     status = 404
     type = "invalid_request_error"
     code = "not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
 
 
 class PayloadTooLarge(ProxyError):

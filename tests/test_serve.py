@@ -43,14 +43,17 @@ async def test_serve_logs_one_json_line_per_request_without_secrets(served, fake
         base + "/v1/chat/completions", headers=headers, json=chat("m-ocr", image_part(img))
     ) as r:
         assert r.status == 200
+    async with session.post(base + "/v1/chat/completions", json=chat("m", "x")) as r:
+        assert r.status == 401
     proc.send_signal(signal.SIGTERM)
     await asyncio.wait_for(proc.wait(), 20)
     assert proc.returncode == 0
     log = log_path.read_text()
     lines = [orjson.loads(line) for line in log.splitlines() if line.startswith("{")]
     access = [line for line in lines if line["logger"] == "ocrproxy.access"]
-    assert len(access) == 1
-    entry = access[0]
+    assert len(access) == 2
+    entry, refused = access
+    assert refused["status"] == 401 and refused["bytes_out"] > 0
     assert entry["request_id"] == "req-log-1"
     assert entry["route"] == "/v1/chat/completions" and entry["status"] == 200
     assert entry["model"] == "m-ocr" and entry["real_model"] == "m"

@@ -269,3 +269,9 @@ async def test_cors_for_browser_clients(make_proxy, fake):
 async def test_no_cors_headers_unless_configured(proxy):
     r = await proxy.post(CHAT, json=chat("m", "x"), headers={"Origin": "https://a.example"})
     assert "Access-Control-Allow-Origin" not in r.headers
+
+
+async def test_wrong_method_is_openai_shaped_405(proxy):
+    r = await proxy.post("/healthz")
+    assert r.status == 405
+    assert (await r.json())["error"]["code"] == "method_not_allowed"
