@@ -197,6 +197,7 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     if cfg.ocr.model == cfg.ocr.local_alias and (problem := engine.problem()):
         local.log.warning("the default OCR model is the local engine, which can't run: %s", problem)
     app[handlers.DESCRIBER].on_call = app[metrics.METRICS].ocr_call
+    app[handlers.DESCRIBER].client_keys = bool(cfg.auth.keys)
     try:
         yield
     finally:

@@ -169,6 +169,8 @@ class DescriptionCache:
             flight.waiters -= 1
             if flight.waiters == 0 and not flight.task.done():
                 flight.task.cancel()
+                if self._flights.get(key) is flight:  # a newcomer must start a fresh flight
+                    del self._flights[key]
         return value, cached or joined
 
     def _landed(self, key: bytes, flight: _Flight, _: object) -> None:

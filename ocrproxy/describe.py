@@ -127,6 +127,7 @@ class Describer:
         self.settings = settings
         self.cache = cache
         self.secrets = secrets
+        self.client_keys = False  # set by the app when [auth] keys is set
         self.semaphore = asyncio.Semaphore(settings.max_concurrency)
         self.on_call: Callable[[str, bool, float], None] | None = None  # (model, ok, s): metrics
         self._prompt_digest = hashlib.sha256(settings.prompt.encode()).digest()
@@ -165,7 +166,7 @@ class Describer:
             create = functools.partial(self._read, model=model)
         else:
             up = self.router.route(model)
-            auth = upstream.auth_header(client_headers, up)
+            auth = upstream.auth_header(client_headers, up, relay_auth=not self.client_keys)
             key_model = model
             create = functools.partial(self._call, model=model, up=up, auth=auth)
         outcomes: dict[bytes, Outcome] = {}

@@ -138,7 +138,9 @@ async def forward(
 ) -> web.StreamResponse:
     """Send the client's request to ``up`` unchanged (but for headers) and relay the answer."""
     streamed = body is request.content
-    headers = upstream.request_headers(request.headers, up, keep_length=streamed)
+    headers = upstream.request_headers(
+        request.headers, up, keep_length=streamed, relay_auth=not request.app[CONFIG].auth.keys
+    )
     target = upstream.url(up, path)
     if request.rel_url.raw_query_string:
         target += "?" + request.rel_url.raw_query_string
@@ -213,7 +215,7 @@ async def ocr_chat(
             else placeholder_block(number)
         )
     new_body = rewrite(obj, scan, blocks, real_model)
-    headers = upstream.request_headers(request.headers, up)
+    headers = upstream.request_headers(request.headers, up, relay_auth=not cfg.auth.keys)
     headers["Content-Type"] = "application/json"
     headers["Accept-Encoding"] = "identity"
     usage = report.usage()
@@ -288,7 +290,7 @@ async def models(request: web.Request) -> web.StreamResponse:
     router = request.app[ROUTER]
 
     async def fetch(up: config.Upstream) -> tuple[int, bytes]:
-        headers = upstream.request_headers(request.headers, up)
+        headers = upstream.request_headers(request.headers, up, relay_auth=not cfg.auth.keys)
         source = await upstream.open_request(
             session, up, "GET", upstream.url(up, "models"), headers=headers
         )
@@ -322,6 +324,7 @@ async def models(request: web.Request) -> web.StreamResponse:
             raise first_error
         if isinstance(first_error, tuple):
             status, payload = first_error
+            payload = relay.redact(payload, request.app[SECRETS])
             return web.Response(status=status, body=payload, content_type="application/json")
         raise first_error
     suffix = cfg.ocr.suffix

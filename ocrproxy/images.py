@@ -126,9 +126,10 @@ def scan(messages_raw: msgspec.Raw) -> Scan:
             kind = part["type"]
             if kind == "image_url":
                 url, detail = _image_url(part, where)
-                if url.startswith("data:"):
+                scheme = url[:8].lower()  # URL schemes are case-insensitive
+                if scheme.startswith("data:"):
                     images.append(Image(i, j, url, True, detail))
-                elif url.startswith(("http://", "https://")):
+                elif scheme.startswith(("http://", "https://")):
                     images.append(Image(i, j, url, False, detail))
                 else:
                     raise InvalidImage(

@@ -22,7 +22,7 @@ import msgspec
 from aiohttp import web
 
 from . import upstream
-from .errors import ProxyError, UpstreamError
+from .errors import ProxyError, UpstreamError, UpstreamTimeout
 from .schema import encoder, is_json, object_decoder
 
 # Upstream bodies at most this large (with a Content-Length) are read whole and sent in one write.
@@ -37,6 +37,16 @@ ERROR_BODY = 1024 * 1024
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
 
 log = logging.getLogger("ocrproxy.relay")
+
+
+async def _read_all(source: aiohttp.ClientResponse) -> bytes:
+    """The whole body; an upstream that breaks or stalls meanwhile is a 502/504."""
+    try:
+        return await source.read()
+    except TimeoutError:
+        raise UpstreamTimeout("The upstream stopped sending its answer") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"The upstream broke off its answer ({type(exc).__name__})") from None
 
 
 async def _read_capped(source: aiohttp.ClientResponse) -> bytes:
@@ -176,7 +186,7 @@ async def _pump_sse(
         await response.write(error_event(UpstreamError("The upstream stream ended unexpectedly")))
 
 
-def _redact(payload: bytes, secrets: tuple[bytes, ...]) -> bytes:
+def redact(payload: bytes, secrets: tuple[bytes, ...]) -> bytes:
     for secret in secrets:
         if secret in payload:
             payload = payload.replace(secret, b"[redacted]")
@@ -213,16 +223,16 @@ async def relay(
         return response
     length = source.content_length
     if source.status >= 400 and not encoded and (length is None or length <= ERROR_BODY):
-        payload = _redact(await _read_capped(source), secrets)
+        payload = redact(await _read_capped(source), secrets)
         return web.Response(
             status=source.status, reason=source.reason, body=payload, headers=out_headers
         )
     if ocr_usage is not None and source.status == 200 and not encoded:
-        payload = await source.read()
+        payload = await _read_all(source)
         edited = with_ocr_usage(payload, msgspec.Raw(encoder.encode(ocr_usage)))
         return web.Response(status=200, body=edited or payload, headers=out_headers)
     if length is not None and length <= SMALL_BODY:
-        payload = await source.read()
+        payload = await _read_all(source)
         return web.Response(
             status=source.status, reason=source.reason, body=payload, headers=out_headers
         )
@@ -254,10 +264,10 @@ async def relay_into(
     """Relay an upstream answer into an SSE response that is already committed."""
     content_type = source.headers.get("Content-Type", "")
     if source.status != 200:
-        payload = _redact(await _read_capped(source), secrets)
+        payload = redact(await _read_capped(source), secrets)
         try:
             obj = object_decoder.decode(payload)
-            body = payload if "error" in obj else None
+            body = msgspec.json.format(payload, indent=0) if "error" in obj else None
         except msgspec.DecodeError:
             body = None
         if body is None:
@@ -276,6 +286,12 @@ async def relay_into(
         editor = UsageEditor(ocr_usage) if ocr_usage is not None and edit_stream else None
         await _pump_sse(source, response, editor)
     else:
-        payload = await source.read()
-        await response.write(b"data: " + payload.strip() + b"\n\ndata: [DONE]\n\n")
+        try:
+            payload = msgspec.json.format(await _read_all(source), indent=0)
+        except ProxyError as exc:
+            await response.write(error_event(exc))
+        except msgspec.DecodeError:
+            await response.write(error_event(UpstreamError("The upstream's answer is not JSON")))
+        else:
+            await response.write(b"data: " + payload + b"\n\ndata: [DONE]\n\n")
     await response.write_eof()

@@ -52,6 +52,7 @@ _DROP_REQUEST = HOP_BY_HOP | {
     "x-forwarded-proto",
     "x-real-ip",
     "x-request-id",
+    "expect",
 }
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length", "x-request-id", "server", "date"}
 
@@ -94,7 +95,11 @@ def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
 
 
 def request_headers(
-    incoming: Mapping[str, str], up: config.Upstream, *, keep_length: bool = False
+    incoming: Mapping[str, str],
+    up: config.Upstream,
+    *,
+    keep_length: bool = False,
+    relay_auth: bool = True,
 ) -> CIMultiDict[str]:
     """The headers to send upstream for a client request."""
     extra = _connection_tokens(incoming)
@@ -108,17 +113,20 @@ def request_headers(
                 out[name] = value
             continue
         out.add(name, value)
-    auth = auth_header(incoming, up)
+    out["Accept-Encoding"] = "identity"  # bodies the proxy reads (errors, models) stay plain
+    auth = auth_header(incoming, up, relay_auth=relay_auth)
     if auth:
         out["Authorization"] = auth
     return out
 
 
-def auth_header(incoming: Mapping[str, str], up: config.Upstream) -> str | None:
+def auth_header(
+    incoming: Mapping[str, str], up: config.Upstream, *, relay_auth: bool = True
+) -> str | None:
     """The Authorization value for the upstream: its own key, or the client's in relay mode."""
     if up.api_key:
         return f"Bearer {up.api_key}"
-    return incoming.get("Authorization")
+    return incoming.get("Authorization") if relay_auth else None
 
 
 def response_headers(incoming: Mapping[str, str]) -> CIMultiDict[str]:

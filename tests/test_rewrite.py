@@ -111,3 +111,18 @@ async def test_identity_is_over_decoded_bytes_and_large_payloads_work():
     assert a.digest == b.digest and len(a.digest) == 32
     assert big.size == 200_000 and big.digest != a.digest
     assert remote.size == 0 and len(remote.digest) == 32
+
+
+def test_url_schemes_are_case_insensitive():
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                image_part("DATA:" + data_url("u")[5:]),
+                image_part("HTTPS://h/x.png"),
+            ],
+        }
+    ]
+    found = scan(msgspec.Raw(json.dumps(messages).encode()))
+    assert [im.is_data for im in found.images] == [True, False]
+    assert decode_data_url(found.images[0].url, "w") == png("u")
