@@ -1,0 +1,67 @@
+"""Run ``ocrproxy serve`` with an event-loop stall monitor, for scenario 4 only.
+
+The proxy starts exactly as ``python -m ocrproxy serve --config FILE`` would, but its application
+gets one extra background task: it sleeps 1 ms at a time and records how late each wake-up is.
+A callback that blocks the loop for S ms makes one wake-up about S ms late, so the worst lateness
+is the longest stall (within 1 ms). On SIGUSR1 the worst lateness since the last signal is
+written to the file named by ``$BENCH_LOOPWATCH`` and reset. The other scenarios use the plain
+proxy: the monitor's thousand wake-ups a second would cost them.
+
+Run: ``BENCH_LOOPWATCH=/tmp/x python -m bench.loopwatch serve --config FILE``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from ocrproxy import cli
+from ocrproxy.config import Config
+
+_create_app = cli.create_app
+
+
+async def _watch(path: Path, app: web.Application) -> AsyncIterator[None]:
+    loop = asyncio.get_running_loop()
+    worst = 0.0
+
+    def report() -> None:
+        nonlocal worst
+        path.write_text(f"{worst * 1000:.3f}\n")
+        worst = 0.0
+
+    async def tick() -> None:
+        nonlocal worst
+        while True:
+            due = time.perf_counter() + 0.001
+            await asyncio.sleep(0.001)
+            worst = max(worst, time.perf_counter() - due)
+
+    loop.add_signal_handler(signal.SIGUSR1, report)
+    task = loop.create_task(tick())
+    yield
+    task.cancel()
+    loop.remove_signal_handler(signal.SIGUSR1)
+
+
+def create_app(cfg: Config) -> web.Application:
+    app = _create_app(cfg)
+    path = Path(os.environ["BENCH_LOOPWATCH"])
+    app.cleanup_ctx.append(lambda a: _watch(path, a))
+    return app
+
+
+def main() -> int:
+    cli.create_app = create_app  # type: ignore[assignment]
+    return cli.main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
