@@ -163,8 +163,7 @@ async def ocr_chat(
     trace.real_model, trace.ocr_model = real_model, ocr_model
     up = request.app[ROUTER].route(real_model)
     request.app[ROUTER].route(ocr_model)  # an unknown OCR model is a 404 before any work
-    scan = images.scan(obj["messages"])
-    await images.identify(scan.images)
+    scan = await images.scan_and_identify(obj["messages"])
     stream = _field(obj, "stream") is True
 
     loop = asyncio.get_running_loop()
