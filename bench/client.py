@@ -198,13 +198,14 @@ async def idle(spec: Spec) -> Spec:
 
 async def mixed(spec: Spec) -> Spec:
     stream_body = payloads.chat(stream=True)
+    headers = spec.get("headers", {})
     deadline = time.perf_counter() + spec["duration"]
     stream_results: list[tuple[float, float, int]] = []
     ocr_results: list[tuple[float, float, int]] = []
 
     async def stream_worker() -> None:
         while time.perf_counter() < deadline:
-            stream_results.append(await _one(session, spec["url"], stream_body, {}))
+            stream_results.append(await _one(session, spec["url"], stream_body, headers))
 
     async def ocr_worker() -> None:
         while time.perf_counter() < deadline:
