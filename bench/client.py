@@ -33,7 +33,11 @@ Spec = dict[str, Any]
 
 
 def _body(spec: Spec) -> bytes:
-    """Build a payload from ``{"plain": size}``, ``{"chat": {...}}`` (payloads.chat kwargs)."""
+    """A payload from ``{"padded": size}``, ``{"chat": {...}}`` (payloads.chat keyword
+    arguments) or ``{"file": path}``."""
+    if "file" in spec:
+        with open(spec["file"], "rb") as f:
+            return f.read()
     if "padded" in spec:
         return payloads.padded(spec["padded"], stream=spec.get("stream", False))
     return payloads.chat(**spec.get("chat", {}))

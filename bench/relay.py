@@ -2,7 +2,9 @@
 
 It forwards every request to the upstream and streams the answer back, with no parsing and no
 features (no routing, no header hygiene beyond hop-by-hop, no logging). Same stack as ocrproxy:
-aiohttp server and client, one pooled session, uvloop when installed.
+aiohttp server and client, one pooled session, uvloop when installed; and the same transport
+habit: a small answer with a Content-Length goes back in one write, anything else is streamed
+piece by piece as it arrives.
 
 Run: ``python -m bench.relay --port 9003 --upstream http://127.0.0.1:9001``.
 """
@@ -19,6 +21,7 @@ from .fake import install_uvloop
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 UPSTREAM = web.AppKey("upstream", str)
+SMALL = 256 * 1024
 DROP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
 
 
@@ -29,13 +32,22 @@ async def relay(request: web.Request) -> web.StreamResponse:
     async with request.app[SESSION].request(
         request.method, url, headers=headers, data=body
     ) as source:
-        response = web.StreamResponse(status=source.status)
-        response.content_type = source.content_type
+        length = source.content_length
+        if length is not None and length <= SMALL:  # one write, as any tuned relay does
+            payload = await source.read()
+            return web.Response(status=source.status, body=payload, headers=_ctype(source))
+        response = web.StreamResponse(status=source.status, headers=_ctype(source))
+        if length is not None:
+            response.content_length = length
         await response.prepare(request)
         async for piece in source.content.iter_any():
             await response.write(piece)
         await response.write_eof()
         return response
+
+
+def _ctype(source: aiohttp.ClientResponse) -> dict[str, str]:
+    return {"Content-Type": source.headers.get("Content-Type", "application/octet-stream")}
 
 
 async def session_ctx(app: web.Application) -> AsyncIterator[None]:

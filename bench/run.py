@@ -77,7 +77,7 @@ def run(settings: Settings, only: list[str] | None, log: Any) -> dict[str, Any]:
         "settings": settings.__dict__,
         "scenarios": {},
     }
-    with Bench() as bench:
+    with Bench(ocr_delay=settings.ocr_delay) as bench:
         report["pinning"] = bench.pinning.describe()
         report["load_generator"] = "wrk " + (shutil.which("wrk") or "missing")
         log(f"# ocrproxy bench, {report['date']}, {report['machine']}")
@@ -91,6 +91,7 @@ def run(settings: Settings, only: list[str] | None, log: Any) -> dict[str, Any]:
             report["scenarios"][name] = result
             log(f"\n## {name}  ({result['seconds']} s, errors: {result['raw']['errors']})")
             log(table(result["rows"]))
+        report["pids"] = [p.pid for p in bench.procs]  # all stopped when this block ends
     return report
 
 

@@ -63,3 +63,17 @@ def chat(model: str, *content: Any, **extra: Any) -> dict[str, Any]:
 
 def encode(obj: Any) -> bytes:
     return msgspec.json.encode(obj)
+
+
+def require_binary(name: str) -> str:
+    """The path of system binary ``name``; skip the test if it is missing, fail under CI."""
+    import os
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        message = f"`{name}` is not installed (CI installs it: see .ci/run)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

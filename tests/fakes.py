@@ -151,7 +151,9 @@ class FakeOpenAI:
                     "object": "chat.completion.chunk",
                     "created": 1,
                     "model": body["model"],
-                    "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}],
+                    "choices": [
+                        {"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}
+                    ],
                 }
                 if (body.get("stream_options") or {}).get("include_usage"):
                     chunk["usage"] = None
@@ -215,7 +217,9 @@ class FakeOpenAI:
         return web.json_response(
             {
                 "object": "list",
-                "data": [{"id": m, "object": "model", "owned_by": "fake"} for m in self.models_list],
+                "data": [
+                    {"id": m, "object": "model", "owned_by": "fake"} for m in self.models_list
+                ],
             }
         )
 
