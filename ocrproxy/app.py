@@ -20,13 +20,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from . import config, handlers, logs, upstream
+from . import config, handlers, local, logs, upstream
 from .cache import DescriptionCache, MemoryLRU
 from .describe import Describer
 from .errors import NotFound, ProxyError, Unauthorized
 
 log = logging.getLogger("ocrproxy.access")
 
+_QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})  # probes: debug, not info
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -60,6 +61,10 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     response: web.StreamResponse | None = None
     status = 500
     try:
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            response = _preflight(request, cfg.server.cors_origins)
+            status = response.status
+            return response
         if cfg.auth.keys and request.path.startswith("/v1"):
             _check_key(request, cfg.auth.keys)
         response = await handler(request)
@@ -118,13 +123,53 @@ def _access_log(
         "total_ms": round((time.monotonic() - trace.started) * 1000, 2),
         "bytes_out": bytes_out,
     }
-    log.info("request", extra={"fields": fields, "request_id": trace.request_id})
+    level = logging.DEBUG if request.path in _QUIET_ROUTES and status < 400 else logging.INFO
+    log.log(level, "request", extra={"fields": fields, "request_id": trace.request_id})
+
+
+_EXPOSED = (
+    "X-Request-Id, X-Upstream-Request-Id, X-OCR-Model, X-OCR-Images, X-OCR-Cache-Hits, X-OCR-Ms"
+)
+
+
+def _allowed_origin(request: web.Request, origins: tuple[str, ...]) -> str | None:
+    origin = request.headers.get("Origin")
+    if origin is None or not origins:
+        return None
+    return origin if "*" in origins or origin in origins else None
+
+
+def _preflight(request: web.Request, origins: tuple[str, ...]) -> web.Response:
+    """Answer a browser's CORS preflight (no key needed: browsers send none with it)."""
+    origin = _allowed_origin(request, origins)
+    if origin is None:
+        return web.Response(status=403, headers={"Vary": "Origin"})
+    requested = request.headers.get("Access-Control-Request-Headers", "")
+    return web.Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS",
+            "Access-Control-Allow-Headers": requested or "Authorization, Content-Type",
+            "Access-Control-Max-Age": "600",
+            "Vary": "Origin",
+        },
+    )
 
 
 async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
     trace = request.get(handlers.TRACE)
     if trace is not None:
         response.headers["X-Request-Id"] = trace.request_id
+    origin = _allowed_origin(request, request.app[handlers.CONFIG].server.cors_origins)
+    if origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = _EXPOSED
+        response.headers.add("Vary", "Origin")
+
+
+def _secrets(cfg: config.Config) -> tuple[str, ...]:
+    return cfg.auth.keys + tuple(up.api_key for up in cfg.upstreams if up.api_key)
 
 
 async def _state(app: web.Application) -> AsyncIterator[None]:
@@ -137,15 +182,41 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
         skip_auto_headers=("Accept-Encoding",),
     )
     cache = DescriptionCache(MemoryLRU(cfg.cache.max_entries, cfg.cache.max_bytes, cfg.cache.ttl_s))
-    secrets = cfg.auth.keys + tuple(up.api_key for up in cfg.upstreams if up.api_key)
     app[handlers.SESSION] = session
     app[handlers.CACHE] = cache
-    app[handlers.DESCRIBER] = Describer(session, app[handlers.ROUTER], cfg.ocr, cache, secrets)
+    engine = local.Engine(cfg.ocr.local)
+    app[handlers.DESCRIBER] = Describer(
+        session, app[handlers.ROUTER], cfg.ocr, cache, _secrets(cfg), engine
+    )
+    if cfg.ocr.model == cfg.ocr.local_alias and (problem := engine.problem()):
+        local.log.warning("the default OCR model is the local engine, which can't run: %s", problem)
     try:
         yield
     finally:
         await cache.close()
+        engine.close()
         await session.close()
+
+
+async def _watch_loop(threshold_s: float, period_s: float = 0.05) -> None:
+    """Warn whenever the event loop was blocked longer than ``threshold_s``."""
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        await asyncio.sleep(period_s)
+        stalled = loop.time() - started - period_s
+        if stalled > threshold_s:
+            log.warning("event loop stalled for %.0f ms", stalled * 1000, extra={"request_id": "-"})
+
+
+async def _watchdog(app: web.Application) -> AsyncIterator[None]:
+    threshold = app[handlers.CONFIG].server.stall_warning_ms / 1000
+    task = asyncio.get_running_loop().create_task(_watch_loop(threshold))
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def create_app(cfg: config.Config) -> web.Application:
@@ -153,7 +224,10 @@ def create_app(cfg: config.Config) -> web.Application:
     app = web.Application(client_max_size=cfg.server.max_body_bytes, middlewares=[middleware])
     app[handlers.CONFIG] = cfg
     app[handlers.ROUTER] = upstream.Router(cfg.upstreams)
+    app[handlers.SECRETS] = tuple(s.encode() for s in _secrets(cfg))
     app.cleanup_ctx.append(_state)
+    if cfg.server.stall_warning_ms > 0:
+        app.cleanup_ctx.append(_watchdog)
     app.on_response_prepare.append(_stamp)
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_get("/v1/models", handlers.models)

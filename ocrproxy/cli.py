@@ -1,19 +1,27 @@
-"""Command line: ``ocrproxy serve`` and ``ocrproxy check-config``."""
+"""Command line: ``ocrproxy serve``, ``ocrproxy check-config`` and ``ocrproxy describe``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import logging
+import mimetypes
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+import aiohttp
 import orjson
 from aiohttp import web
 
-from . import __version__, config, logs
+from . import __version__, config, images, local, logs, upstream
 from .app import create_app
+from .cache import DescriptionCache, MemoryLRU
+from .describe import Describer
+from .errors import ProxyError
+from .rewrite import placeholder_block, reference_block
 
 log = logging.getLogger("ocrproxy")
 
@@ -32,6 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (overrides [server] port)")
     check = sub.add_parser("check-config", help="validate and print the effective config")
     check.add_argument("--config", default=os.environ.get("OCRPROXY_CONFIG"), help=config_help)
+    describe = sub.add_parser(
+        "describe", help="print the text the proxy would put in place of one image"
+    )
+    describe.add_argument("image", metavar="IMAGE_PATH_OR_URL", help="an image file or URL")
+    describe.add_argument(
+        "--model", help="OCR model, e.g. local or gpt-4o-mini (default: [ocr] model)"
+    )
+    describe.add_argument("--config", default=os.environ.get("OCRPROXY_CONFIG"), help=config_help)
     return parser
 
 
@@ -68,6 +84,50 @@ def serve(cfg: config.Config) -> None:
     )
 
 
+def _image_url(source: str) -> str:
+    """An http(s) URL as it is; a file as the base64 data URL a client would send."""
+    if source.startswith(("http://", "https://", "data:")):
+        return source
+    data = Path(source).read_bytes()
+    media_type = mimetypes.guess_type(source)[0] or ""
+    if not media_type.startswith("image/"):
+        media_type = "application/octet-stream"
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+async def describe(cfg: config.Config, source: str, model: str) -> int:
+    """Describe one image as the proxy would and print its reference block; 0 if it worked."""
+    try:
+        url = _image_url(source)
+    except OSError as exc:
+        sys.stderr.write(f"ocrproxy: cannot read {source}: {exc.strerror}\n")
+        return 2
+    image = images.Image(0, 0, url, is_data=url.startswith("data:"))
+    cache = DescriptionCache(MemoryLRU(1, cfg.cache.max_bytes, cfg.cache.ttl_s))
+    engine = local.Engine(cfg.ocr.local)
+    secrets = tuple(up.api_key for up in cfg.upstreams if up.api_key)
+    async with aiohttp.ClientSession(trust_env=False) as session:
+        router = upstream.Router(cfg.upstreams)
+        describer = Describer(session, router, cfg.ocr, cache, secrets, engine)
+        try:
+            await images.identify([image])
+            describer.check_model(model)
+            report = await describer.describe_all([image], model, {})
+        except ProxyError as exc:
+            sys.stderr.write(f"ocrproxy: {exc.message}\n")
+            return 1
+        finally:
+            await cache.close()
+            engine.close()
+    outcome = report.outcomes[image.digest]
+    if outcome.description is None:
+        sys.stderr.write(f"ocrproxy: the image could not be analysed: {outcome.error}\n")
+        sys.stdout.write(placeholder_block(1) + "\n")
+        return 1
+    sys.stdout.write(reference_block(1, model, outcome.description.text) + "\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -77,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 orjson.dumps(config.masked(cfg), option=orjson.OPT_INDENT_2).decode() + "\n"
             )
             return 0
+        if args.command == "describe":
+            cfg = config.load(args.config)
+            logs.setup("error")
+            return asyncio.run(describe(cfg, args.image, args.model or cfg.ocr.model))
         cfg = config.load(args.config, host=args.host, port=args.port)
     except config.ConfigError as exc:
         sys.stderr.write(f"ocrproxy: invalid configuration: {exc}\n")

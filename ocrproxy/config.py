@@ -26,6 +26,7 @@ DEFAULT_MAX_BODY_BYTES = 50 * 1024 * 1024
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_OCR_MODEL = "gpt-4o-mini"
 DEFAULT_SUFFIX = "-ocr"
+DEFAULT_LOCAL_ALIAS = "local"
 
 DEFAULT_PROMPT = """\
 You are the eyes of a language model that cannot see images. Your description will replace this \
@@ -57,6 +58,8 @@ class Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     shutdown_timeout: float = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    stall_warning_ms: float = 100.0  # warn when the event loop is blocked longer; 0 disables
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*": any)
 
 
 class Auth(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -72,16 +75,30 @@ class Upstream(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     read_timeout_s: float = 600.0
 
 
+class OcrLocal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The built-in Tesseract engine (``ocrproxy.local``), used when the OCR model is the alias."""
+
+    languages: tuple[str, ...] = ("eng",)
+    tessdata_path: str = ""  # empty: $TESSDATA_PREFIX, else Debian's tessdata directory
+    threads: int = 0  # 0: one per CPU
+    max_side: int = 2500
+    timeout_s: float = 20.0
+
+
 class Ocr(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     model: str = DEFAULT_OCR_MODEL
+    local_alias: str = DEFAULT_LOCAL_ALIAS
     suffix: str = DEFAULT_SUFFIX
     prompt: str = DEFAULT_PROMPT
     max_tokens: int = 1500
     max_concurrency: int = 32
     timeout_s: float = 60.0
     on_error: Literal["placeholder", "fail"] = "placeholder"
+    retries: int = 2
+    retry_backoff_s: float = 0.5
     keepalive_after_s: float = 3.0
     keepalive_interval_s: float = 5.0
+    local: OcrLocal = OcrLocal()
 
 
 class Cache(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -156,9 +173,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("`$.ocr.model` must not be empty")
     if cfg.ocr.max_concurrency < 1:
         raise ConfigError("`$.ocr.max_concurrency` must be at least 1")
+    if cfg.ocr.retries < 0 or cfg.ocr.retry_backoff_s < 0:
+        raise ConfigError("`$.ocr.retries` and `$.ocr.retry_backoff_s` must not be negative")
     for key in ("timeout_s", "keepalive_after_s", "keepalive_interval_s"):
         if getattr(cfg.ocr, key) <= 0:
             raise ConfigError(f"`$.ocr.{key}` must be positive")
+    _validate_local(cfg.ocr)
     if cfg.cache.max_entries < 0 or cfg.cache.max_bytes < 0 or cfg.cache.ttl_s <= 0:
         raise ConfigError("`$.cache` limits must be non-negative and ttl_s positive")
     if any(not k for k in cfg.auth.keys):
@@ -171,6 +191,29 @@ def validate(cfg: Config) -> Config:
             "Set [auth] keys, or listen on 127.0.0.1 behind a proxy that authenticates."
         )
     return cfg
+
+
+_LANGUAGE = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def _validate_local(ocr: Ocr) -> None:
+    if not ocr.local_alias:
+        raise ConfigError("`$.ocr.local_alias` must not be empty")
+    local = ocr.local
+    if not local.languages:
+        raise ConfigError("`$.ocr.local.languages` must name at least one language")
+    for i, language in enumerate(local.languages):
+        if not _LANGUAGE.match(language):
+            raise ConfigError(
+                f"`$.ocr.local.languages[{i}]` must be a Tesseract language name such as "
+                f"`eng` or `chi_sim`, not {language!r}"
+            )
+    if local.threads < 0:
+        raise ConfigError("`$.ocr.local.threads` must be 0 (one per CPU) or more")
+    if local.max_side < 256:
+        raise ConfigError("`$.ocr.local.max_side` must be at least 256")
+    if local.timeout_s <= 0:
+        raise ConfigError("`$.ocr.local.timeout_s` must be positive")
 
 
 def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:

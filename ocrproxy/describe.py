@@ -6,32 +6,63 @@ single-flight), and only a miss calls the OCR model: a non-streaming request wit
 prompt and the image, bounded ``max_tokens``, under a global semaphore (``max_concurrency``) and a
 per-call timeout. A failure never escapes as an exception unless the policy is ``fail``: under
 ``placeholder`` the image gets a short note saying it could not be analysed.
+
+The OCR model named by ``[ocr] local_alias`` is not called over HTTP: the built-in Tesseract
+engine (``local.py``) reads the image's text instead, through the same cache (its key names the
+engine, its version and languages) and into the same reference block, at no token cost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import functools
 import hashlib
 import logging
+import random
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
 import msgspec
 
-from . import config, upstream
+from . import config, local, upstream
 from .cache import Description, DescriptionCache
-from .errors import OcrFailed
-from .images import Image
+from .errors import BadRequest, OcrFailed
+from .images import Image, decode_data_url
 from .logs import redact
 from .schema import encoder, ocr_response_decoder
 
 log = logging.getLogger("ocrproxy.describe")
 
 
+# Statuses worth another try: rate limits and transient server trouble.
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+MAX_RETRY_AFTER = 10.0
+
+
 class OcrError(Exception):
     """Describing one image failed; the message is safe to log and to show."""
+
+
+class _Retryable(Exception):
+    """A failure before any answer (connection refused or reset): safe to try again."""
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 @dataclass(slots=True)
@@ -88,8 +119,10 @@ class Describer:
         settings: config.Ocr,
         cache: DescriptionCache,
         secrets: tuple[str, ...] = (),
+        engine: local.Engine | None = None,
     ) -> None:
         self.session = session
+        self.engine = engine
         self.router = router
         self.settings = settings
         self.cache = cache
@@ -106,6 +139,15 @@ class Describer:
         h.update(image_digest)
         return h.digest()
 
+    def check_model(self, model: str) -> None:
+        """Refuse an OCR model before any work: 404 if unrouted, 400 if the engine can't run."""
+        if model != self.settings.local_alias:
+            self.router.route(model)
+            return
+        problem = self.engine.problem() if self.engine else local.INSTALL_HINT
+        if problem is not None:
+            raise BadRequest(problem, code="ocr_model_unavailable")
+
     async def describe_all(
         self, images: list[Image], model: str, client_headers: Mapping[str, str]
     ) -> OcrReport:
@@ -114,13 +156,22 @@ class Describer:
         distinct: dict[bytes, Image] = {}
         for image in images:
             distinct.setdefault(image.digest, image)
-        up = self.router.route(model)
-        auth = upstream.auth_header(client_headers, up)
+        create: Callable[[Image], Awaitable[Description]]
+        if model == self.settings.local_alias:
+            self.check_model(model)
+            assert self.engine is not None
+            key_model = f"{model}\0{self.engine.cache_tag()}"
+            create = functools.partial(self._read, model=model)
+        else:
+            up = self.router.route(model)
+            auth = upstream.auth_header(client_headers, up)
+            key_model = model
+            create = functools.partial(self._call, model=model, up=up, auth=auth)
         outcomes: dict[bytes, Outcome] = {}
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [
-                    group.create_task(self._one(image, model, up, auth))
+                    group.create_task(self._one(image, model, key_model, create))
                     for image in distinct.values()
                 ]
         except BaseExceptionGroup as group_error:
@@ -132,13 +183,15 @@ class Describer:
         return OcrReport(model, outcomes, (time.monotonic() - started) * 1000)
 
     async def _one(
-        self, image: Image, model: str, up: config.Upstream, auth: str | None
+        self,
+        image: Image,
+        model: str,
+        key_model: str,
+        create: Callable[[Image], Awaitable[Description]],
     ) -> Outcome:
-        key = self.key(model, image.digest)
+        key = self.key(key_model, image.digest)
         try:
-            description, cached = await self.cache.get_or_create(
-                key, lambda: self._call(image, model, up, auth)
-            )
+            description, cached = await self.cache.get_or_create(key, lambda: create(image))
         except OcrError as exc:
             log.warning(
                 "OCR failed for %s: %s",
@@ -179,26 +232,29 @@ class Describer:
         if auth:
             headers["Authorization"] = auth
         body = self._body(image, model)
-        async with self.semaphore:
-            started = time.monotonic()
+        target = upstream.url(up, "chat/completions")
+        started = time.monotonic()
+        attempt = 0
+        while True:
             try:
-                async with asyncio.timeout(self.settings.timeout_s):
-                    async with self.session.post(
-                        upstream.url(up, "chat/completions"),
-                        data=body,
-                        headers=headers,
-                        allow_redirects=False,
-                    ) as resp:
-                        payload = await resp.read()
-                        status = resp.status
-            except TimeoutError:
-                limit = self.settings.timeout_s
-                raise OcrError(f"the OCR model did not answer within {limit:g} s") from None
-            except aiohttp.ClientError as exc:
-                raise OcrError(f"the OCR upstream is unreachable ({type(exc).__name__})") from None
-            ms = (time.monotonic() - started) * 1000
-        if status != 200:
-            raise OcrError(f"the OCR model answered HTTP {status}: {self._reason(payload)}")
+                status, payload, retry_after = await self._attempt(target, body, headers)
+            except _Retryable as exc:
+                error, retry_after = OcrError(str(exc)), None
+            else:
+                if status == 200:
+                    break
+                error = OcrError(f"the OCR model answered HTTP {status}: {self._reason(payload)}")
+                if status not in RETRY_STATUSES:
+                    raise error
+            if attempt >= self.settings.retries:
+                raise error
+            delay = self.settings.retry_backoff_s * (2**attempt) * random.uniform(0.5, 1.5)
+            if retry_after is not None:
+                delay = max(delay, min(retry_after, MAX_RETRY_AFTER))
+            attempt += 1
+            log.debug("OCR call retried", extra={"fields": {"reason": str(error), "delay": delay}})
+            await asyncio.sleep(delay)
+        ms = (time.monotonic() - started) * 1000
         try:
             answer = ocr_response_decoder.decode(payload)
         except msgspec.DecodeError:
@@ -226,6 +282,63 @@ class Describer:
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
         )
+
+    async def _attempt(
+        self, target: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes, float | None]:
+        """One HTTP call under the concurrency cap: (status, body, Retry-After seconds)."""
+        async with self.semaphore:
+            try:
+                async with asyncio.timeout(self.settings.timeout_s):
+                    async with self.session.post(
+                        target, data=body, headers=headers, allow_redirects=False
+                    ) as resp:
+                        payload = await resp.read()
+                        return resp.status, payload, _retry_after(resp.headers)
+            except TimeoutError:
+                limit = self.settings.timeout_s
+                raise OcrError(f"the OCR model did not answer within {limit:g} s") from None
+            except aiohttp.ClientConnectionError as exc:
+                raise _Retryable(
+                    f"the OCR upstream is unreachable ({type(exc).__name__})"
+                ) from None
+            except aiohttp.ClientError as exc:
+                raise OcrError(f"the OCR call failed ({type(exc).__name__})") from None
+
+    async def _read(self, image: Image, model: str) -> Description:
+        """The local engine's reading of one image (the OCR model is the local alias)."""
+        assert self.engine is not None
+        if not image.is_data:
+            raise OcrError(
+                "the local OCR engine does not fetch remote images unless [ocr] fetch_images is "
+                "enabled; send the image as a data: URL"
+            )
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.settings.timeout_s):
+                text = await self.engine.recognize(
+                    functools.partial(decode_data_url, image.url, image.where)
+                )
+        except TimeoutError:
+            limit = self.settings.timeout_s
+            raise OcrError(f"the local OCR engine did not finish within {limit:g} s") from None
+        except local.RecognitionError as exc:
+            raise OcrError(f"the local OCR engine failed: {exc}") from None
+        except local.Unavailable as exc:
+            raise BadRequest(str(exc), code="ocr_model_unavailable") from None
+        log.debug(
+            "local OCR done",
+            extra={
+                "fields": {
+                    "ocr_model": model,
+                    "image": image.digest.hex()[:16],
+                    "image_bytes": image.size,
+                    "ms": round((time.monotonic() - started) * 1000, 1),
+                    "chars": len(text),
+                }
+            },
+        )
+        return Description(text=local.as_description(self.engine.name, text), model=model)
 
     def _reason(self, payload: bytes) -> str:
         """A short, redacted reason from an upstream error body."""

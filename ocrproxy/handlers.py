@@ -31,6 +31,11 @@ ROUTER = web.AppKey("router", upstream.Router)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 CACHE = web.AppKey("cache", DescriptionCache)
 DESCRIBER = web.AppKey("describer", Describer)
+SECRETS = web.AppKey("secrets", tuple[bytes, ...])  # redacted from relayed error bodies
+
+# Body fields that would let a client choose where the proxy sends requests (or with which key)
+# in other gateways. ocrproxy's upstreams are fixed by its operator: such a request is refused.
+REDIRECTING_FIELDS = ("api_base", "base_url", "api_key", "azure_endpoint", "api_version")
 
 
 @dataclass
@@ -103,6 +108,12 @@ def parse_chat(body: bytes) -> tuple[RawObject, str, Any]:
         raise BadRequest("`messages` is required", param="messages")
     if not is_json(messages, b"["):
         raise BadRequest("`messages` must be an array", param="messages")
+    for name in REDIRECTING_FIELDS:
+        if name in obj:
+            raise BadRequest(
+                f"`{name}` is not accepted: this proxy's upstreams are set by its operator",
+                param=name,
+            )
     ocr_model = _field(obj, "ocr_model")
     if ocr_model is not None and (not isinstance(ocr_model, str) or not ocr_model):
         raise BadRequest("`ocr_model` must be a non-empty string", param="ocr_model")
@@ -138,7 +149,7 @@ async def forward(
     )
     request[TRACE].upstream_answered(up, source.status)
     async with source:
-        return await relay.relay(request, source, {})
+        return await relay.relay(request, source, {}, secrets=request.app[SECRETS])
 
 
 def _ocr_headers(report: OcrReport | None, model: str) -> dict[str, str]:
@@ -166,7 +177,7 @@ async def ocr_chat(
     trace = request[TRACE]
     trace.real_model, trace.ocr_model = real_model, ocr_model
     up = request.app[ROUTER].route(real_model)
-    request.app[ROUTER].route(ocr_model)  # an unknown OCR model is a 404 before any work
+    request.app[DESCRIBER].check_model(ocr_model)  # 404 unknown, 400 unavailable: before work
     scan = await images.scan_and_identify(obj["messages"])
     stream = _field(obj, "stream") is True
 
@@ -228,6 +239,7 @@ async def ocr_chat(
                 _ocr_headers(report, ocr_model),
                 ocr_usage=usage,
                 edit_stream=edit_stream,
+                secrets=request.app[SECRETS],
             )
 
     summary = f": ocr images={report.images} cache_hits={report.cache_hits} ms={report.ms:.0f}\n\n"
@@ -245,7 +257,13 @@ async def ocr_chat(
         raise
     trace.upstream_answered(up, source.status)
     async with source:
-        await relay.relay_into(response, source, ocr_usage=usage, edit_stream=edit_stream)
+        await relay.relay_into(
+            response,
+            source,
+            ocr_usage=usage,
+            edit_stream=edit_stream,
+            secrets=request.app[SECRETS],
+        )
     return response
 
 

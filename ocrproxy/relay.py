@@ -13,6 +13,7 @@ longer change the status: it is sent as a ``data: {"error": ...}`` event and the
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +22,7 @@ import msgspec
 from aiohttp import web
 
 from . import upstream
-from .errors import ProxyError
+from .errors import ProxyError, UpstreamError
 from .schema import encoder, is_json, object_decoder
 
 # Upstream bodies at most this large (with a Content-Length) are read whole and sent in one write.
@@ -31,7 +32,27 @@ SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
+# Upstream error bodies are read whole (to redact echoed secrets) up to this size.
+ERROR_BODY = 1024 * 1024
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
+
+log = logging.getLogger("ocrproxy.relay")
+
+
+async def _read_capped(source: aiohttp.ClientResponse) -> bytes:
+    """Up to ERROR_BODY bytes of a body; an upstream that breaks while erroring yields less."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while size < ERROR_BODY:
+            piece = await source.content.readany()
+            if not piece:
+                break
+            chunks.append(piece)
+            size += len(piece)
+    except (aiohttp.ClientError, TimeoutError):
+        pass
+    return b"".join(chunks)[:ERROR_BODY]
 
 
 def with_ocr_usage(payload: bytes, ocr: msgspec.Raw) -> bytes | None:
@@ -109,22 +130,57 @@ async def keep_alive(
         await response.write(b": keep-alive\n\n")
 
 
+class UpstreamBroke(Exception):
+    """The upstream's body ended early (connection lost, idle read timeout)."""
+
+
 async def _pump(
     source: aiohttp.ClientResponse,
     response: web.StreamResponse,
     editor: UsageEditor | None,
 ) -> None:
-    if editor is None:
-        async for piece in source.content.iter_any():
-            await response.write(piece)
-        return
-    async for piece in source.content.iter_any():
-        out = editor.feed(piece)
-        if out:
-            await response.write(out)
-    tail = editor.flush()
-    if tail:
-        await response.write(tail)
+    """Copy the upstream body to the client piece by piece, as it arrives.
+
+    Reading and writing fail differently: a broken upstream raises UpstreamBroke (the caller can
+    still tell the client), a client that went away raises ConnectionResetError (nobody to tell).
+    """
+    read = source.content.readany
+    while True:
+        try:
+            piece = await read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamBroke(type(exc).__name__) from None
+        if not piece:
+            break
+        if editor is not None:
+            piece = editor.feed(piece)
+            if not piece:
+                continue
+        await response.write(piece)
+    if editor is not None:
+        tail = editor.flush()
+        if tail:
+            await response.write(tail)
+
+
+async def _pump_sse(
+    source: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+    editor: UsageEditor | None,
+) -> None:
+    """Relay an SSE body; if the upstream breaks, end with an error event instead of hanging."""
+    try:
+        await _pump(source, response, editor)
+    except UpstreamBroke as exc:
+        log.warning("upstream stream broke mid-response: %s", exc)
+        await response.write(error_event(UpstreamError("The upstream stream ended unexpectedly")))
+
+
+def _redact(payload: bytes, secrets: tuple[bytes, ...]) -> bytes:
+    for secret in secrets:
+        if secret in payload:
+            payload = payload.replace(secret, b"[redacted]")
+    return payload
 
 
 async def relay(
@@ -134,8 +190,12 @@ async def relay(
     *,
     ocr_usage: Mapping[str, Any] | None = None,
     edit_stream: bool = False,
+    secrets: tuple[bytes, ...] = (),
 ) -> web.StreamResponse:
-    """Relay an upstream response whose status the client has not seen yet."""
+    """Relay an upstream response whose status the client has not seen yet.
+
+    Error bodies are read whole and any configured secret an upstream echoes is redacted.
+    """
     out_headers = upstream.response_headers(source.headers)
     out_headers.update(headers)
     content_type = source.headers.get("Content-Type", "")
@@ -148,10 +208,15 @@ async def relay(
         )
         await response.prepare(request)
         editor = UsageEditor(ocr_usage) if ocr_usage is not None and edit_stream else None
-        await _pump(source, response, None if encoded else editor)
+        await _pump_sse(source, response, None if encoded else editor)
         await response.write_eof()
         return response
     length = source.content_length
+    if source.status >= 400 and not encoded and (length is None or length <= ERROR_BODY):
+        payload = _redact(await _read_capped(source), secrets)
+        return web.Response(
+            status=source.status, reason=source.reason, body=payload, headers=out_headers
+        )
     if ocr_usage is not None and source.status == 200 and not encoded:
         payload = await source.read()
         edited = with_ocr_usage(payload, msgspec.Raw(encoder.encode(ocr_usage)))
@@ -165,7 +230,15 @@ async def relay(
     if length is not None:
         response.content_length = length
     await response.prepare(request)
-    await _pump(source, response, None)
+    try:
+        await _pump(source, response, None)
+    except UpstreamBroke as exc:
+        # The status is sent and a plain body has no way to carry an error: cut the connection
+        # so that the client sees a truncated body rather than a complete-looking one.
+        log.warning("upstream body broke mid-response: %s", exc)
+        if request.transport is not None:
+            request.transport.close()
+        return response
     await response.write_eof()
     return response
 
@@ -176,11 +249,12 @@ async def relay_into(
     *,
     ocr_usage: Mapping[str, Any] | None,
     edit_stream: bool,
+    secrets: tuple[bytes, ...] = (),
 ) -> None:
     """Relay an upstream answer into an SSE response that is already committed."""
     content_type = source.headers.get("Content-Type", "")
     if source.status != 200:
-        payload = await source.content.read(64 * 1024)
+        payload = _redact(await _read_capped(source), secrets)
         try:
             obj = object_decoder.decode(payload)
             body = payload if "error" in obj else None
@@ -200,7 +274,7 @@ async def relay_into(
         await response.write(error_event(body))
     elif content_type.startswith("text/event-stream"):
         editor = UsageEditor(ocr_usage) if ocr_usage is not None and edit_stream else None
-        await _pump(source, response, editor)
+        await _pump_sse(source, response, editor)
     else:
         payload = await source.read()
         await response.write(b"data: " + payload.strip() + b"\n\ndata: [DONE]\n\n")

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 from . import config
 from .errors import NotFound, UpstreamError, UpstreamTimeout
@@ -41,6 +42,7 @@ HOP_BY_HOP = frozenset(
 _DROP_REQUEST = HOP_BY_HOP | {
     "host",
     "content-length",
+    "content-encoding",
     "authorization",
     "api-key",
     "x-api-key",
@@ -96,6 +98,8 @@ def request_headers(
 ) -> CIMultiDict[str]:
     """The headers to send upstream for a client request."""
     extra = _connection_tokens(incoming)
+    # aiohttp hands the handler a decompressed body: its encoding and length no longer apply.
+    keep_length = keep_length and "Content-Encoding" not in incoming
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         low = name.lower()
@@ -155,7 +159,7 @@ async def open_request(
     try:
         return await session.request(
             method,
-            target,
+            URL(target, encoded=True),  # the client's path and query, not re-quoted
             headers=headers,
             data=data,
             timeout=request_timeout or timeout(up),

@@ -1,8 +1,16 @@
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, NoReturn
 
+import aiohttp
 import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -25,7 +33,7 @@ async def fake(aiohttp_server: Any) -> FakeOpenAI:
 def make_config(fake: FakeOpenAI, **sections: dict[str, Any]) -> config.Config:
     raw: dict[str, Any] = {
         "upstreams": [{"name": "fake", "base_url": fake.url, "api_key": "sk-upstream-secret"}],
-        "ocr": {"model": "vision-1", "keepalive_after_s": 3.0},
+        "ocr": {"model": "vision-1", "keepalive_after_s": 3.0, "retries": 0},
     }
     for name, values in sections.items():
         if isinstance(values, dict) and isinstance(raw.get(name), dict):
@@ -50,6 +58,55 @@ async def proxy(make_proxy: ProxyFactory) -> TestClient[Any, Any]:
     return await make_proxy()
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextlib.asynccontextmanager
+async def spawn_proxy(
+    tmp_path: Path, config_text: str, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, aiohttp.ClientSession, Path]]:
+    """Run `ocrproxy serve` as a real process on a free port; yield (process, base URL,
+    client session, log file). Its stderr goes to a file, so a full pipe can never block it."""
+    port = free_port()
+    path = tmp_path / "ocrproxy.toml"
+    path.write_text(config_text)
+    log_path = tmp_path / "ocrproxy.log"
+    with open(log_path, "wb") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "ocrproxy",
+            "serve",
+            "--config",
+            str(path),
+            "--port",
+            str(port),
+            stderr=log_file,
+            env={**os.environ, **(env or {})},
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                try:
+                    async with session.get(base + "/healthz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the proxy did not start: " + log_path.read_text())
+            yield proc, base, session, log_path
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 def chat(model: str, *content: Any, **extra: Any) -> dict[str, Any]:
     """A one-message chat request whose content is ``content`` parts (or one string)."""
     if len(content) == 1 and isinstance(content[0], str):
@@ -65,15 +122,16 @@ def encode(obj: Any) -> bytes:
     return msgspec.json.encode(obj)
 
 
-def require_binary(name: str) -> str:
-    """The path of system binary ``name``; skip the test if it is missing, fail under CI."""
-    import os
-    import shutil
+def missing(reason: str) -> NoReturn:
+    """Skip a test that needs something this machine lacks; under CI (``$CI`` set), fail it."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}, and CI is set: install it rather than skip")
+    pytest.skip(reason)
 
+
+def require_binary(name: str) -> str:
+    """The path of a system program, or skip (fail under CI) when it is not installed."""
     path = shutil.which(name)
     if path is None:
-        message = f"`{name}` is not installed (CI installs it: see .ci/run)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"`{name}` is not installed")
     return path

@@ -68,6 +68,10 @@ class FakeOpenAI:
     url: str = ""
     ocr_delay: float = 0.0
     ocr_fail: set[str] = field(default_factory=set)  # labels whose OCR call answers 500
+    # label -> statuses to answer with, one per call, before answering normally
+    ocr_flaky: dict[str, list[int]] = field(default_factory=dict)
+    retry_after: str | None = None
+    bytes_written: int = 0
     chunks: int = 5
     chunk_delay: float = 0.0
     received: list[Received] = field(default_factory=list)
@@ -118,6 +122,15 @@ class FakeOpenAI:
             )
         if model == "hang":
             await asyncio.sleep(3600)
+        if model == "echo-key":  # a careless upstream that echoes the credentials it got
+            return web.json_response(
+                {"error": {"message": f"bad key {request.headers.get('Authorization')}"}},
+                status=401,
+            )
+        if model == "firehose":
+            return await self.firehose(request)
+        if model in ("die-mid-stream", "stall-mid-stream"):
+            return await self.broken_stream(request, model)
         if body.get("stream"):
             return await self.stream(request, body)
         content = body["messages"][-1].get("content")
@@ -178,6 +191,33 @@ class FakeOpenAI:
             self.stream_closed.set()
         return response
 
+    async def firehose(self, request: web.Request) -> web.StreamResponse:
+        """128 MB of SSE as fast as the reader takes it; counts what it managed to write."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        event = b"data: " + b"x" * (64 * 1024 - 8) + b"\n\n"
+        try:
+            for _ in range(2048):
+                await response.write(event)
+                self.bytes_written += len(event)
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.stream_closed.set()
+            raise
+        return response
+
+    async def broken_stream(self, request: web.Request, model: str) -> web.StreamResponse:
+        """Two chunks, then the connection dies (or goes silent for a long time)."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(2):
+            chunk = {"choices": [{"index": 0, "delta": {"content": f"p{i}"}}]}
+            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        if model == "stall-mid-stream":
+            await asyncio.sleep(3600)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
     async def describe(self, body: dict[str, Any]) -> web.Response:
         content = body["messages"][0]["content"]
         url = next(p["image_url"]["url"] for p in content if p["type"] == "image_url")
@@ -192,6 +232,15 @@ class FakeOpenAI:
         finally:
             self.ocr_active -= 1
             self.ocr_windows.append((started, time.monotonic()))
+        flaky = self.ocr_flaky.get(label)
+        if flaky:
+            status = flaky.pop(0)
+            headers = {"Retry-After": self.retry_after} if self.retry_after else None
+            return web.json_response(
+                {"error": {"message": f"flaky {status}", "type": "server_error"}},
+                status=status,
+                headers=headers,
+            )
         if label in self.ocr_fail:
             return web.json_response(
                 {"error": {"message": "vision backend down", "type": "server_error"}}, status=500
@@ -228,7 +277,7 @@ class FakeOpenAI:
         return web.json_response(
             {
                 "method": request.method,
-                "path": request.path_qs,
+                "path": request.raw_path,
                 "headers": item.headers,
                 "length": len(item.body),
                 "sha256": hashlib.sha256(item.body).hexdigest(),

@@ -1,0 +1,335 @@
+"""The built-in OCR engine: Tesseract through ``tesserocr``, on the proxy's own CPUs.
+
+Theory of operation: ``Engine.recognize`` takes a function that returns the image's bytes and
+gives back the text Tesseract reads in it, lines and paragraphs kept. All the work (base64
+decoding, Pillow decoding and resizing, recognition) runs in a thread pool sized to the CPU count;
+``tesserocr`` releases the GIL while Tesseract works, so the event loop keeps serving. A Tesseract
+API object must never be shared between threads, so each pool thread lazily builds its own and
+keeps it for the life of the thread (loading the language data once per thread, not per image).
+
+A semaphore with one slot per thread admits work: a request waiting for a slot holds only the
+bytes it already had, never a decoded bitmap. A slot is given back when the *thread* finishes,
+not when the caller stops waiting: a recognition cannot be cancelled once started, so a client
+that went away must not let more work pile onto busy threads. What bounds a running recognition
+is Tesseract's own deadline (``timeout_s``); layout analysis runs before that clock is checked, so
+the real bound is a little longer on huge pages, which is why images are first scaled down to
+``max_side`` pixels on their longest side.
+
+Before recognition, an image is flattened onto white (transparent screenshots), turned to
+greyscale, rotated by its EXIF orientation (phone photos), scaled down if large, and inverted if
+it is mostly dark (dark-mode screenshots), since Tesseract reads dark text on a light background
+best. Then a layout pass measures its text lines, and small text (a screenshot at 1x) is scaled
+up to the height Tesseract reads best before the real recognition.
+
+``tesserocr`` and Pillow are an optional extra: nothing here imports them until the engine is
+used, and ``Engine.problem`` says, in words an operator can act on, why the engine cannot run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import io
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from . import config
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+log = logging.getLogger("ocrproxy.local")
+
+INSTALL_HINT = (
+    "The local OCR engine is not installed on this proxy: install it with "
+    "`pip install 'ocrproxy[local]'` (tesserocr and Pillow) and the Tesseract language data "
+    "(Debian: `apt-get install tesseract-ocr-eng`), then restart the proxy"
+)
+# Where Debian (and Ubuntu) put the data of their tesseract-ocr-LANG packages.
+SYSTEM_TESSDATA = (
+    "/usr/share/tesseract-ocr/5/tessdata",
+    "/usr/share/tesseract-ocr/4.00/tessdata",
+    "/usr/share/tessdata",
+)
+# Larger images are refused before decoding: ~300 MB of greyscale at most.
+MAX_PIXELS = 80_000_000
+# Tesseract reads lines about this tall (in pixels) best. Screenshots at 1x have 13-20 px lines,
+# which it misreads; a quick layout pass measures the median line, and smaller text is scaled up
+# to this height (at most MAX_UPSCALE times). Scaling everything up would not do: large letters
+# on a small photo then stop looking like text to Tesseract's page segmentation.
+LINE_HEIGHT = 44
+MAX_UPSCALE = 3.0
+ORIENTATION = 0x0112  # the EXIF tag of a photo's rotation
+# Mean brightness (0-255) below which an image is taken for light text on dark and inverted.
+DARK_MEAN = 110
+
+
+class Unavailable(Exception):
+    """The engine cannot run on this machine; the message says how to fix that."""
+
+
+class RecognitionError(Exception):
+    """Reading one image failed; the message is safe to log and to show."""
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def tessdata_dir(configured: str, env: Mapping[str, str] = os.environ) -> str:
+    """The language data directory: configured, else ``$TESSDATA_PREFIX``, else the system's.
+
+    Empty when none is found, which leaves the choice to the Tesseract library itself.
+    """
+    if configured:
+        return configured
+    if env.get("TESSDATA_PREFIX"):
+        return env["TESSDATA_PREFIX"]
+    return next((d for d in SYSTEM_TESSDATA if os.path.isdir(d)), "")
+
+
+@functools.cache
+def _tesserocr() -> Any:
+    """Import tesserocr once (it ships no typing); ImportError if the extra is not installed."""
+    # A Tesseract built with OpenMP (Debian's libtesseract, if tesserocr was compiled against it)
+    # spreads every recognition over all cores; with one engine per thread that oversubscribes
+    # the CPU and runs 4-6x slower. The PyPI wheel has no OpenMP, so this is a no-op there.
+    os.environ.setdefault("OMP_THREAD_LIMIT", "1")
+    import PIL  # noqa: F401  (part of the extra; fail here, not in a worker thread)
+    import tesserocr
+
+    return tesserocr
+
+
+def prepare(data: bytes, max_side: int) -> PILImage.Image:
+    """Decode an image and make it easy for Tesseract: greyscale, upright, dark text on light."""
+    from PIL import Image, ImageOps, ImageStat, UnidentifiedImageError
+
+    try:
+        image: PILImage.Image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > MAX_PIXELS:
+            raise RecognitionError(
+                f"the image is too large to read ({width}x{height} pixels, "
+                f"at most {MAX_PIXELS // 1_000_000} megapixels)"
+            )
+        image.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale
+        if image.getexif().get(ORIENTATION, 1) != 1:
+            image = ImageOps.exif_transpose(image)
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(flat, rgba)
+        image = image.convert("L")
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise RecognitionError(f"the image could not be decoded ({type(exc).__name__})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise RecognitionError(f"the image is damaged ({type(exc).__name__})") from None
+    longest = max(image.size)
+    if longest > max_side:
+        scale = max_side / longest
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if ImageStat.Stat(image).mean[0] < DARK_MEAN:
+        image = ImageOps.invert(image)
+    return image
+
+
+def upscale_factor(line_heights: list[int], longest: int, max_side: int) -> float:
+    """How much to enlarge an image whose text lines measure ``line_heights`` pixels (1: not)."""
+    if not line_heights:
+        return 1.0
+    median = sorted(line_heights)[len(line_heights) // 2]
+    factor = min(LINE_HEIGHT / max(median, 1), MAX_UPSCALE, max_side / longest)
+    return factor if factor >= 1.2 else 1.0
+
+
+_BLANK_RUN = re.compile(r"\n{3,}")
+
+
+def tidy(text: str) -> str:
+    """Tesseract's text with trailing spaces, page breaks and runs of blank lines removed."""
+    lines = (line.rstrip() for line in text.replace("\f", "\n").splitlines())
+    return _BLANK_RUN.sub("\n\n", "\n".join(lines)).strip("\n")
+
+
+def as_description(engine_name: str, text: str) -> str:
+    """What stands in for the image: its text, and a plain statement of what OCR cannot tell."""
+    return (
+        f"TEXT:\n{text or '(no text found)'}\n"
+        f"DESCRIPTION:\n(none: this is OCR text only, read by {engine_name} on the proxy; "
+        "there is no description of the image's visual content)"
+    )
+
+
+def _release(loop: asyncio.AbstractEventLoop, slots: asyncio.Semaphore, _: object) -> None:
+    try:
+        loop.call_soon_threadsafe(slots.release)
+    except RuntimeError:  # the loop is closed: nobody is left to admit
+        pass
+
+
+def _set_image(api: Any, image: PILImage.Image) -> bytes:
+    """Hand a greyscale image to Tesseract as raw pixels, which it reads without a copy.
+
+    ``api.SetImage`` would first encode the image to a file format, holding the GIL for tens of
+    milliseconds on a large page. The caller keeps the returned buffer alive until ``Clear``.
+    """
+    pixels = image.tobytes()
+    api.SetImageBytes(pixels, image.width, image.height, 1, image.width)
+    return pixels
+
+
+class Engine:
+    """Tesseract in a thread pool, one API object per thread, admitted by a semaphore."""
+
+    def __init__(self, settings: config.OcrLocal, env: Mapping[str, str] = os.environ) -> None:
+        self.settings = settings
+        self.threads = settings.threads or _cpu_count()
+        self.tessdata = tessdata_dir(settings.tessdata_path, env)
+        self.language = "+".join(settings.languages)
+        self._slots = asyncio.Semaphore(self.threads)
+        self._pool: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._problem: str | None = None
+        self._checked = False
+        self._lock = threading.Lock()
+
+    def problem(self) -> str | None:
+        """Why the engine cannot run here (missing package or language data), or None."""
+        with self._lock:
+            if not self._checked:
+                self._problem = self._check()
+                self._checked = True
+            return self._problem
+
+    def _check(self) -> str | None:
+        try:
+            tesserocr = _tesserocr()
+        except ImportError:
+            return INSTALL_HINT
+        path, available = tesserocr.get_languages(*([self.tessdata] if self.tessdata else []))
+        missing = [lang for lang in self.settings.languages if lang not in available]
+        if missing:
+            packages = " ".join("tesseract-ocr-" + m.lower().replace("_", "-") for m in missing)
+            return (
+                f"The local OCR engine has no language data for {', '.join(missing)} in "
+                f"{path or 'its default data path'}: install it (Debian: `apt-get install "
+                f"{packages}`) or set [ocr.local] tessdata_path, then restart the proxy"
+            )
+        return None
+
+    @functools.cached_property
+    def version(self) -> str:
+        """Tesseract's version, e.g. ``5.5.4``."""
+        first: str = _tesserocr().tesseract_version().splitlines()[0]
+        return first.removeprefix("tesseract").strip()
+
+    @property
+    def name(self) -> str:
+        return f"Tesseract {self.version}"
+
+    def cache_tag(self) -> str:
+        """Everything that changes what the engine reads: part of the description cache key."""
+        tesserocr = _tesserocr()
+        return (
+            f"tesseract {self.version}; tesserocr {tesserocr.__version__}; "
+            f"lang {self.language}; max_side {self.settings.max_side}"
+        )
+
+    async def recognize(self, load: Callable[[], bytes]) -> str:
+        """The text of the image whose bytes ``load`` returns (called in a worker thread).
+
+        Raises Unavailable if the engine cannot run here, RecognitionError if this image failed.
+        """
+        problem = self.problem()
+        if problem is not None:
+            raise Unavailable(problem)
+        loop = asyncio.get_running_loop()
+        await self._slots.acquire()
+        try:
+            job: Future[str] = self._executor().submit(self._work, load)
+        except BaseException:
+            self._slots.release()
+            raise
+        job.add_done_callback(functools.partial(_release, loop, self._slots))
+        return await asyncio.wrap_future(job)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ocrproxy-tesseract")
+        return self._pool
+
+    def _api(self) -> Any:
+        api = getattr(self._local, "api", None)
+        if api is None:
+            tesserocr = _tesserocr()
+            options: dict[str, Any] = {
+                "lang": self.language,
+                "psm": tesserocr.PSM.AUTO,
+                # Keep the spacing of columns and tables; keep Tesseract's warnings off stderr.
+                "variables": {"preserve_interword_spaces": "1", "debug_file": "/dev/null"},
+            }
+            if self.tessdata:
+                options["path"] = self.tessdata
+            try:
+                api = tesserocr.PyTessBaseAPI(**options)
+            except RuntimeError as exc:
+                raise RecognitionError(f"Tesseract could not start: {exc}") from None
+            self._local.api = api
+        return api
+
+    def _work(self, load: Callable[[], bytes]) -> str:
+        image = prepare(load(), self.settings.max_side)
+        api = self._api()
+        deadline_ms = int(self.settings.timeout_s * 1000)
+        try:
+            pixels = _set_image(api, image)
+            longest = max(image.size)
+            factor = upscale_factor(self._line_heights(api), longest, self.settings.max_side)
+            if factor > 1:
+                from PIL import Image
+
+                size = (round(image.width * factor), round(image.height * factor))
+                pixels = _set_image(api, image.resize(size, Image.Resampling.BICUBIC))
+            started = time.monotonic()
+            finished = api.Recognize(timeout=deadline_ms)
+            if not finished and (time.monotonic() - started) * 1000 >= deadline_ms:
+                raise RecognitionError(
+                    f"recognition was stopped after {self.settings.timeout_s:g} s "
+                    "([ocr.local] timeout_s)"
+                )
+            text: str = api.GetUTF8Text() if finished else ""
+        finally:
+            api.Clear()
+        del pixels  # Tesseract read from this buffer until Clear()
+        return tidy(text)
+
+    def _line_heights(self, api: Any) -> list[int]:
+        """The heights of the text lines a layout pass finds in the current image."""
+        tesserocr = _tesserocr()
+        level = tesserocr.RIL.TEXTLINE
+        heights: list[int] = []
+        layout = api.AnalyseLayout()
+        if layout is None:
+            return heights
+        for line in tesserocr.iterate_level(layout, level):
+            box = line.BoundingBox(level)
+            if box:
+                heights.append(box[3] - box[1])
+        return heights
+
+    def close(self) -> None:
+        """Stop taking work; a recognition already running ends by its own deadline."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
