@@ -7,6 +7,7 @@ proxy's cost is isolated, and "direct" (load -> fake) runs on the load side only
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,8 @@ class Bench:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     targets: dict[str, Target] = field(default_factory=dict)
     config_text: str = ""
+    fake_base: str = ""
+    retired: list[int] = field(default_factory=list)  # pids of processes already stopped
     tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ocrproxy-bench-")))
 
     def env(self) -> dict[str, str]:
@@ -130,15 +134,8 @@ class Bench:
         path = "/v1/chat/completions"
         self.targets["direct"] = Target("direct", fake_base + path, None, fake_base)
 
-        relay_port = free_port()
-        relay = self._spawn(
-            [py, "-m", "bench.relay", "--port", str(relay_port), "--upstream", fake_base],
-            "server",
-            relay_port,
-            "relay.log",
-        )
-        base = f"http://127.0.0.1:{relay_port}"
-        self.targets["relay"] = Target("relay", base + path, relay.pid, base)
+        self.fake_base = fake_base
+        self.targets["relay"] = self._relay("relay")
 
         self.config_text = f"""\
 [server]
@@ -159,6 +156,34 @@ base_url = "{fake_base}/v1"
 model = "vision-bench"
 """
         self.targets["proxy"] = self._proxy("proxy", ["-m", "ocrproxy"])
+
+    def _relay(self, name: str) -> Target:
+        port = free_port()
+        argv = [sys.executable, "-m", "bench.relay", "--port", str(port)]
+        proc = self._spawn([*argv, "--upstream", self.fake_base], "server", port, f"{name}.log")
+        base = f"http://127.0.0.1:{port}"
+        return Target(name, base + "/v1/chat/completions", proc.pid, base)
+
+    @contextlib.contextmanager
+    def fresh(self, kind: str) -> Iterator[Target]:
+        """A newly started relay or proxy, stopped afterwards: memory figures from a clean heap."""
+        target = (
+            self._relay("fresh-relay")
+            if kind == "relay"
+            else self._proxy("fresh-proxy", ["-m", "ocrproxy"])
+        )
+        proc = next(p for p in self.procs if p.pid == target.pid)
+        try:
+            yield target
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            self.retired.append(proc.pid)
+            self.procs.remove(proc)
 
     def _proxy(self, name: str, module: list[str], env: dict[str, str] | None = None) -> Target:
         port = free_port()

@@ -91,7 +91,8 @@ def run(settings: Settings, only: list[str] | None, log: Any) -> dict[str, Any]:
             report["scenarios"][name] = result
             log(f"\n## {name}  ({result['seconds']} s, errors: {result['raw']['errors']})")
             log(table(result["rows"]))
-        report["pids"] = [p.pid for p in bench.procs]  # all stopped when this block ends
+        # all stopped when this block ends
+        report["pids"] = [p.pid for p in bench.procs] + bench.retired
     return report
 
 
