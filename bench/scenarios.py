@@ -43,13 +43,14 @@ class Settings:
 QUICK = Settings(
     wrk_seconds=1.0,
     concurrencies=(1, 16),
-    streams=160,
+    streams=96,
     long_streams=2,
+    spaced_chunks=300,
     fanout=1,
-    hits=3,
+    hits=2,
     burst=16,
     idle_streams=300,
-    mixed_seconds=2.0,
+    mixed_seconds=1.0,
 )
 # For the test suite's smoke run: the harness end to end in a few seconds, timings meaningless.
 SMOKE = Settings(
