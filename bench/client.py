@@ -204,28 +204,29 @@ async def idle(spec: Spec) -> Spec:
 async def mixed(spec: Spec) -> Spec:
     stream_body = payloads.chat(stream=True)
     headers = spec.get("headers", {})
-    deadline = time.perf_counter() + spec["duration"]
     stream_results: list[tuple[float, float, int]] = []
     ocr_results: list[tuple[float, float, int]] = []
+    streaming = True
 
     async def stream_worker() -> None:
         await _one(session, spec["url"], stream_body, headers)  # connect first: not recorded
-        while time.perf_counter() < deadline:
+        end = time.perf_counter() + spec["duration"]
+        while time.perf_counter() < end:
             stream_results.append(await _one(session, spec["url"], stream_body, headers))
 
     async def ocr_worker() -> None:
-        while time.perf_counter() < deadline:
+        while streaming:  # OCR load for as long as any stream is measured
             body = payloads.chat(payloads.OCR_MODEL, images=1, size=spec["size"])
             ocr_results.append(await _one(session, spec["url"], body, {}))
 
     async with _session() as session:
         started = time.perf_counter()
         async with asyncio.TaskGroup() as group:
-            for _ in range(spec["streams"]):
-                group.create_task(stream_worker())
-            for _ in range(spec["ocr"]):
-                group.create_task(ocr_worker())
-        wall = time.perf_counter() - started
+            ocr_tasks = [group.create_task(ocr_worker()) for _ in range(spec["ocr"])]
+            await _workers(spec["streams"], stream_worker)
+            wall = time.perf_counter() - started
+            streaming = False
+            await asyncio.gather(*ocr_tasks)
     return {"streams": _report(stream_results, wall), "ocr": _report(ocr_results, wall)}
 
 

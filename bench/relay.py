@@ -68,7 +68,15 @@ def main() -> None:
     app[UPSTREAM] = args.upstream.rstrip("/")
     app.cleanup_ctx.append(session_ctx)
     app.router.add_route("*", "/{tail:.*}", relay)
-    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None)
+    web.run_app(
+        app,
+        host="127.0.0.1",
+        port=args.port,
+        access_log=None,
+        print=None,
+        handler_cancellation=True,  # as ocrproxy: a client that leaves cancels its relay
+        shutdown_timeout=1,
+    )
 
 
 if __name__ == "__main__":

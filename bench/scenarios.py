@@ -48,9 +48,10 @@ QUICK = Settings(
     spaced_chunks=300,
     fanout=1,
     hits=2,
-    burst=16,
-    idle_streams=300,
+    burst=8,
+    idle_streams=200,
     mixed_seconds=1.0,
+    mixed_delay=0.02,
 )
 # For the test suite's smoke run: the harness end to end in a few seconds, timings meaningless.
 SMOKE = Settings(
