@@ -15,7 +15,10 @@ Every image, sent or fetched, must be a PNG, JPEG, GIF or WebP by its magic byte
 ``max_images`` images. A client's own bad image is its error (400/413); a remote image that
 cannot be used follows ``on_error``: the image gets a placeholder, or the request fails.
 Decoding and hashing megabytes of base64 would stall the event loop, so large payloads are handled
-in a worker thread (``hashlib`` releases the GIL while it hashes).
+in a worker thread, in pieces: ``binascii`` holds the GIL while it decodes, and a short call per
+piece lets the loop take the GIL back between pieces (``hashlib`` releases it while it hashes); no
+decoded copy of a whole image is ever held. A large request's messages are scanned in a worker
+thread too.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ from .schema import RawObject, array_decoder, is_json, messages_decoder
 
 # Below this many characters of base64, decoding + hashing on the loop is cheaper than a thread hop.
 THREAD_THRESHOLD = 64 * 1024
+# Messages at least this large (bytes of JSON) are scanned in a worker thread.
+SCAN_THREAD_THRESHOLD = 1024 * 1024
+# Base64 is decoded and hashed this many characters at a time (a multiple of 4).
+PIECE = 256 * 1024
 
 _any_decoder = msgspec.json.Decoder()
 _DEFAULTS = config.Ocr()
@@ -145,8 +152,8 @@ def scan(messages_raw: msgspec.Raw) -> Scan:
     return Scan(messages, contents, images)
 
 
-def decode_data_url(url: str, where: str) -> bytes:
-    """The decoded bytes of a base64 ``data:`` URL; InvalidImage naming ``where`` if malformed."""
+def _payload(url: str, where: str) -> str:
+    """The base64 payload of a ``data:`` URL whose header is valid for an image."""
     header, sep, payload = url.partition(",")
     if not sep:
         raise InvalidImage(f"`{where}` is a malformed data URL (no comma)", param=where)
@@ -162,6 +169,12 @@ def decode_data_url(url: str, where: str) -> bytes:
         raise InvalidImage(
             f"`{where}` data URL has media type {media_type!r}, not an image", param=where
         )
+    return payload
+
+
+def decode_data_url(url: str, where: str) -> bytes:
+    """The decoded bytes of a base64 ``data:`` URL; InvalidImage naming ``where`` if malformed."""
+    payload = _payload(url, where)
     try:
         data = binascii.a2b_base64(payload, strict_mode=True)
     except (binascii.Error, ValueError):
@@ -171,11 +184,48 @@ def decode_data_url(url: str, where: str) -> bytes:
     return data
 
 
-def check_image(data: bytes, where: str, settings: config.Ocr) -> sniff.Sniffed:
-    """Apply the byte, format and dimension limits to a client's image (413 / 400)."""
-    if len(data) > settings.max_image_bytes:
+def hash_data_url(url: str, where: str) -> tuple[int, bytes, bytes]:
+    """(decoded size, sha256, first decoded piece) of a ``data:`` URL, decoded piece by piece.
+
+    The first piece (up to 192 KiB decoded) is what the format and dimension checks read.
+
+    Accepts and refuses exactly what ``decode_data_url`` does: every piece but the last is a
+    whole number of 4-character groups, so it decodes alone; padding may only be in the last.
+    """
+    payload = _payload(url, where)
+    digest = hashlib.sha256()
+    size = 0
+    head = b""
+    end = len(payload.rstrip("="))  # trailing padding always goes with the last piece
+    try:
+        for start in range(0, end, PIECE) or (0,):
+            last = start + PIECE >= end
+            piece = payload[start:] if last else payload[start : start + PIECE]
+            if not last and "=" in piece:
+                raise ValueError("padding before the end")
+            data = binascii.a2b_base64(piece, strict_mode=True)
+            if not size:
+                head = data
+            size += len(data)
+            digest.update(data)
+    except (binascii.Error, ValueError):
+        raise InvalidImage(f"`{where}` data URL payload is not valid base64", param=where) from None
+    if not size:
+        raise InvalidImage(f"`{where}` data URL is empty", param=where)
+    return size, digest.digest(), head
+
+
+def check_image(
+    data: bytes, where: str, settings: config.Ocr, size: int | None = None
+) -> sniff.Sniffed:
+    """Apply the byte, format and dimension limits to a client's image (413 / 400).
+
+    ``data`` may be just the image's first bytes when ``size`` gives its whole decoded size.
+    """
+    size = len(data) if size is None else size
+    if size > settings.max_image_bytes:
         raise PayloadTooLarge(
-            f"`{where}` is {len(data)} bytes, more than the limit of "
+            f"`{where}` is {size} bytes, more than the limit of "
             f"{settings.max_image_bytes} bytes per image",
             param=where,
         )
@@ -195,10 +245,8 @@ def _identify(images: list[Image], settings: config.Ocr = _DEFAULTS) -> None:
                     f"{settings.max_image_bytes} bytes per image",
                     param=image.where,
                 )
-            data = decode_data_url(image.url, image.where)
-            check_image(data, image.where, settings)
-            image.size = len(data)
-            image.digest = hashlib.sha256(data).digest()
+            image.size, image.digest, head = hash_data_url(image.url, image.where)
+            check_image(head, image.where, settings, size=image.size)
         else:
             image.digest = hashlib.sha256(image.url.encode()).digest()
 
@@ -278,6 +326,16 @@ async def identify(images: list[Image], settings: config.Ocr = _DEFAULTS) -> Non
     _identify(small, settings)
     if large:
         await asyncio.to_thread(_identify, large, settings)
+
+
+async def scan_and_identify(messages_raw: msgspec.Raw, settings: config.Ocr = _DEFAULTS) -> Scan:
+    """``scan`` then ``identify``; a large request is scanned in a worker thread."""
+    if len(memoryview(messages_raw)) >= SCAN_THREAD_THRESHOLD:
+        found = await asyncio.to_thread(scan, messages_raw)
+    else:
+        found = scan(messages_raw)
+    await identify(found.images, settings)
+    return found
 
 
 async def fetch_remote(

@@ -58,3 +58,9 @@ def setup(level: str = "info") -> None:
     root.setLevel(level.upper())
     root.propagate = False
     logging.Formatter.converter = time.gmtime
+    # The lines never show the caller, thread or process, so do not collect them: finding the
+    # caller walks the stack on every call (the logging HOWTO's "Optimization" section).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False

@@ -1,0 +1,196 @@
+"""A fast fake OpenAI upstream and fake OCR model: raw asyncio HTTP/1.1, uvloop when installed.
+
+It must cost far less than the proxy, so it is a bare ``asyncio.Protocol`` (no routing, no
+middleware): keep-alive, ``Content-Length`` request bodies, fixed answers. Behaviour per request:
+
+- A body that starts with ``{"model":"vision`` is an OCR call (the proxy's describer encodes
+  ``model`` first): the answer is a fixed description after ``--ocr-delay`` seconds.
+- A body containing ``"stream":true`` gets an SSE stream (chunked encoding) of
+  ``X-Bench-Chunks`` chunks (default 20), ``X-Bench-Delay`` seconds apart, then ``[DONE]``.
+  ``X-Bench-Hold`` seconds after the first chunk keeps the stream idle (for the memory scenario).
+- Anything else gets a small chat completion. ``X-Bench-Latency`` delays any answer.
+
+Run: ``python -m bench.fake --port 9001 [--port 9002] --ocr-delay 0.3``; it prints ``READY``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+COMPLETION = (
+    b'{"id":"chatcmpl-bench","object":"chat.completion","created":1,"model":"bench",'
+    b'"choices":[{"index":0,"message":{"role":"assistant","content":"Hello! How can I help '
+    b'you today?"},"finish_reason":"stop"}],'
+    b'"usage":{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21}}'
+)
+DESCRIPTION = (
+    b'{"id":"chatcmpl-ocr","object":"chat.completion","created":1,"model":"vision-bench",'
+    b'"choices":[{"index":0,"message":{"role":"assistant","content":"TEXT:\\n(no text)\\n'
+    b'DESCRIPTION:\\nA grey benchmark square."},"finish_reason":"stop"}],'
+    b'"usage":{"prompt_tokens":100,"completion_tokens":20,"total_tokens":120}}'
+)
+CHUNK = (
+    b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1,'
+    b'"model":"bench","choices":[{"index":0,"delta":{"content":"tok "},"finish_reason":null}]}'
+    b"\n\n"
+)
+DONE = b"data: [DONE]\n\n"
+
+
+def _plain(body: bytes) -> bytes:
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n"
+)
+PLAIN = _plain(COMPLETION)
+OCR_ANSWER = _plain(DESCRIPTION)
+CHUNK_FRAME = _chunk(CHUNK)
+END_FRAME = _chunk(DONE) + b"0\r\n\r\n"
+
+
+class FakeUpstream(asyncio.Protocol):
+    """One connection: parse requests one at a time, answer each."""
+
+    ocr_delay = 0.0
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.busy: asyncio.Task[None] | None = None
+        self.head: tuple[dict[bytes, bytes], int] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.busy is not None and not self.busy.done():
+            self.busy.cancel()
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.busy is None:
+            self._parse()
+
+    def _parse(self) -> None:
+        while self.transport is not None:
+            if self.head is None:
+                end = self.buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                lines = bytes(self.buffer[:end]).split(b"\r\n")
+                del self.buffer[: end + 4]
+                headers = {}
+                for line in lines[1:]:
+                    name, _, value = line.partition(b":")
+                    headers[name.strip().lower()] = value.strip()
+                self.head = headers, int(headers.get(b"content-length", b"0"))
+            headers, length = self.head
+            if len(self.buffer) < length:
+                return
+            body = bytes(self.buffer[:length])
+            del self.buffer[:length]
+            self.head = None
+            if not self._answer(headers, body):
+                return
+
+    def _answer(self, headers: dict[bytes, bytes], body: bytes) -> bool:
+        """Answer now (True), or start a task that answers and resumes parsing (False)."""
+        assert self.transport is not None
+        latency = float(headers.get(b"x-bench-latency", b"0"))
+        is_ocr = body.startswith(b'{"model":"vision')
+        stream = not is_ocr and b'"stream":true' in body
+        if not stream and not is_ocr and not latency:
+            self.transport.write(PLAIN)
+            return True
+        self.busy = asyncio.get_running_loop().create_task(
+            self._slow(headers, latency, is_ocr, stream)
+        )
+        return False
+
+    async def _slow(
+        self, headers: dict[bytes, bytes], latency: float, is_ocr: bool, stream: bool
+    ) -> None:
+        transport = self.transport
+        assert transport is not None
+        if latency:
+            await asyncio.sleep(latency)
+        if is_ocr:
+            await asyncio.sleep(self.ocr_delay)
+            transport.write(OCR_ANSWER)
+        elif stream:
+            chunks = int(headers.get(b"x-bench-chunks", b"20"))
+            delay = float(headers.get(b"x-bench-delay", b"0"))
+            hold = float(headers.get(b"x-bench-hold", b"0"))
+            transport.write(STREAM_HEAD)
+            for i in range(chunks):
+                transport.write(CHUNK_FRAME)
+                if i == 0 and hold:
+                    await asyncio.sleep(hold)
+                if delay:
+                    await asyncio.sleep(delay)
+                elif i % 8 == 7:
+                    await asyncio.sleep(0)  # let other connections and the reader in
+                if transport.is_closing():
+                    return
+            transport.write(END_FRAME)
+        else:
+            transport.write(PLAIN)
+        self.busy = None
+        if self.buffer:
+            self._parse()
+
+
+def install_uvloop() -> str:
+    """Use uvloop for every new event loop when it is installed; return the loop's name."""
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+async def serve(ports: list[int], ocr_delay: float) -> None:
+    FakeUpstream.ocr_delay = ocr_delay
+    loop = asyncio.get_running_loop()
+    servers = [
+        await loop.create_server(FakeUpstream, "127.0.0.1", port, backlog=4096) for port in ports
+    ]
+    sys.stdout.write("READY\n")
+    sys.stdout.flush()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        for server in servers:
+            server.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.fake")
+    parser.add_argument("--port", type=int, action="append", required=True)
+    parser.add_argument("--ocr-delay", type=float, default=0.3)
+    args = parser.parse_args()
+    install_uvloop()
+    try:
+        asyncio.run(serve(args.port, args.ocr_delay))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

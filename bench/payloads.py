@@ -1,0 +1,52 @@
+"""Request bodies for the scenarios: small chats, streams, and chats carrying distinct images."""
+
+from __future__ import annotations
+
+import base64
+import os
+from typing import Any
+
+import orjson
+
+PLAIN_MODEL = "bench"
+OCR_MODEL = "bench-ocr"  # the proxy's `-ocr` suffix: images go to the fake OCR model
+QUESTION = "Summarise the attached material in three short bullet points, please."
+
+
+def image_url(size: int) -> str:
+    """A data URL of ``size`` bytes that no other call returns (random head, zero padding)."""
+    raw = b"\x89PNG\r\n\x1a\n" + os.urandom(16)
+    raw += bytes(max(0, size - len(raw)))
+    return "data:image/png;base64," + base64.b64encode(raw).decode()
+
+
+def chat(
+    model: str = PLAIN_MODEL, *, stream: bool = False, images: int = 0, size: int = 0
+) -> bytes:
+    """A one-message chat request; with ``images`` distinct images of ``size`` bytes each."""
+    content: Any = QUESTION
+    if images:
+        content = [{"type": "text", "text": QUESTION}]
+        content += [
+            {"type": "image_url", "image_url": {"url": image_url(size)}} for _ in range(images)
+        ]
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": content},
+        ],
+        "temperature": 0.2,
+    }
+    if stream:
+        body["stream"] = True
+    return orjson.dumps(body)
+
+
+def padded(size: int, *, stream: bool = False) -> bytes:
+    """A plain (no OCR) chat body of about ``size`` bytes: the same weight as an image request."""
+    base = chat(stream=stream)
+    filler = "x" * max(0, size - len(base) - 64)
+    body = orjson.loads(base)
+    body["messages"].insert(0, {"role": "user", "content": filler})
+    return orjson.dumps(body)

@@ -1,0 +1,514 @@
+"""The six scenarios of the suite. Each measures every target side by side in the same run,
+repeats (interleaved, so drift hits all targets alike) and keeps the median of the repeats.
+
+Each scenario returns ``{"rows": [...], "targets": [...], "raw": {...}}``: rows for the table
+(one metric per row, a column per target, then the ratio to the bare relay and the difference to
+direct), the issue's targets with the measured figure and whether it is met, and the raw data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import payloads
+from .harness import Bench
+from .stats import cpu_ns, median, peak_rss_kb, reset_peak, rss_kb
+
+TARGETS = ("direct", "relay", "proxy")
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    repeats: int = 3
+    wrk_seconds: float = 5.0
+    streams: int = 480  # streams per repeat in scenario 2
+    long_streams: int = 3  # 1,000-chunk streams per repeat
+    fanout: int = 2  # requests per repeat and image count in scenario 3
+    hits: int = 8  # cache-hit requests per repeat in scenario 4
+    idle_streams: int = 1000
+    burst: int = 64
+    burst_size: int = 5 * MB
+    mixed_seconds: float = 4.0
+    mixed_streams: int = 200
+    mixed_ocr: int = 50
+    concurrencies: tuple[int, ...] = (1, 16, 64)
+    spaced_chunks: int = 1000  # chunks per stream for the per-chunk CPU figure
+    mixed_delay: float = 0.05  # seconds between the chunks of scenario 6's streams
+    ocr_delay: float = 0.3  # the fake OCR model's latency
+
+
+QUICK = Settings(
+    wrk_seconds=1.0,
+    concurrencies=(1, 16),
+    streams=96,
+    long_streams=2,
+    spaced_chunks=300,
+    fanout=1,
+    hits=2,
+    burst=8,
+    idle_streams=200,
+    mixed_seconds=1.0,
+    mixed_delay=0.02,
+)
+# For the test suite's smoke run: the harness end to end in a few seconds, timings meaningless.
+SMOKE = Settings(
+    repeats=1,
+    wrk_seconds=1,
+    concurrencies=(16,),
+    spaced_chunks=100,
+    mixed_delay=0.005,
+    ocr_delay=0.05,
+    streams=20,
+    long_streams=1,
+    fanout=1,
+    hits=2,
+    idle_streams=20,
+    burst=4,
+    burst_size=256 * 1024,
+    mixed_seconds=0.5,
+    mixed_streams=10,
+    mixed_ocr=2,
+)
+
+Row = dict[str, Any]
+Result = dict[str, Any]
+
+
+def row(metric: str, values: dict[str, float], unit: str, *, higher_is_better: bool) -> Row:
+    """A table row: each target's median, then proxy ÷ relay and proxy − direct."""
+    out: Row = {"metric": metric, "unit": unit, **values}
+    if "proxy" in values and "relay" in values and values["relay"]:
+        out["proxy/relay"] = values["proxy"] / values["relay"]
+    if "proxy" in values and "direct" in values:
+        if higher_is_better and values["direct"]:
+            out["proxy/direct"] = values["proxy"] / values["direct"]
+        else:
+            out["proxy-direct"] = values["proxy"] - values["direct"]
+    return out
+
+
+def target(name: str, measured: float, limit: float, unit: str, *, at_most: bool) -> Row:
+    met = measured <= limit if at_most else measured >= limit
+    sign = "<=" if at_most else ">="
+    return {
+        "target": f"{name} {sign} {limit:g}{unit}",
+        "measured": round(measured, 4),
+        "unit": unit,
+        "met": met,
+    }
+
+
+def repeat(
+    s: Settings, names: Sequence[str], measure: Callable[[str], dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """Run ``measure(name)`` for each target, ``s.repeats`` times, interleaved."""
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for _ in range(s.repeats):
+        for name in names:
+            runs[name].append(measure(name))
+    return runs
+
+
+def med(runs: dict[str, list[dict[str, Any]]], *path: str) -> dict[str, float]:
+    """Median over the repeats of ``result[path[0]][path[1]]...`` for each target."""
+    out = {}
+    for name, results in runs.items():
+        values = []
+        for result in results:
+            value: Any = result
+            for key in path:
+                value = value[key]
+            values.append(float(value))
+        out[name] = median(values)
+    return out
+
+
+def errors(runs: dict[str, list[dict[str, Any]]]) -> int:
+    return sum(int(r.get("errors", 0)) for results in runs.values() for r in results)
+
+
+def passthrough(b: Bench, s: Settings) -> Result:
+    """Scenario 1: small non-streaming chat; req/s and latency at concurrency 1, 16, 64."""
+    rows: list[Row] = []
+    raw: dict[str, Any] = {}
+    targets: list[Row] = []
+    body = payloads.chat()
+    hit_body = payloads.chat(payloads.OCR_MODEL, images=1, size=2048)
+    hit_file = b.tmp / "ocr-hit.json"
+    hit_file.write_bytes(hit_body)
+    warm = {"kind": "sequential", "url": b.targets["proxy"].url, "n": 1, "warmup": 0}
+    b.client({**warm, "body": {"file": str(hit_file)}})  # the description is cached now
+
+    def measure(name: str, conns: int) -> dict[str, Any]:
+        if name == "ocr-hit":
+            return b.wrk(
+                b.targets["proxy"].url, hit_body, connections=conns, duration=s.wrk_seconds
+            )
+        return b.wrk(b.targets[name].url, body, connections=conns, duration=s.wrk_seconds)
+
+    for conns in s.concurrencies:
+        names = (*TARGETS, "ocr-hit") if conns == 16 else TARGETS
+        runs = repeat(s, names, lambda n, c=conns: measure(n, c))
+        raw[f"c{conns}"] = runs
+        rps, p50, p99 = med(runs, "rps"), med(runs, "p50_us"), med(runs, "p99_us")
+        hit = {"proxy": rps.pop("ocr-hit")} if "ocr-hit" in rps else None
+        p50.pop("ocr-hit", None), p99.pop("ocr-hit", None)
+        to_ms = lambda d: {k: v / 1000 for k, v in d.items()}  # noqa: E731
+        rows.append(row(f"c={conns} requests/s", rps, "req/s", higher_is_better=True))
+        rows.append(row(f"c={conns} p50 latency", to_ms(p50), "ms", higher_is_better=False))
+        rows.append(row(f"c={conns} p99 latency", to_ms(p99), "ms", higher_is_better=False))
+        if conns == 16 and hit is not None:
+            ratio = rps["proxy"] / rps["relay"]
+            targets.append(target("c=16 req/s ÷ bare relay", ratio, 0.8, "x", at_most=False))
+            hit_ratio = hit["proxy"] / rps["relay"]
+            rows.append(
+                {
+                    "metric": "c=16 OCR cache hit (1 small image) req/s",
+                    "unit": "req/s",
+                    "proxy": hit["proxy"],
+                    "proxy/relay": hit_ratio,
+                }
+            )
+            targets.append(
+                target("OCR cache hit c=16 req/s ÷ bare relay", hit_ratio, 0.5, "x", at_most=False)
+            )
+        if conns == 1:
+            added = (p50["proxy"] - p50["direct"]) / 1000
+            targets.append(target("c=1 added p50 over direct", added, 0.35, " ms", at_most=True))
+            raw["relay_added_p50_ms"] = (p50["relay"] - p50["direct"]) / 1000
+    raw["errors"] = sum(errors(raw[f"c{c}"]) for c in s.concurrencies)
+    return {"rows": rows, "targets": targets, "raw": raw}
+
+
+def streaming(b: Bench, s: Settings) -> Result:
+    """Scenario 2: 20-chunk SSE streams at concurrency 16; 1,000-chunk streams for per-chunk cost.
+
+    TTFB and time to [DONE] use streams whose chunks come ~2 ms apart (as tokens do), so the
+    server is not saturated and the figures are latencies, not queueing; streams/s (wrk) uses
+    back-to-back chunks, so it is the throughput ceiling.
+    """
+    rows: list[Row] = []
+    targets: list[Row] = []
+    headers = {"X-Bench-Chunks": "20", "X-Bench-Delay": "0.002"}  # tokens ~2 ms apart
+    runs = repeat(
+        s,
+        TARGETS,
+        lambda n: b.client(
+            {
+                "kind": "streams",
+                "url": b.targets[n].url,
+                "concurrency": 16,
+                "requests": s.streams,
+                "headers": headers,
+            }
+        ),
+    )
+    for key, label in (("ttfb", "time to first byte"), ("total", "time to [DONE]")):
+        for q in ("p50_ms", "p99_ms"):
+            rows.append(
+                row(f"c=16 {label} {q[:3]}", med(runs, key, q), "ms", higher_is_better=False)
+            )
+    ttfb = med(runs, "ttfb", "p50_ms")
+    targets.append(
+        target("added TTFB p50", ttfb["proxy"] - ttfb["direct"], 1.0, " ms", at_most=True)
+    )
+    body = payloads.chat(stream=True)
+    wrk_runs = repeat(
+        s,
+        TARGETS,
+        lambda n: b.wrk(
+            b.targets[n].url,
+            body,
+            connections=16,
+            duration=s.wrk_seconds,
+            headers={"X-Bench-Chunks": "20"},
+        ),
+    )
+    per_s = med(wrk_runs, "rps")
+    rows.append(row("c=16 streams/s (wrk)", per_s, "streams/s", higher_is_better=True))
+    targets.append(
+        target("streams/s ÷ bare relay", per_s["proxy"] / per_s["relay"], 0.9, "x", at_most=False)
+    )
+
+    long_runs = repeat(
+        s,
+        TARGETS,
+        lambda n: b.client(
+            {
+                "kind": "sequential",
+                "url": b.targets[n].url,
+                "n": s.long_streams,
+                "warmup": 0,
+                "body": {"chat": {"stream": True}},
+                "headers": {"X-Bench-Chunks": "1000"},
+            }
+        ),
+    )
+    done = med(long_runs, "total", "p50_ms")
+    rows.append(row("1,000 chunks back to back, to [DONE]", done, "ms", higher_is_better=False))
+    added_us = {n: (done[n] - done["direct"]) for n in ("relay", "proxy")}  # ms/1000 = µs
+    rows.append({"metric": "  per chunk, added over direct", "unit": "µs", **added_us})
+
+    def spaced(name: str) -> dict[str, Any]:
+        # chunks 1 ms apart, so each arrives alone: one read and one write per chunk
+        t = b.targets[name]
+        assert t.pid is not None
+        before = cpu_ns(t.pid)
+        result = b.client(
+            {
+                "kind": "streams",
+                "url": t.url,
+                "concurrency": 8,
+                "requests": 8,
+                "headers": {"X-Bench-Chunks": str(s.spaced_chunks), "X-Bench-Delay": "0.001"},
+            }
+        )
+        result["cpu_us_per_chunk"] = (cpu_ns(t.pid) - before) / 1000 / (9 * s.spaced_chunks)
+        return result
+
+    spaced_runs = repeat(s, ("relay", "proxy"), spaced)
+    cpu = med(spaced_runs, "cpu_us_per_chunk")
+    rows.append(
+        row(
+            f"CPU per chunk, 8 streams × {s.spaced_chunks:,} spaced chunks",
+            cpu,
+            "µs",
+            higher_is_better=False,
+        )
+    )
+    targets.append(
+        target("per-chunk relay cost (server CPU)", cpu["proxy"], 20, " µs", at_most=True)
+    )
+    raw = {"streams": runs, "wrk": wrk_runs, "long": long_runs, "spaced": spaced_runs}
+    raw["errors"] = errors(runs) + errors(wrk_runs) + errors(long_runs) + errors(spaced_runs)
+    return {"rows": rows, "targets": targets, "raw": raw}
+
+
+def fanout(b: Bench, s: Settings) -> Result:
+    """Scenario 3: one request with 1, 4, 16 distinct images, fake OCR latency 300 ms."""
+    counts = (1, 4, 16)
+    runs = repeat(
+        s,
+        [str(c) for c in counts],
+        lambda c: b.client(
+            {
+                "kind": "fanout",
+                "url": b.targets["proxy"].url,
+                "n": s.fanout,
+                "images": int(c),
+                "size": 16 * 1024,
+            }
+        ),
+    )
+    total = med(runs, "total", "p50_ms")
+    one = total["1"]
+    rows = [
+        {
+            "metric": f"{c} image(s): total time",
+            "unit": "ms",
+            "proxy": total[str(c)],
+            "÷ 1 image": total[str(c)] / one,
+        }
+        for c in counts
+    ]
+    rows.append(
+        {
+            "metric": "1 image minus fake OCR latency",
+            "unit": "ms",
+            "proxy": one - b.ocr_delay * 1000,
+        }
+    )
+    targets = [
+        target("4 images ÷ 1 image", total["4"] / one, 1.15, "x", at_most=True),
+        target("16 images ÷ 1 image", total["16"] / one, 1.5, "x", at_most=True),
+    ]
+    return {"rows": rows, "targets": targets, "raw": {"runs": runs, "errors": errors(runs)}}
+
+
+def cache_hit(b: Bench, s: Settings) -> Result:
+    """Scenario 4: 8 × 1 MB images, cache warm, vs a pass-through of a same-size plain body.
+
+    Times come from the plain proxy; event-loop stalls from a second, watched proxy
+    (``bench.loopwatch``) that gets the same requests.
+    """
+    ocr_spec = {"chat": {"model": payloads.OCR_MODEL, "images": 8, "size": MB}}
+    size = len(payloads.chat(payloads.OCR_MODEL, images=8, size=MB))
+    plain_spec = {"padded": size}
+    names = ("direct", "relay", "proxy", "proxy-ocr-hit", "stall-pass", "stall-ocr-hit")
+
+    def measure(name: str) -> dict[str, Any]:
+        # a fresh OCR body each repeat: its warm-up request fills the cache, then n hits
+        body = ocr_spec if name.endswith("ocr-hit") else plain_spec
+        if name.startswith("stall"):
+            url = b.watched().url
+            b.stall_ms()  # reset
+        else:
+            url = b.targets[name.removesuffix("-ocr-hit")].url
+        result = b.client({"kind": "sequential", "n": s.hits, "url": url, "body": body})
+        if name.startswith("stall"):
+            result["stall_wall_ms"], result["stall_cpu_ms"] = b.stall_ms()
+        return result
+
+    runs = repeat(s, names, measure)
+    total = med(runs, "total", "p50_ms")
+    hit, plain, direct = total["proxy-ocr-hit"], total["proxy"], total["direct"]
+    rows = [
+        row(
+            f"{size / MB:.1f} MB plain body, p50 time",
+            {k: total[k] for k in TARGETS},
+            "ms",
+            higher_is_better=False,
+        ),
+        {"metric": "same size, 8 × 1 MB images, OCR cache hit", "unit": "ms", "proxy": hit},
+        {"metric": "OCR cache hit − proxy pass-through", "unit": "ms", "proxy": hit - plain},
+        {"metric": "OCR cache hit − direct pass-through", "unit": "ms", "proxy": hit - direct},
+    ]
+    watched = {k: runs[k] for k in ("stall-pass", "stall-ocr-hit")}
+    stall = med(watched, "stall_cpu_ms")
+    wall = med(watched, "stall_wall_ms")
+    rows.append({"metric": "longest loop stall, wall clock (1 ms monitor)", "unit": "ms", **wall})
+    rows.append({"metric": "longest loop stall, bounded by proxy CPU", "unit": "ms", **stall})
+    targets = [
+        target(
+            "added for 8 MB of images (hit − pass-through)", hit - plain, 25, " ms", at_most=True
+        ),
+        target(
+            "longest loop stall (CPU-bound), OCR cache hit",
+            stall["stall-ocr-hit"],
+            10,
+            " ms",
+            at_most=True,
+        ),
+    ]
+    return {"rows": rows, "targets": targets, "raw": {"runs": runs, "errors": errors(runs)}}
+
+
+def memory(b: Bench, s: Settings) -> Result:
+    """Scenario 5: peak RSS under a burst of big-image requests; RSS per idle stream."""
+    rows: list[Row] = []
+    targets: list[Row] = []
+    servers = ("relay", "proxy")
+
+    # Every repeat gets a newly started server: a heap that an earlier burst already grew
+    # would hide the growth (freed memory is reused, not returned to the system).
+    def idle(name: str) -> dict[str, Any]:
+        with b.fresh(name) as t:
+            result = b.client(
+                {"kind": "idle", "url": t.url, "n": s.idle_streams, "hold": 30, "pid": t.pid}
+            )
+        grown = result["rss_held_kb"] - result["rss_before_kb"]
+        result["per_stream_kb"] = grown / max(1, result["streams"])
+        return result
+
+    def burst(name: str) -> dict[str, Any]:
+        with b.fresh(name) as t:
+            assert t.pid is not None
+            before = rss_kb(t.pid)
+            reset = reset_peak(t.pid)
+            spec: dict[str, Any] = {
+                "kind": "burst",
+                "url": t.url,
+                "concurrency": s.burst,
+                "size": s.burst_size,
+            }
+            if name == "relay":
+                spec["model"] = payloads.PLAIN_MODEL
+            result = b.client(spec)
+            result["rss_before_kb"] = before
+            result["peak_kb"] = peak_rss_kb(t.pid) if reset else float("nan")
+        return result
+
+    idle_runs = repeat(s, servers, idle)
+    per = med(idle_runs, "per_stream_kb")
+    rows.append({"metric": f"RSS per idle stream ({s.idle_streams} open)", "unit": "KB", **per})
+    targets.append(target("RSS per idle stream", per["proxy"], 50, " KB", at_most=True))
+
+    runs = repeat(s, servers, burst)
+    peak_mb = {k: v / 1024 for k, v in med(runs, "peak_kb").items()}
+    body_mb = runs["proxy"][0]["body_bytes"] / MB
+    limit = 3 * body_mb + 60
+    rows.append(
+        {
+            "metric": f"peak RSS, {s.burst} × {s.burst_size / MB:g} MB image requests",
+            "unit": "MB",
+            **peak_mb,
+            "proxy/relay": peak_mb["proxy"] / peak_mb["relay"],
+        }
+    )
+    rows.append(
+        {
+            "metric": "RSS at start",
+            "unit": "MB",
+            **{k: v / 1024 for k, v in med(runs, "rss_before_kb").items()},
+        }
+    )
+    rows.append({"metric": "in-flight body bytes", "unit": "MB", "proxy": body_mb})
+    grown = peak_mb["proxy"] - median([r["rss_before_kb"] / 1024 for r in runs["proxy"]])
+    rows.append(
+        {"metric": "peak growth per request ÷ its body", "unit": "x", "proxy": grown / body_mb}
+    )
+    targets.append(
+        target("peak RSS (3 × body + 60 MB)", peak_mb["proxy"], limit, " MB", at_most=True)
+    )
+    raw = {"burst": runs, "idle": idle_runs, "errors": errors(runs)}
+    raw["errors"] += sum(s.idle_streams - r["streams"] for r in idle_runs["proxy"])
+    return {"rows": rows, "targets": targets, "raw": raw}
+
+
+def mixed(b: Bench, s: Settings) -> Result:
+    """Scenario 6: 200 concurrent streams, alone and beside 50 OCR requests (cache misses).
+
+    The streams pace their 20 chunks 50 ms apart, like a model emitting tokens, so the proxy is
+    busy but not saturated by the streams alone; each OCR request carries a fresh 256 KB image.
+    """
+    names = ("direct streams-only", "streams-only", "streams+ocr")
+
+    def measure(name: str) -> dict[str, Any]:
+        target = "direct" if name.startswith("direct") else "proxy"
+        return b.client(
+            {
+                "kind": "mixed",
+                "headers": {"X-Bench-Chunks": "20", "X-Bench-Delay": str(s.mixed_delay)},
+                "url": b.targets[target].url,
+                "duration": s.mixed_seconds,
+                "streams": s.mixed_streams,
+                "ocr": s.mixed_ocr if name == "streams+ocr" else 0,
+                "size": 256 * 1024,
+            }
+        )
+
+    runs = repeat(s, names, measure)
+    p50 = med(runs, "streams", "ttfb", "p50_ms")
+    p99 = med(runs, "streams", "ttfb", "p99_ms")
+    rate = med(runs, "streams", "per_s")
+    ocr_rate = median([r["ocr"]["per_s"] for r in runs["streams+ocr"]])
+    rows = [
+        {"metric": "plain stream TTFB p50", "unit": "ms", **p50},
+        {"metric": "plain stream TTFB p99", "unit": "ms", **p99},
+        {"metric": "plain streams/s", "unit": "streams/s", **rate},
+        {"metric": "OCR requests/s meanwhile", "unit": "req/s", "streams+ocr": ocr_rate},
+    ]
+    ratio = p99["streams+ocr"] / p99["streams-only"]
+    targets = [
+        {
+            "target": "stream TTFB p99 with OCR ÷ streams only (no numeric target; ~1 = unharmed)",
+            "measured": round(ratio, 3),
+            "unit": "x",
+            "met": None,
+        }
+    ]
+    errs = sum(r["streams"]["errors"] + r["ocr"]["errors"] for v in runs.values() for r in v)
+    return {"rows": rows, "targets": targets, "raw": {"runs": runs, "errors": errs}}
+
+
+SCENARIOS: dict[str, Callable[[Bench, Settings], Result]] = {
+    "1-passthrough": passthrough,
+    "2-streaming": streaming,
+    "3-ocr-fanout": fanout,
+    "4-cache-hit": cache_hit,
+    "5-memory": memory,
+    "6-mixed": mixed,
+}
