@@ -56,7 +56,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                 columns.append(key)
     header = ["metric", "unit", *columns]
     cells = [[_fmt(r.get(c, "")) for c in header] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     for c in cells:

@@ -1,4 +1,4 @@
-"""The six scenarios of the suite. Each measures every target side by side in the same run,
+"""The scenarios of the suite. Each measures every target side by side in the same run,
 repeats (interleaved, so drift hits all targets alike) and keeps the median of the repeats.
 
 Each scenario returns ``{"rows": [...], "targets": [...], "raw": {...}}``: rows for the table
@@ -8,9 +8,13 @@ direct), the issue's targets with the measured figure and whether it is met, and
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from . import payloads
 from .harness import Bench
@@ -504,6 +508,80 @@ def mixed(b: Bench, s: Settings) -> Result:
     return {"rows": rows, "targets": targets, "raw": {"runs": runs, "errors": errs}}
 
 
+def local_ocr(b: Bench, s: Settings) -> Result:
+    """Scenario 7: the built-in Tesseract engine (``bench/local_ocr.py``, in its own process,
+    unpinned): seconds per image and character error rate for four rendered images, then images/s
+    with one and with two engine threads. Skipped (no rows) when the engine is not installed."""
+    del b  # no servers: the engine is measured as the proxy calls it, without HTTP around it
+    repeats, batch = (1, 2) if s is SMOKE else (s.repeats, 12)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.local_ocr",
+            "--json",
+            "--repeat",
+            str(repeats),
+            "--batch",
+            str(batch),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["failed"])[-1]
+        return {
+            "rows": [{"metric": f"skipped: {reason}", "unit": ""}],
+            "targets": [],
+            "raw": {"errors": 0 if "unavailable" in reason else 1, "stderr": done.stderr},
+        }
+    result = orjson.loads(done.stdout)
+    rows = [
+        {
+            "metric": f"{name}: seconds per image (1 thread)",
+            "unit": "s",
+            "local": row["s_per_image"],
+        }
+        for name, row in result["latency"].items()
+    ]
+    rows += [
+        {
+            "metric": f"{name}: character error rate",
+            "unit": "%",
+            "local": round(row["cer"] * 100, 2),
+        }
+        for name, row in result["latency"].items()
+    ]
+    rows += [
+        {
+            "metric": f"mixed batch, {row['threads']} thread(s)",
+            "unit": "images/s",
+            "local": row["images_per_s"],
+        }
+        for row in result["throughput"]
+    ]
+    rows.append(
+        {"metric": "speed-up with 2 threads", "unit": "x", "local": result["speedup_2_threads"]}
+    )
+    screenshot_cer = result["latency"]["screenshot"]["cer"] * 100
+    targets = [
+        {
+            "target": "local OCR, 1280x720 screenshot CER <= 2 %",
+            "measured": round(screenshot_cer, 2),
+            "unit": "%",
+            "met": screenshot_cer <= 2,
+        },
+        {
+            "target": "local OCR images/s, 2 threads ÷ 1 (no numeric target; ~2 = parallel)",
+            "measured": result["speedup_2_threads"],
+            "unit": "x",
+            "met": None,
+        },
+    ]
+    return {"rows": rows, "targets": targets, "raw": {"result": result, "errors": 0}}
+
+
 SCENARIOS: dict[str, Callable[[Bench, Settings], Result]] = {
     "1-passthrough": passthrough,
     "2-streaming": streaming,
@@ -511,4 +589,5 @@ SCENARIOS: dict[str, Callable[[Bench, Settings], Result]] = {
     "4-cache-hit": cache_hit,
     "5-memory": memory,
     "6-mixed": mixed,
+    "7-local-ocr": local_ocr,
 }

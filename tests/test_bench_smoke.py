@@ -22,7 +22,15 @@ import pytest
 from tests.conftest import require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ["1-passthrough", "2-streaming", "3-ocr-fanout", "4-cache-hit", "5-memory", "6-mixed"]
+SCENARIOS = [
+    "1-passthrough",
+    "2-streaming",
+    "3-ocr-fanout",
+    "4-cache-hit",
+    "5-memory",
+    "6-mixed",
+    "7-local-ocr",
+]
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +103,9 @@ def test_no_process_outlives_the_run(report: dict[str, Any]) -> None:
     assert len(report["pids"]) >= 4  # fakes, relay, proxy, watched proxy
     for pid in report["pids"]:
         assert not os.path.exists(f"/proc/{pid}"), pid
+
+
+def test_local_ocr_scenario_reads_text(report: dict[str, Any]) -> None:
+    rows = {r["metric"]: r["local"] for r in report["scenarios"]["7-local-ocr"]["rows"]}
+    assert rows["screenshot: character error rate"] <= 2.0
+    assert rows["mixed batch, 1 thread(s)"] > 0 and rows["mixed batch, 2 thread(s)"] > 0
