@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from bench.local_ocr import cer
 from ocrproxy import cli, config, local
 from tests import fakes
 from tests.conftest import ProxyFactory, chat, missing
@@ -57,18 +58,6 @@ async def engine() -> AsyncIterator[local.Engine]:
     eng = local.Engine(config.OcrLocal())
     yield eng
     eng.close()
-
-
-def cer(expected: str, got: str) -> float:
-    """Character error rate: edit distance over the expected length, whitespace runs as one."""
-    a, b = " ".join(expected.split()), " ".join(got.split())
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1] / max(1, len(a))
 
 
 def _within(needle: str, line: str) -> int:
