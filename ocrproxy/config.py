@@ -197,6 +197,9 @@ def validate(cfg: Config) -> Config:
     if not cfg.upstreams:
         raise ConfigError("`$.upstreams` must list at least one upstream")
     for i, up in enumerate(cfg.upstreams):
+        for key in ("base_url", "api_key", "name"):
+            if _CONTROL.search(getattr(up, key)):  # a CRLF env file: every request would fail
+                raise ConfigError(f"`$.upstreams[{i}].{key}` contains a control character")
         if not up.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"`$.upstreams[{i}].base_url` must start with http:// or https://")
         if not up.models:
@@ -227,6 +230,8 @@ def validate(cfg: Config) -> Config:
     if cfg.cache.max_entries < 0 or cfg.cache.max_bytes < 0 or cfg.cache.ttl_s <= 0:
         raise ConfigError("`$.cache` limits must be non-negative and ttl_s positive")
     _validate_deploy(cfg)
+    if any(_CONTROL.search(k) for k in cfg.auth.keys):
+        raise ConfigError("`$.auth.keys` must not contain control characters")
     if any(not k for k in cfg.auth.keys):
         raise ConfigError("`$.auth.keys` must not contain an empty key")
     spends_money = any(up.api_key for up in cfg.upstreams)
@@ -239,6 +244,7 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LANGUAGE = re.compile(r"^[A-Za-z0-9_]+$")
 
 

@@ -48,7 +48,8 @@ _FORWARDED = ("X-Forwarded-For", "X-Real-IP", "Forwarded")
 class Metrics:
     """The proxy's collectors, in their own registry (or in shared files for several workers)."""
 
-    def __init__(self) -> None:
+    def __init__(self, models: frozenset[str] = frozenset()) -> None:
+        self.models = models  # OCR model names that may be labels; any other is "other"
         self.registry = CollectorRegistry()
         self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         if self.multiprocess:
@@ -116,6 +117,9 @@ class Metrics:
         self.cache.labels(tier, result).inc()
 
     def ocr_call(self, model: str, ok: bool, seconds: float) -> None:
+        # The OCR model is the client's string: only configured names become label values, so
+        # a client can neither grow the series without bound nor write into the scrape.
+        model = model if model in self.models else "other"
         self.ocr_calls.labels(model, "ok" if ok else "error").inc()
         self.ocr_latency.labels(model).observe(seconds)
 
@@ -236,9 +240,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 def install(app: web.Application) -> None:
     """Add counting (and, without a metrics port, the operator routes) to the main app."""
-    app[METRICS] = Metrics()
+    cfg = app[handlers.CONFIG]
+    literal = {p for up in cfg.upstreams for p in up.models if not any(c in p for c in "*?[")}
+    app[METRICS] = Metrics(frozenset({cfg.ocr.model, cfg.ocr.local_alias, *literal}))
     app.on_response_prepare.append(_count_stream)
-    if not app[handlers.CONFIG].server.metrics_port:
+    if not cfg.server.metrics_port:
         app.router.add_get("/metrics", metrics_handler)
         app.router.add_get("/readyz", readyz)
 

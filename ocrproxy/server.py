@@ -13,6 +13,7 @@ drains its requests for ``shutdown_timeout`` seconds and exits; the supervisor w
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -32,6 +33,16 @@ from . import __version__, config, logs
 from .metrics import MULTIPROC_ENV
 
 log = logging.getLogger("ocrproxy")
+
+PR_SET_PDEATHSIG = 1
+# Workers that die more often than this are not a hiccup: the supervisor exits (non-zero) and
+# leaves the decision to systemd's Restart= and its start limit.
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
+
+
+class CannotListen(Exception):
+    """Binding a listening socket failed (the port is taken, the address is not ours...)."""
 
 
 def sd_notify(state: str) -> bool:
@@ -90,7 +101,11 @@ async def _serve(
     try:
         for runner, (host, port) in zip(runners, addresses, strict=True):
             await runner.setup()
-            await web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=1024).start()
+            site = web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=1024)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise CannotListen(str(exc)) from None
         ready()
         await stop.wait()
         stopping()
@@ -110,15 +125,29 @@ def _run_worker(
     _event_loop_policy()
     try:
         asyncio.run(_serve(cfg, reuse_port, ready, stopping))
-    except OSError as exc:  # the port is taken, the address is not ours...
+    except CannotListen as exc:
         log.error("cannot listen: %s", exc)
+        raise SystemExit(1) from None
+    except OSError as exc:  # the cache directory, a file the config names...
+        log.error("cannot start: %s", exc)
         raise SystemExit(1) from None
     # Drained and about to exit: a repeated SIGTERM must not turn a clean exit into a kill.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _worker_main(cfg: config.Config, ready: Any) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Have Linux send SIGTERM (a drain) to this worker if the supervisor dies first."""
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent:  # it died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker_main(cfg: config.Config, ready: Any, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; SIGTERM drains
+    _die_with_parent(parent)
     _run_worker(cfg, True, lambda: ready.put(os.getpid()))
 
 
@@ -169,7 +198,10 @@ class Supervisor:
 
     def _start(self) -> Any:
         proc = self.ctx.Process(
-            target=_worker_main, args=(self.cfg, self.ready), name="ocrproxy-worker", daemon=False
+            target=_worker_main,
+            args=(self.cfg, self.ready, os.getpid()),
+            name="ocrproxy-worker",
+            daemon=False,
         )
         proc.start()
         return proc
@@ -207,6 +239,7 @@ class Supervisor:
         from prometheus_client import multiprocess
 
         last_restart = 0.0
+        restarts: list[float] = []
         while not self.stopping:
             multiprocessing.connection.wait([p.sentinel for p in self.workers], timeout=0.5)
             for i, proc in enumerate(self.workers):
@@ -214,6 +247,13 @@ class Supervisor:
                     continue
                 log.error("worker %d exited with %s; starting another", proc.pid, proc.exitcode)
                 multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
+                now = time.monotonic()
+                restarts = [t for t in restarts if t > now - RESTART_WINDOW_S] + [now]
+                if len(restarts) > MAX_RESTARTS:
+                    raise SystemExit(
+                        f"ocrproxy: workers died {len(restarts)} times in "
+                        f"{RESTART_WINDOW_S:g} s; giving up"
+                    )
                 time.sleep(max(0.0, last_restart + 1.0 - time.monotonic()))
                 last_restart = time.monotonic()
                 self.workers[i] = self._start()

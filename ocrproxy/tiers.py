@@ -4,18 +4,21 @@ Theory of operation: a tier is a second chance before paying for an OCR call. It
 make a request fail or hang: every error or slow answer is logged as a warning (tagged with the
 request id) and treated as a miss, and the request goes on with the memory tier alone.
 
-- ``SqliteTier`` keeps descriptions in one file so they survive restarts. Every call runs on one
-  dedicated thread that owns the connection, so the event loop never blocks on disk. WAL mode
-  and a busy timeout let several worker processes share the file. The table is bounded:
-  expired rows and, past ``max_entries``, the least recently used ones are deleted as new rows
-  arrive. "Recently used" is kept to ``touch_after_s``, so most reads take no write lock.
+- ``SqliteTier`` keeps descriptions in one file so they survive restarts. Reads run on one
+  dedicated thread and connection, writes on another, so the event loop never blocks on disk and
+  (WAL mode) a write waiting for another process's lock delays no lookup. A busy timeout lets
+  several worker processes share the file. The table is bounded: expired rows and, past
+  ``max_entries``, the least recently used ones are deleted as new rows arrive. "Recently used"
+  is kept to ``touch_after_s``, so most reads take no write lock; the touch is queued on the
+  write thread and never turns a hit into a miss.
 - ``RedisTier`` is shared by every instance. Values carry a TTL. On a miss, ``get`` *claims*
   the key with a short lock (``SET NX PX``) so other instances wait for this one's answer
   instead of paying for the same image; a waiter polls until the value appears, the claim is
   released (the holder failed) or expires (the holder crashed), and then claims it itself. The
-  lock lives as long as one OCR call may take, so a crashed holder blocks nobody past the OCR
-  timeout. After a Redis failure the tier is skipped for ``retry_s`` seconds, then tried again:
-  the client's pool reconnects by itself.
+  holder renews its claim while it works (waiting for a concurrency slot, retrying), so a live
+  holder never loses it, and a crashed one blocks nobody past ``lock_s``. A claim is always
+  released, even while the tier is marked down. After a Redis failure the tier is skipped for
+  ``retry_s`` seconds, then tried again: the client's pool reconnects by itself.
 """
 
 from __future__ import annotations
@@ -75,16 +78,30 @@ class SqliteTier:
         self.touch_after_s = touch_after_s
         self._clock = clock
         self._writes = 0
-        self._conn: sqlite3.Connection | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ocrproxy-sqlite")
+        # Reads and writes on separate threads and connections: in WAL mode a reader never
+        # waits for a writer, so a write stuck on another process's lock delays no lookup.
+        self._conns: dict[str, sqlite3.Connection] = {}
+        self._threads = {
+            role: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ocrproxy-sqlite-{role}")
+            for role in ("read", "write")
+        }
+        self._touches: set[asyncio.Future[None]] = set()
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _submit(
+        self, fn: Callable[[sqlite3.Connection], T], role: str = "write"
+    ) -> asyncio.Future[T]:
+        """Queue ``fn`` on the role's thread now (so calls keep their order)."""
+
         def call() -> T:
-            if self._conn is None:
-                self._conn = self._connect()
-            return fn(self._conn)
+            conn = self._conns.get(role)
+            if conn is None:
+                conn = self._conns[role] = self._connect()
+            return fn(conn)
 
-        return await asyncio.get_running_loop().run_in_executor(self._thread, call)
+        return asyncio.get_running_loop().run_in_executor(self._threads[role], call)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], role: str = "write") -> T:
+        return await self._submit(fn, role)
 
     def _connect(self) -> sqlite3.Connection:
         directory = os.path.dirname(self.path)
@@ -106,22 +123,34 @@ class SqliteTier:
     async def get(self, key: bytes) -> Description | None:
         now = self._clock()
 
-        def read(conn: sqlite3.Connection) -> bytes | None:
+        def read(conn: sqlite3.Connection) -> tuple[bytes, float] | None:
             row = conn.execute(
                 "SELECT value, used FROM descriptions WHERE key = ? AND expires > ?", (key, now)
             ).fetchone()
-            if row is None:
-                return None
-            if row[1] < now - self.touch_after_s:  # a read rarely needs the write lock
-                conn.execute("UPDATE descriptions SET used = ? WHERE key = ?", (now, key))
-            return bytes(row[0])
+            return None if row is None else (bytes(row[0]), row[1])
 
         try:
-            data = await self._run(read)
+            found = await self._run(read, "read")
         except sqlite3.Error as exc:
             log.warning("sqlite cache read failed, using memory only: %s", exc)
             return None
+        if found is None:
+            return None
+        data, used = found
+        if used < now - self.touch_after_s:  # rarely; never delays (or spoils) the hit
+            self._touch(key, now)
         return _decode(data, self.name)
+
+    def _touch(self, key: bytes, now: float) -> None:
+        def touch(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute("UPDATE descriptions SET used = ? WHERE key = ?", (now, key))
+            except sqlite3.Error as exc:
+                log.debug("sqlite cache touch skipped: %s", exc)
+
+        job = self._submit(touch)
+        self._touches.add(job)
+        job.add_done_callback(self._touches.discard)
 
     async def set(self, key: bytes, value: Description, ttl_s: float) -> None:
         now = self._clock()
@@ -173,14 +202,12 @@ class SqliteTier:
         return True
 
     async def close(self) -> None:
-        def shut(_: sqlite3.Connection) -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        if self._conn is not None:
-            await self._run(shut)
-        self._thread.shutdown(wait=False)  # idle now: the connection is closed
+        await asyncio.gather(*self._touches, return_exceptions=True)
+        for role, thread in self._threads.items():
+            conn = self._conns.pop(role, None)
+            if conn is not None:
+                await asyncio.get_running_loop().run_in_executor(thread, conn.close)
+            thread.shutdown(wait=False)  # idle now: the connection is closed
 
 
 def _decode(data: bytes | None, tier: str) -> Description | None:
@@ -197,6 +224,12 @@ def _decode(data: bytes | None, tier: str) -> Description | None:
 # claim another instance took after it expired.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
 
@@ -231,7 +264,8 @@ class RedisTier:
             health_check_interval=30,
         )
         self._release = self.client.register_script(_RELEASE)
-        self._claims: dict[bytes, str] = {}
+        self._extend = self.client.register_script(_EXTEND)
+        self._claims: dict[bytes, tuple[str, asyncio.Task[None]]] = {}
         self._down_until = 0.0
         self.token_base = secrets.token_hex(8)
 
@@ -271,7 +305,6 @@ class RedisTier:
             return None
         value_key, lock_key = self._value_key(key), self._lock_key(key)
         token = f"{self.token_base}:{secrets.token_hex(4)}"
-        deadline = time.monotonic() + self.lock_s + self.timeout_s
         delay = self.poll_s
         try:
             while True:
@@ -283,32 +316,45 @@ class RedisTier:
                     lambda: self.client.set(lock_key, token, nx=True, px=int(self.lock_s * 1000)),
                 )
                 if claimed:
-                    self._claims[key] = token
-                    return None
-                if time.monotonic() >= deadline:
+                    renew = asyncio.get_running_loop().create_task(self._renew(lock_key, token))
+                    self._claims[key] = (token, renew)
                     return None
                 await asyncio.sleep(delay)
                 delay = min(delay * 1.5, 0.5)
         except _Unavailable:
             return None
 
+    async def _renew(self, lock_key: str, token: str) -> None:
+        """Keep our claim alive while the OCR call runs (it may wait for a slot, or retry)."""
+        while True:
+            await asyncio.sleep(self.lock_s / 3)
+            try:
+                await self._call(
+                    "renew",
+                    lambda: self._extend(keys=[lock_key], args=[token, int(self.lock_s * 1000)]),
+                )
+            except _Unavailable:
+                pass
+
     async def set(self, key: bytes, value: Description, ttl_s: float) -> None:
-        if self.down:
-            return
-        value_key = self._value_key(key)
-        try:
-            await self._call(
-                "set", lambda: self.client.set(value_key, dump(value), px=int(ttl_s * 1000))
-            )
-        except _Unavailable:
-            return
+        if not self.down:
+            value_key = self._value_key(key)
+            try:
+                await self._call(
+                    "set", lambda: self.client.set(value_key, dump(value), px=int(ttl_s * 1000))
+                )
+            except _Unavailable:
+                pass
         await self.release(key)
 
     async def release(self, key: bytes) -> None:
-        """Drop this process's claim on ``key``, if it holds one."""
-        token = self._claims.pop(key, None)
-        if token is None or self.down:
+        """Drop this process's claim on ``key``, if it holds one (tried even while marked
+        down: a claim left behind would make other instances wait out the whole lock)."""
+        claim = self._claims.pop(key, None)
+        if claim is None:
             return
+        token, renew = claim
+        renew.cancel()
         lock_key = self._lock_key(key)
         try:
             await self._call("release", lambda: self._release(keys=[lock_key], args=[token]))
@@ -323,6 +369,8 @@ class RedisTier:
         return True
 
     async def close(self) -> None:
+        for _, renew in self._claims.values():
+            renew.cancel()
         await self.client.aclose()
 
 
