@@ -40,7 +40,7 @@ SECRETS = web.AppKey("secrets", tuple[bytes, ...])  # redacted from relayed erro
 REDIRECTING_FIELDS = ("api_base", "base_url", "api_key", "azure_endpoint", "api_version")
 
 
-@dataclass
+@dataclass(slots=True)
 class Trace:
     """What the access log line says about one request."""
 
