@@ -143,15 +143,22 @@ class DescriptionCache:
     def in_flight(self) -> int:
         return len(self._flights)
 
+    def get_memory(self, key: bytes) -> Description | None:
+        """The description held in memory for ``key``, counted as a hit; None (not counted) if
+        there is none, for ``get_or_create`` to look up and count."""
+        hit = self.lru.get(key)
+        if hit is not None:
+            self.stats.hits += 1
+            self._count("memory", "hit")
+        return hit
+
     async def get_or_create(
         self, key: bytes, create: Callable[[], Awaitable[Description]]
     ) -> tuple[Description, bool]:
         """Return ``(description, was_cached)``; ``was_cached`` is False only for the caller
         whose flight actually called ``create``."""
-        hit = self.lru.get(key)
+        hit = self.get_memory(key)
         if hit is not None:
-            self.stats.hits += 1
-            self._count("memory", "hit")
             return hit, True
         flight = self._flights.get(key)
         joined = flight is not None

@@ -169,19 +169,29 @@ class Describer:
             auth = upstream.auth_header(client_headers, up, relay_auth=not self.client_keys)
             key_model = model
             create = functools.partial(self._call, model=model, up=up, auth=auth)
-        outcomes: dict[bytes, Outcome] = {}
-        try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [
-                    group.create_task(self._one(image, model, key_model, create))
-                    for image in distinct.values()
-                ]
-        except BaseExceptionGroup as group_error:
-            # Under `fail` the first failure cancelled the rest: report that one.
-            raise group_error.exceptions[0] from None
-        for task in tasks:
-            outcome = task.result()
-            outcomes[outcome.digest] = outcome
+        # Memory hits are answered here, without a task each (the usual case for a chat that
+        # sends its images again every turn); the rest are looked up and described at once.
+        found: dict[bytes, Outcome | None] = {}
+        for digest, image in distinct.items():
+            hit = None
+            if image.error is None:
+                hit = self.cache.get_memory(self.key(key_model, digest))
+            found[digest] = None if hit is None else Outcome(digest, hit, True)
+        pending = [distinct[digest] for digest, outcome in found.items() if outcome is None]
+        if pending:
+            try:
+                async with asyncio.TaskGroup() as group:
+                    tasks = [
+                        group.create_task(self._one(image, model, key_model, create))
+                        for image in pending
+                    ]
+            except BaseExceptionGroup as group_error:
+                # Under `fail` the first failure cancelled the rest: report that one.
+                raise group_error.exceptions[0] from None
+            for task in tasks:
+                outcome = task.result()
+                found[outcome.digest] = outcome
+        outcomes = {digest: outcome for digest, outcome in found.items() if outcome is not None}
         return OcrReport(model, outcomes, (time.monotonic() - started) * 1000)
 
     async def _one(

@@ -40,7 +40,7 @@ SECRETS = web.AppKey("secrets", tuple[bytes, ...])  # redacted from relayed erro
 REDIRECTING_FIELDS = ("api_base", "base_url", "api_key", "azure_endpoint", "api_version")
 
 
-@dataclass
+@dataclass(slots=True)
 class Trace:
     """What the access log line says about one request."""
 
@@ -186,26 +186,28 @@ async def ocr_chat(
     stream = _field(obj, "stream") is True
 
     loop = asyncio.get_running_loop()
-    ocr_task = loop.create_task(_describe(request, scan.images, ocr_model))
     response: web.StreamResponse | None = None
-    try:
-        if stream and scan.images:
+    if not (stream and scan.images):  # nothing to keep alive meanwhile: no task needed
+        report = await _describe(request, scan.images, ocr_model)
+    else:
+        ocr_task = loop.create_task(_describe(request, scan.images, ocr_model))
+        try:
             done, _ = await asyncio.wait({ocr_task}, timeout=cfg.ocr.keepalive_after_s)
             if not done:
                 early = _ocr_headers(None, ocr_model)
                 early["X-OCR-Images"] = str(len({im.digest for im in scan.images}))
                 response = await relay.start_sse(request, early)
                 await relay.keep_alive(response, ocr_task, cfg.ocr.keepalive_interval_s)
-        report = await ocr_task
-    except ProxyError as exc:
-        if response is None:
-            raise
-        await response.write(relay.error_event(exc))
-        await response.write_eof()
-        return response
-    finally:
-        if not ocr_task.done():
-            ocr_task.cancel()
+            report = await ocr_task
+        except ProxyError as exc:
+            if response is None:
+                raise
+            await response.write(relay.error_event(exc))
+            await response.write_eof()
+            return response
+        finally:
+            if not ocr_task.done():
+                ocr_task.cancel()
 
     trace.images, trace.cache_hits = report.images, report.cache_hits
     trace.ocr_failures, trace.ocr_ms = report.failures, round(report.ms, 1)

@@ -11,6 +11,7 @@ the error middleware; an upstream's own error statuses are relayed untouched by 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -143,8 +144,12 @@ def response_headers(incoming: Mapping[str, str]) -> CIMultiDict[str]:
     return out
 
 
+@functools.lru_cache(maxsize=256)
 def timeout(up: config.Upstream) -> aiohttp.ClientTimeout:
-    """No total limit (long streams are healthy); bounded connect and idle read."""
+    """No total limit (long streams are healthy); bounded connect and idle read.
+
+    Cached: the config is frozen and a ClientTimeout is immutable.
+    """
     return aiohttp.ClientTimeout(
         total=None, sock_connect=up.connect_timeout_s, sock_read=up.read_timeout_s
     )
