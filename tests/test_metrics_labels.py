@@ -11,10 +11,10 @@ from tests.conftest import ProxyFactory, chat
 from tests.fakes import FakeOpenAI, data_url, image_part
 
 
-async def test_client_chosen_ocr_model_names_become_unbounded_metric_labels(
+async def test_client_chosen_ocr_model_names_do_not_become_metric_labels(
     make_proxy: ProxyFactory, fake: FakeOpenAI
 ) -> None:
-    """`ocr_model` is the client's string; with the default upstream (`models = ["*"]`) every
+    """Guards against this: `ocr_model` is the client's string; with the default upstream (`models = ["*"]`) every
     string routes, and Metrics.ocr_call() labels two collectors with it. Each new name is a
     new time series that lives until restart: one client can grow the proxy's memory and every
     scrape without bound (or fill the label with whatever it likes)."""

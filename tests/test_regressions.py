@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import orjson
+import pytest
 from aiohttp import web
 
 from ocrproxy import config
@@ -255,81 +256,64 @@ async def test_compressed_upstream_error_echoing_the_key_is_redacted(
     assert "sk-upstream-secret" not in await r.text()  # r.text() decompresses
 
 
+async def _dying(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A raw HTTP upstream that reads the request, promises 1000 bytes, sends 14, and hangs up."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    await reader.readexactly(length)
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        b'{"id":"partial'
+    )
+    await writer.drain()
+    writer.close()
+
+
+@pytest.fixture
+async def dying_port():
+    server = await asyncio.start_server(_dying, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+
+
 async def test_plain_upstream_body_dying_after_keepalive_ends_the_stream_cleanly(
-    aiohttp_client, fake
+    aiohttp_client, fake, dying_port
 ):
     # After the 200 + SSE headers are committed, the upstream answers plain JSON and dies
-    # mid-body. relay_into's `await source.read()` is not guarded: the ClientPayloadError
-    # reaches the middleware, which builds a 500 for a response that is already on the wire.
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(
-            int(line.split(b":")[1])
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-length:")
-        )
-        await reader.readexactly(length)
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
-            b'{"id":"partial'
-        )
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        cfg = config.from_mapping(
-            {
-                "upstreams": [
-                    {
-                        "name": "real",
-                        "base_url": f"http://127.0.0.1:{port}/v1",
-                        "models": ["dying*"],
-                    },
-                    {"name": "fake", "base_url": fake.url},
-                ],
-                "ocr": {"model": "vision-1", "keepalive_after_s": 0.1, "keepalive_interval_s": 0.1},
-            },
-            env={},
-        )
-        proxy = await aiohttp_client(create_app(cfg))
-        fake.ocr_delay = 0.4
-        r = await proxy.post(URL, json=chat("dying-ocr", image_part(data_url("k")), stream=True))
-        assert r.status == 200
-        raw = await asyncio.wait_for(r.read(), 5)  # a clean end, not a broken connection
-        events = sse_events(raw)
-        assert "error" in orjson.loads(events[-1])
-    finally:
-        server.close()
-        await server.wait_closed()
+    # mid-body: the client must get an error event and a clean end, not a hang.
+    cfg = config.from_mapping(
+        {
+            "upstreams": [
+                {
+                    "name": "real",
+                    "base_url": f"http://127.0.0.1:{dying_port}/v1",
+                    "models": ["dying*"],
+                },
+                {"name": "fake", "base_url": fake.url},
+            ],
+            "ocr": {"model": "vision-1", "keepalive_after_s": 0.1, "keepalive_interval_s": 0.1},
+        },
+        env={},
+    )
+    proxy = await aiohttp_client(create_app(cfg))
+    fake.ocr_delay = 0.4
+    r = await proxy.post(URL, json=chat("dying-ocr", image_part(data_url("k")), stream=True))
+    assert r.status == 200
+    raw = await asyncio.wait_for(r.read(), 5)  # a clean end, not a broken connection
+    assert "error" in orjson.loads(sse_events(raw)[-1])
 
 
-async def test_plain_upstream_body_dying_before_relay_is_a_502_not_a_500(aiohttp_client):
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(
-            int(line.split(b":")[1])
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-length:")
-        )
-        await reader.readexactly(length)
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
-            b'{"id":"partial'
-        )
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        cfg = config.from_mapping(
-            {"upstreams": [{"name": "u", "base_url": f"http://127.0.0.1:{port}/v1"}]}, env={}
-        )
-        proxy = await aiohttp_client(create_app(cfg))
-        r = await proxy.post(URL, json=chat("gpt-3.5-turbo", "hi"))  # SMALL_BODY path
-        assert r.status == 502, await r.text()
-    finally:
-        server.close()
-        await server.wait_closed()
+async def test_plain_upstream_body_dying_before_relay_is_a_502_not_a_500(
+    aiohttp_client, dying_port
+):
+    cfg = config.from_mapping(
+        {"upstreams": [{"name": "u", "base_url": f"http://127.0.0.1:{dying_port}/v1"}]}, env={}
+    )
+    proxy = await aiohttp_client(create_app(cfg))
+    r = await proxy.post(URL, json=chat("gpt-3.5-turbo", "hi"))  # the small-body path
+    assert r.status == 502, await r.text()

@@ -24,10 +24,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
-async def test_a_worker_that_cannot_start_is_restarted_forever(
+async def test_a_worker_that_cannot_start_ends_the_supervisor(
     fake: FakeOpenAI, tmp_path: Path
 ) -> None:
-    """Once a replacement worker can no longer start (here: its state directory became
+    """Guards against this: Once a replacement worker can no longer start (here: its state directory became
     unusable), the supervisor respawns it once a second without end, and the failure is logged
     as "cannot listen" although the port is fine. Nothing tells systemd (Restart=on-failure)."""
     state = tmp_path / "state"
@@ -55,8 +55,8 @@ async def test_a_worker_that_cannot_start_is_restarted_forever(
         await proc.stop()
 
 
-async def test_workers_outlive_a_killed_supervisor(fake: FakeOpenAI, tmp_path: Path) -> None:
-    """Workers have no parent-death signal and never check their parent: if the supervisor is
+async def test_workers_die_with_a_killed_supervisor(fake: FakeOpenAI, tmp_path: Path) -> None:
+    """Guards against this: Workers have no parent-death signal and never check their parent: if the supervisor is
     killed (OOM killer, `kill -9`, a container runtime that signals PID 1 only) they keep
     serving the port, and a restarted service runs beside them."""
     proc = ProxyProcess(tmp_path, proxy_toml(fake.url, free_port()), "--workers", "2")

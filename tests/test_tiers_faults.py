@@ -27,10 +27,10 @@ def redis_port(tmp_path: Path) -> Iterator[int]:
         yield port
 
 
-async def test_set_during_brief_outage_leaves_claim_and_blocks_other_instances(
+async def test_a_claim_is_released_even_after_a_brief_redis_outage(
     redis_port: int,
 ) -> None:
-    """Instance A claims an image; a short Redis blip (any one slow call) marks the tier down
+    """Guards against this: Instance A claims an image; a short Redis blip (any one slow call) marks the tier down
     for retry_s; A's OCR call finishes inside that window. A's set() returns early and never
     releases its claim, so instance B waits for the whole lock (the OCR timeout) for a value
     that will never be written."""
@@ -54,10 +54,10 @@ async def test_set_during_brief_outage_leaves_claim_and_blocks_other_instances(
         await probe.aclose()
 
 
-async def test_claim_expires_while_holder_still_works_so_two_instances_pay(
+async def test_a_claim_is_renewed_while_its_holder_works(
     redis_port: int,
 ) -> None:
-    """open_tier() makes the claim last exactly [ocr] timeout_s, but one describe() can take
+    """Guards against this: open_tier() makes the claim last exactly [ocr] timeout_s, but one describe() can take
     (retries + 1) x timeout_s plus backoff plus the wait for a concurrency slot. The claim
     lapses while A is still working, B claims and pays for the same image too."""
     url = f"redis://127.0.0.1:{redis_port}/0"
@@ -89,10 +89,10 @@ async def test_claim_expires_while_holder_still_works_so_two_instances_pay(
         await b.close()
 
 
-async def test_sqlite_hit_becomes_paid_miss_when_another_worker_holds_the_write_lock(
+async def test_sqlite_hit_stays_a_hit_while_another_worker_holds_the_write_lock(
     tmp_path: Path,
 ) -> None:
-    """A stored description older than touch_after_s is read, then the optional 'touch' UPDATE
+    """Guards against this: A stored description older than touch_after_s is read, then the optional 'touch' UPDATE
     waits for the write lock; when another worker process holds it past busy_timeout the whole
     read fails and get() reports a miss, so the proxy pays the OCR model again for an image it
     has on disk."""
@@ -112,8 +112,8 @@ async def test_sqlite_hit_becomes_paid_miss_when_another_worker_holds_the_write_
         await tier.close()
 
 
-async def test_sqlite_lookups_queue_behind_a_blocked_write(tmp_path: Path) -> None:
-    """Every call shares one thread and has no time bound: while one set() waits busy_timeout
+async def test_sqlite_reads_do_not_queue_behind_a_blocked_write(tmp_path: Path) -> None:
+    """Guards against this: Every call shares one thread and has no time bound: while one set() waits busy_timeout
     for another process's write lock, a plain read of an unrelated cached key waits too. The
     module promises a slow tier is treated as a miss, never a hang."""
     path = str(tmp_path / "c.sqlite3")
