@@ -222,7 +222,6 @@ async def ocr_chat(
     new_body = rewrite(obj, scan, blocks, real_model)
     headers = upstream.request_headers(request.headers, up, relay_auth=not cfg.auth.keys)
     headers["Content-Type"] = "application/json"
-    headers["Accept-Encoding"] = "identity"
     usage = report.usage()
     edit_stream = stream and _wants_usage(obj)
     send = upstream.open_request(
