@@ -21,7 +21,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -36,6 +36,13 @@ from .schema import encoder, ocr_response_decoder
 
 log = logging.getLogger("ocrproxy.describe")
 
+
+# An image URL at least this long goes to the OCR model in pieces of this many characters, never
+# encoded whole: the request body is never held as one copy of the image.
+PIECE = 256 * 1024
+# The encoded body up to the image URL's characters: the URL comes first in its object, and a `"`
+# inside an encoded string is always escaped, so this occurs once, in the image part.
+_URL_MARK = b'{"url":""'
 
 # Statuses worth another try: rate limits and transient server trouble.
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -107,6 +114,23 @@ class OcrReport:
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
         }
+
+
+@dataclass(slots=True, frozen=True)
+class _Pieces:
+    """An OCR request body whose long image URL is encoded a piece at a time as it is sent."""
+
+    head: bytes  # the JSON before the URL's characters
+    url: str
+    tail: bytes  # the JSON after them
+    size: int  # of the whole body, sent as Content-Length (so the body is not chunked)
+
+    async def chunks(self) -> AsyncIterator[bytes | memoryview]:
+        """The body's bytes; a fresh iterator for every attempt."""
+        yield self.head
+        for start in range(0, len(self.url), PIECE):
+            yield memoryview(encoder.encode(self.url[start : start + PIECE]))[1:-1]
+        yield self.tail
 
 
 class Describer:
@@ -218,8 +242,20 @@ class Describer:
             return Outcome(image.digest, None, False, str(exc))
         return Outcome(image.digest, description, cached)
 
-    def _body(self, image: Image, model: str) -> bytes:
-        image_url: dict[str, str] = {"url": image.url}
+    def _body(self, image: Image, model: str) -> bytes | _Pieces:
+        """The OCR request body: bytes, or pieces to send one after another for a long URL."""
+        if len(image.url) < PIECE:
+            return self._encode(image, model, image.url)
+        body = self._encode(image, model, "")
+        split = body.index(_URL_MARK) + len(_URL_MARK) - 1
+        head, tail = body[:split], body[split:]
+        size = len(head) + len(tail)
+        for start in range(0, len(image.url), PIECE):
+            size += len(encoder.encode(image.url[start : start + PIECE])) - 2
+        return _Pieces(head, image.url, tail, size)
+
+    def _encode(self, image: Image, model: str, url: str) -> bytes:
+        image_url: dict[str, str] = {"url": url}
         if image.detail:
             image_url["detail"] = image.detail
         return encoder.encode(
@@ -260,6 +296,8 @@ class Describer:
         if auth:
             headers["Authorization"] = auth
         body = self._body(image, model)
+        if isinstance(body, _Pieces):
+            headers["Content-Length"] = str(body.size)
         target = upstream.url(up, "chat/completions")
         started = time.monotonic()
         attempt = 0
@@ -312,14 +350,15 @@ class Describer:
         )
 
     async def _attempt(
-        self, target: str, body: bytes, headers: dict[str, str]
+        self, target: str, body: bytes | _Pieces, headers: dict[str, str]
     ) -> tuple[int, bytes, float | None]:
         """One HTTP call under the concurrency cap: (status, body, Retry-After seconds)."""
         async with self.semaphore:
             try:
                 async with asyncio.timeout(self.settings.timeout_s):
+                    data = body.chunks() if isinstance(body, _Pieces) else body
                     async with self.session.post(
-                        target, data=body, headers=headers, allow_redirects=False
+                        target, data=data, headers=headers, allow_redirects=False
                     ) as resp:
                         payload = await resp.read()
                         return resp.status, payload, _retry_after(resp.headers)

@@ -550,6 +550,26 @@ async def test_ocr_retries_on_429_and_5xx_then_succeeds(make_proxy, fake):
     assert "A picture showing flaky." in fake.chat_requests[-1].json()["messages"][0]["content"]
 
 
+async def test_large_image_is_sent_whole_on_every_retry(make_proxy, fake):
+    # A long image URL goes to the OCR model in pieces: each attempt sends the whole body again,
+    # with a Content-Length (not chunked), byte for byte the JSON of the request.
+    proxy = await make_proxy(ocr={"retries": 2, "retry_backoff_s": 0.01})
+    fake.ocr_flaky = {"bigflaky": [503, 502]}
+    img = data_url("bigflaky", size=700_000)
+    r = await proxy.post(URL, json=chat("m-ocr", image_part(img, detail='hi "\\/ é')))
+    assert r.status == 200
+    assert fake.ocr_calls == ["bigflaky"] * 3
+    calls = [r for r in fake.received if r.json().get("model") == "vision-1"]
+    assert len(calls) == 3
+    for call in calls:
+        assert call.headers["Content-Length"] == str(len(call.body))
+        assert "Transfer-Encoding" not in call.headers
+        assert call.body == orjson.dumps(orjson.loads(call.body))
+        part = call.json()["messages"][0]["content"][1]
+        assert part == {"type": "image_url", "image_url": {"url": img, "detail": 'hi "\\/ é'}}
+    assert "A picture showing bigflaky." in fake.chat_requests[-1].json()["messages"][0]["content"]
+
+
 async def test_ocr_retries_are_bounded(make_proxy, fake):
     proxy = await make_proxy(ocr={"retries": 1, "retry_backoff_s": 0.01})
     fake.ocr_flaky = {"down": [503, 503, 503]}
