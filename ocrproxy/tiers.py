@@ -111,7 +111,18 @@ class SqliteTier:
             self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
         )
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-        conn.execute("PRAGMA journal_mode = WAL")
+        # Switching a new file to WAL takes an exclusive lock and SQLite answers "locked" at once,
+        # without the busy timeout, when several workers start together: retry within it (this
+        # runs on the tier's own thread, so the sleep blocks no event loop).
+        deadline = time.monotonic() + self.busy_timeout_s
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.executescript(_SCHEMA)
         return conn

@@ -134,3 +134,30 @@ async def test_sqlite_reads_do_not_queue_behind_a_blocked_write(tmp_path: Path) 
         other.close()
         await blocked
         await tier.close()
+
+
+async def test_workers_opening_a_new_sqlite_file_together_all_succeed(tmp_path: Path) -> None:
+    """Several processes switching a fresh file to WAL at once get "database is locked" straight
+    away (no busy timeout for that); each must retry instead of failing its start-up."""
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "new.sqlite3")
+    code = (
+        "import asyncio, sys, time\n"
+        "from ocrproxy.tiers import SqliteTier\n"
+        "async def main():\n"
+        "    tier = SqliteTier(sys.argv[1], 100)\n"
+        "    time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # start together\n"
+        "    await tier.open()\n"
+        "    await tier.close()\n"
+        "asyncio.run(main())\n"
+    )
+    for round_ in range(5):
+        fresh, start = f"{path}.{round_}", str(time.time() + 1.0)
+        procs = [
+            subprocess.Popen([sys.executable, "-c", code, fresh, start], stderr=subprocess.PIPE)
+            for _ in range(8)
+        ]
+        errors = [p.communicate(timeout=30)[1].decode() for p in procs]
+        assert [p.returncode for p in procs] == [0] * 8, errors
