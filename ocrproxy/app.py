@@ -220,12 +220,17 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     app[handlers.CACHE] = cache
     engine = local.Engine(cfg.ocr.local)
     app[handlers.DESCRIBER] = Describer(
-        session, app[handlers.ROUTER], cfg.ocr, cache, _secrets(cfg), engine
+        session,
+        app[handlers.ROUTER],
+        cfg.ocr,
+        cache,
+        _secrets(cfg),
+        engine,
+        client_keys=bool(cfg.auth.keys),
+        on_call=app[metrics.METRICS].ocr_call,
     )
     if cfg.ocr.model == cfg.ocr.local_alias and (problem := engine.problem()):
         local.log.warning("the default OCR model is the local engine, which can't run: %s", problem)
-    app[handlers.DESCRIBER].on_call = app[metrics.METRICS].ocr_call
-    app[handlers.DESCRIBER].client_keys = bool(cfg.auth.keys)
     try:
         yield
     finally:

@@ -32,7 +32,7 @@ from .cache import Description, DescriptionCache
 from .errors import BadRequest, OcrFailed
 from .images import Image, decode_data_url
 from .logs import redact
-from .schema import encoder, ocr_response_decoder
+from .schema import OcrUsage, encoder, ocr_response_decoder
 
 log = logging.getLogger("ocrproxy.describe")
 
@@ -144,6 +144,9 @@ class Describer:
         cache: DescriptionCache,
         secrets: tuple[str, ...] = (),
         engine: local.Engine | None = None,
+        *,
+        client_keys: bool = False,
+        on_call: Callable[[str, bool, float], None] | None = None,
     ) -> None:
         self.session = session
         self.engine = engine
@@ -151,9 +154,9 @@ class Describer:
         self.settings = settings
         self.cache = cache
         self.secrets = secrets
-        self.client_keys = False  # set by the app when [auth] keys is set
+        self.client_keys = client_keys  # [auth] keys set: never relay the client's key
         self.semaphore = asyncio.Semaphore(settings.max_concurrency)
-        self.on_call: Callable[[str, bool, float], None] | None = None  # (model, ok, s): metrics
+        self.on_call = on_call  # (model, ok, seconds): metrics
         self._prompt_digest = hashlib.sha256(settings.prompt.encode()).digest()
 
     def key(self, model: str, image_digest: bytes) -> bytes:
@@ -328,7 +331,13 @@ class Describer:
         text = answer.choices[0].message.content if answer.choices else None
         if not text or not text.strip():
             raise OcrError("the OCR model returned an empty description")
-        usage = answer.usage
+        usage = answer.usage or OcrUsage()
+        description = Description(
+            text=text.strip(),
+            model=model,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+        )
         log.debug(
             "OCR call done",
             extra={
@@ -337,17 +346,12 @@ class Describer:
                     "image": image.digest.hex()[:16],
                     "image_bytes": image.size,
                     "ms": round(ms, 1),
-                    "prompt_tokens": usage.prompt_tokens if usage else 0,
-                    "completion_tokens": usage.completion_tokens if usage else 0,
+                    "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens,
                 }
             },
         )
-        return Description(
-            text=text.strip(),
-            model=model,
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
-        )
+        return description
 
     async def _attempt(
         self, target: str, body: bytes | _Pieces, headers: dict[str, str]

@@ -48,10 +48,8 @@ async def pretty_upstream(aiohttp_server: Any, status: int, body: bytes) -> str:
     return str(server.make_url("/v1"))
 
 
-async def test_upstream_error_after_keepalive_is_a_parseable_sse_event(
-    aiohttp_client, aiohttp_server, fake
-):
-    other = await pretty_upstream(aiohttp_server, 429, PRETTY_ERROR)
+async def keepalive_proxy(aiohttp_client, other: str, fake) -> Any:
+    """A proxy that routes `pretty*` models to ``other`` and commits streams after 0.1 s."""
     cfg = config.from_mapping(
         {
             "upstreams": [
@@ -62,7 +60,14 @@ async def test_upstream_error_after_keepalive_is_a_parseable_sse_event(
         },
         env={},
     )
-    proxy = await aiohttp_client(create_app(cfg))
+    return await aiohttp_client(create_app(cfg))
+
+
+async def test_upstream_error_after_keepalive_is_a_parseable_sse_event(
+    aiohttp_client, aiohttp_server, fake
+):
+    other = await pretty_upstream(aiohttp_server, 429, PRETTY_ERROR)
+    proxy = await keepalive_proxy(aiohttp_client, other, fake)
     fake.ocr_delay = 0.4  # the OCR step outlasts keepalive_after_s: the 200 is committed early
     r = await proxy.post(URL, json=chat("pretty-ocr", image_part(data_url("k")), stream=True))
     assert r.status == 200
@@ -151,17 +156,7 @@ async def test_plain_answer_after_keepalive_is_a_parseable_sse_event(
     # The upstream ignores stream=true and answers plain (pretty-printed) JSON with 200.
     pretty_ok = b'{\n  "id": "c1",\n  "object": "chat.completion",\n  "choices": []\n}\n'
     other = await pretty_upstream(aiohttp_server, 200, pretty_ok)
-    cfg = config.from_mapping(
-        {
-            "upstreams": [
-                {"name": "real", "base_url": other, "api_key": "k1", "models": ["pretty*"]},
-                {"name": "fake", "base_url": fake.url, "api_key": "k2"},
-            ],
-            "ocr": {"model": "vision-1", "keepalive_after_s": 0.1, "keepalive_interval_s": 0.1},
-        },
-        env={},
-    )
-    proxy = await aiohttp_client(create_app(cfg))
+    proxy = await keepalive_proxy(aiohttp_client, other, fake)
     fake.ocr_delay = 0.4
     r = await proxy.post(URL, json=chat("pretty-ocr", image_part(data_url("k")), stream=True))
     events = sse_events(await r.read())
