@@ -2,9 +2,10 @@
 
 One middleware wraps every request: it assigns the request id (kept from a sane incoming
 ``X-Request-Id``, else new), checks the client key on ``/v1`` routes, renders every ``ProxyError``
-as an OpenAI error, turns anything unexpected into a 500 without leaking internals, and writes the
-one access-log line. The client session, cache and describer are opened and closed in a
-``cleanup_ctx``.
+as an OpenAI error, turns anything unexpected into a 500 without leaking internals, counts the
+request in the metrics and writes the one access-log line (one layer: each middleware is a
+wrapper and a coroutine more on every request). The client session, cache and describer are
+opened and closed in a ``cleanup_ctx``.
 """
 
 from __future__ import annotations
@@ -83,11 +84,15 @@ def _check_key(request: web.Request, keys: tuple[str, ...]) -> None:
 
 @web.middleware
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    cfg = request.app[handlers.CONFIG]
+    app = request.app
+    cfg = app[handlers.CONFIG]
+    counters = app[metrics.METRICS]
     trace = handlers.Trace(_request_id(request))
     request[handlers.TRACE] = trace
     token = logs.request_id.set(trace.request_id)
+    counters.started()
     response: web.StreamResponse | None = None
+    error: BaseException | None = None
     status = 500
     try:
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
@@ -97,6 +102,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             _check_key(request, cfg.auth.keys)
         response = await handler(request)
     except ProxyError as exc:
+        error = exc
         response = exc.to_response()
     except web.HTTPException as exc:
         if exc.status == 404:
@@ -117,6 +123,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     finally:
         if response is not None:
             status = response.status
+        counters.finished(request, trace, status, error)
         _access_log(request, trace, status, response)
         logs.request_id.reset(token)
     return response
@@ -154,7 +161,7 @@ def _access_log(
         "bytes_out": bytes_out,
     }
     level = logging.DEBUG if request.path in _QUIET_ROUTES and status < 400 else logging.INFO
-    log.log(level, "request", extra={"fields": fields, "request_id": trace.request_id})
+    logs.access(log, level, trace.request_id, fields)
 
 
 _EXPOSED = (
@@ -188,9 +195,11 @@ def _preflight(request: web.Request, origins: tuple[str, ...]) -> web.Response:
 
 
 async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
+    """Headers every response carries, added as it is about to be sent; counts open streams."""
     trace = request.get(handlers.TRACE)
     if trace is not None:
         response.headers["X-Request-Id"] = trace.request_id
+    request.app[metrics.METRICS].prepared(request, response)
     origin = _allowed_origin(request, request.app[handlers.CONFIG].server.cors_origins)
     if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
@@ -285,9 +294,7 @@ async def _watchdog(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(cfg: config.Config) -> web.Application:
     """The proxy as an aiohttp Application, ready for ``web.run_app`` or a test client."""
-    app = web.Application(
-        client_max_size=cfg.server.max_body_bytes, middlewares=[middleware, metrics.middleware]
-    )
+    app = web.Application(client_max_size=cfg.server.max_body_bytes, middlewares=[middleware])
     app[handlers.CONFIG] = cfg
     app[handlers.ROUTER] = upstream.Router(cfg.upstreams)
     app[handlers.SECRETS] = tuple(s.encode() for s in _secrets(cfg))

@@ -7,6 +7,7 @@ redacted from messages by ``redact`` before they are logged or echoed in an erro
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import re
@@ -37,6 +38,21 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     return _KEYISH.sub(r"\1…", text)
 
 
+def _entry(
+    ts: float, level: int, logger: str, request_id: str, msg: str, fields: dict[str, Any] | None
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "ts": round(ts, 3),
+        "level": _LEVELS.get(level) or logging.getLevelName(level).lower(),
+        "logger": logger,
+        "request_id": request_id,
+        "msg": msg,
+    }
+    if fields:
+        entry.update(fields)
+    return entry
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, request id, message, and extra fields."""
 
@@ -45,16 +61,14 @@ class JsonFormatter(logging.Formatter):
 
     def render(self, record: logging.LogRecord, end: int = 0) -> bytes:
         """The line as UTF-8; ``end=orjson.OPT_APPEND_NEWLINE`` ends it with a newline."""
-        entry: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": _LEVELS.get(record.levelno) or record.levelname.lower(),
-            "logger": record.name,
-            "request_id": getattr(record, "request_id", None) or request_id.get(),
-            "msg": record.getMessage() if record.args else str(record.msg),
-        }
-        fields = getattr(record, "fields", None)
-        if fields:
-            entry.update(fields)
+        entry = _entry(
+            record.created,
+            record.levelno,
+            record.name,
+            getattr(record, "request_id", None) or request_id.get(),
+            record.getMessage() if record.args else str(record.msg),
+            getattr(record, "fields", None),
+        )
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry, option=end)
@@ -62,30 +76,124 @@ class JsonFormatter(logging.Formatter):
 
 class JsonLineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A StreamHandler that, on a stream with a binary buffer (stderr), writes each line as
-    bytes in one call: no str round trip, no second flush."""
+    bytes in one call: no str round trip, no second flush.
+
+    Lines given to ``buffer_line`` (the access log, one per request) are collected and written
+    together, ``flush_after_s`` after the first of them or as soon as 64 KB are pending: a
+    write per request cost more than everything else the log line takes. Any other record
+    first writes what is pending, so the lines keep their order.
+    """
+
+    PENDING_LIMIT = 64 * 1024
+
+    def __init__(self, stream: Any = None, flush_after_s: float = 0.05) -> None:
+        super().__init__(stream)
+        self.flush_after_s = flush_after_s
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._timer_set = False
 
     def emit(self, record: logging.LogRecord) -> None:
         formatter = self.formatter
         stream = self.stream
         binary = getattr(stream, "buffer", None)
         if not isinstance(formatter, JsonFormatter) or binary is None:
+            self._write_pending()
             super().emit(record)
             return
         try:
             line = formatter.render(record, orjson.OPT_APPEND_NEWLINE)
             stream.flush()  # anything written as text before goes first
-            binary.write(line)
-            binary.flush()
+            if self._pending:
+                self._pending.append(line)
+                self._write_pending()
+            else:
+                binary.write(line)
+                binary.flush()
         except RecursionError:
             raise
         except Exception:
             self.handleError(record)
 
+    def buffer_line(self, line: bytes) -> None:
+        """Queue ``line`` (bytes ending in a newline) to be written with others soon."""
+        self.acquire()
+        try:
+            self._pending.append(line)
+            self._pending_size += len(line)
+            if self._pending_size >= self.PENDING_LIMIT:
+                self._write_pending()
+            elif not self._timer_set:
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:  # not on an event loop: nothing would flush it later
+                    self._write_pending()
+                    return
+                loop.call_later(self.flush_after_s, self.flush)
+                self._timer_set = True
+        finally:
+            self.release()
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._write_pending()
+        finally:
+            self.release()
+        super().flush()
+
+    def _write_pending(self) -> None:
+        """Write the queued lines in one call (the caller holds the lock, or no one else runs)."""
+        self._timer_set = False
+        if not self._pending:
+            return
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_size = 0
+        stream = self.stream
+        try:
+            stream.flush()
+            binary = getattr(stream, "buffer", None)
+            if binary is not None:
+                binary.write(data)
+                binary.flush()
+            else:
+                stream.write(data.decode())
+                stream.flush()
+        except Exception:
+            self.handleError(logging.makeLogRecord({"msg": "access log lines lost"}))
+
+
+_handler: JsonLineHandler | None = None  # set by setup(): the fast path for access lines
+
+
+def access(logger: logging.Logger, level: int, request_id: str, fields: dict[str, Any]) -> None:
+    """Log one request's access line (message ``request``, the fields at the top level).
+
+    With ``setup``'s handler in place the line goes straight into its buffer, without a
+    LogRecord or a write of its own; otherwise (tests, embedding) it is an ordinary record.
+    """
+    if not logger.isEnabledFor(level):
+        return
+    handler = _handler
+    if handler is None:
+        logger.log(level, "request", extra={"fields": fields, "request_id": request_id})
+        return
+    entry = _entry(time.time(), level, logger.name, request_id, "request", fields)
+    handler.buffer_line(orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE))
+
 
 def setup(level: str = "info") -> None:
     """Send JSON lines to stderr (journald picks them up under systemd)."""
+    global _handler
+    if _handler is not None:
+        try:
+            _handler.flush()  # lines still queued for the stream being replaced
+        except (OSError, ValueError):  # that stream is closed already (as logging.shutdown)
+            pass
     handler = JsonLineHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    _handler = handler
     root = logging.getLogger("ocrproxy")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

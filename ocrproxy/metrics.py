@@ -1,8 +1,9 @@
 """Prometheus metrics, ``/metrics`` and ``/readyz``.
 
 Theory of operation: one ``Metrics`` object per application owns its collectors. Counting happens
-at three points only: a middleware (requests by route and status, latency, time to first
-upstream byte, in-flight requests and streams, upstream errors), the description cache's lookup
+at three points only: the request middleware in app.py (requests by route and status, latency,
+time to first upstream byte, in-flight requests and streams, upstream errors; through
+``started``, ``prepared`` and ``finished``), the description cache's lookup
 hook (hits and misses by tier) and the describer's call hook (OCR calls, failures and latency by
 model). With several worker processes, ``PROMETHEUS_MULTIPROC_DIR`` is set by the parent before
 any worker starts; each worker then writes its samples to files there and any worker can answer
@@ -17,11 +18,9 @@ through a reverse proxy (it carries ``X-Forwarded-For``, ``X-Real-IP`` or ``Forw
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import os
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -40,7 +39,6 @@ from .errors import NotFound, ProxyError, UpstreamError
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _FORWARDED = ("X-Forwarded-For", "X-Real-IP", "Forwarded")
@@ -135,6 +133,38 @@ class Metrics:
         self.child(self.ocr_calls, model, "ok" if ok else "error").inc()
         self.child(self.ocr_latency, model).observe(seconds)
 
+    def started(self) -> None:
+        """A request came in (called by the request middleware, which also calls ``finished``)."""
+        self.in_flight.inc()
+
+    def prepared(self, request: web.Request, response: web.StreamResponse) -> None:
+        """A response is about to send its headers: an SSE one counts as an open stream."""
+        if response.content_type == "text/event-stream":
+            request[_STREAMING] = True
+            self.streams.inc()
+
+    def finished(
+        self,
+        request: web.Request,
+        trace: handlers.Trace,
+        status: int,
+        error: BaseException | None,
+    ) -> None:
+        """Count one answered request: status, latency, and its upstream's answer or failure."""
+        self.in_flight.dec()
+        if request.get(_STREAMING):
+            self.streams.dec()
+        route = _route(request)
+        self.child(self.requests, route, str(status)).inc()
+        self.child(self.latency, route).observe(time.monotonic() - trace.started)
+        if isinstance(error, UpstreamError):
+            kind = "timeout" if error.status == 504 else "unreachable"
+            self.child(self.upstream_errors, _upstream_of(request, trace), kind).inc()
+        if trace.upstream and trace.ttfb_ms is not None:
+            self.child(self.ttfb, trace.upstream).observe(trace.ttfb_ms / 1000)
+            if trace.upstream_status is not None and trace.upstream_status >= 500:
+                self.child(self.upstream_errors, trace.upstream, "http_5xx").inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -149,9 +179,7 @@ def _route(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-def _upstream_of(request: web.Request, trace: handlers.Trace | None) -> str:
-    if trace is None:
-        return "unknown"
+def _upstream_of(request: web.Request, trace: handlers.Trace) -> str:
     if trace.upstream:
         return trace.upstream
     if trace.real_model:
@@ -160,49 +188,6 @@ def _upstream_of(request: web.Request, trace: handlers.Trace | None) -> str:
         except ProxyError:
             pass
     return "unknown"
-
-
-@web.middleware
-async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count one request; sits inside the main middleware, so it sees the handler's errors."""
-    metrics = request.app[METRICS]
-    started = time.monotonic()
-    metrics.in_flight.inc()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except UpstreamError as exc:
-        status = exc.status
-        kind = "timeout" if exc.status == 504 else "unreachable"
-        upstream_of = _upstream_of(request, request.get(handlers.TRACE))
-        metrics.child(metrics.upstream_errors, upstream_of, kind).inc()
-        raise
-    except (ProxyError, web.HTTPException) as exc:
-        status = exc.status
-        raise
-    except (ConnectionResetError, asyncio.CancelledError):
-        status = 499
-        raise
-    finally:
-        metrics.in_flight.dec()
-        if request.get(_STREAMING):
-            metrics.streams.dec()
-        route = _route(request)
-        metrics.child(metrics.requests, route, str(status)).inc()
-        metrics.child(metrics.latency, route).observe(time.monotonic() - started)
-        trace = request.get(handlers.TRACE)
-        if trace is not None and trace.upstream and trace.ttfb_ms is not None:
-            metrics.child(metrics.ttfb, trace.upstream).observe(trace.ttfb_ms / 1000)
-            if trace.upstream_status is not None and trace.upstream_status >= 500:
-                metrics.child(metrics.upstream_errors, trace.upstream, "http_5xx").inc()
-
-
-async def _count_stream(request: web.Request, response: web.StreamResponse) -> None:
-    if METRICS in request.app and response.content_type == "text/event-stream":
-        request[_STREAMING] = True
-        request.app[METRICS].streams.inc()
 
 
 def _is_loopback(address: str | None) -> bool:
@@ -254,7 +239,6 @@ def install(app: web.Application) -> None:
     cfg = app[handlers.CONFIG]
     literal = {p for up in cfg.upstreams for p in up.models if not any(c in p for c in "*?[")}
     app[METRICS] = Metrics(frozenset({cfg.ocr.model, cfg.ocr.local_alias, *literal}))
-    app.on_response_prepare.append(_count_stream)
     if not cfg.server.metrics_port:
         app.router.add_get("/metrics", metrics_handler)
         app.router.add_get("/readyz", readyz)
