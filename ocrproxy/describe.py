@@ -30,7 +30,7 @@ import msgspec
 from . import config, local, upstream
 from .cache import Description, DescriptionCache
 from .errors import BadRequest, OcrFailed
-from .images import Image, decode_data_url
+from .images import Image, decode_data_url, validate
 from .logs import redact
 from .schema import OcrUsage, encoder, ocr_response_decoder
 
@@ -161,7 +161,7 @@ class Describer:
 
     def key(self, model: str, image_digest: bytes) -> bytes:
         """Cache key over the OCR model, the prompt and the image identity."""
-        h = hashlib.sha256(b"ocrproxy/1\0")
+        h = hashlib.sha256(b"ocrproxy/2\0")  # 2: images are known by their base64 text
         h.update(model.encode())
         h.update(b"\0")
         h.update(self._prompt_digest)
@@ -177,34 +177,58 @@ class Describer:
         if problem is not None:
             raise BadRequest(problem, code="ocr_model_unavailable")
 
+    def _key_model(self, model: str) -> str:
+        """The model as the cache key knows it: the local engine's readings carry its version."""
+        if model != self.settings.local_alias:
+            return model
+        self.check_model(model)
+        assert self.engine is not None
+        return f"{model}\0{self.engine.cache_tag()}"
+
+    def memory_hits(self, images: list[Image], model: str) -> dict[bytes, Outcome]:
+        """The data-URL images among ``images`` whose description is in memory, by digest.
+
+        Answered without a task each: the usual case for a chat that sends its images again
+        every turn. What is not found here is looked up in the tier and described later.
+        """
+        key_model = self._key_model(model)
+        hits: dict[bytes, Outcome] = {}
+        for image in images:
+            if image.is_data and image.error is None and image.digest not in hits:
+                hit = self.cache.get_memory(self.key(key_model, image.digest))
+                if hit is not None:
+                    hits[image.digest] = Outcome(image.digest, hit, True)
+        return hits
+
     async def describe_all(
-        self, images: list[Image], model: str, client_headers: Mapping[str, str]
+        self,
+        images: list[Image],
+        model: str,
+        client_headers: Mapping[str, str],
+        hits: dict[bytes, Outcome] | None = None,
     ) -> OcrReport:
-        """Describe every distinct image concurrently; raise OcrFailed only under ``fail``."""
+        """Describe every distinct image concurrently; raise OcrFailed only under ``fail``.
+
+        ``hits`` are ``memory_hits`` found earlier; images not among them are validated first.
+        """
         started = time.monotonic()
         distinct: dict[bytes, Image] = {}
         for image in images:
             distinct.setdefault(image.digest, image)
+        if hits is not None and all(digest in hits for digest in distinct):  # all known
+            return OcrReport(model, dict(hits), (time.monotonic() - started) * 1000)
         create: Callable[[Image], Awaitable[Description]]
+        key_model = self._key_model(model)
         if model == self.settings.local_alias:
-            self.check_model(model)
-            assert self.engine is not None
-            key_model = f"{model}\0{self.engine.cache_tag()}"
             create = functools.partial(self._read, model=model)
         else:
             up = self.router.route(model)
             auth = upstream.auth_header(client_headers, up, relay_auth=not self.client_keys)
-            key_model = model
             create = functools.partial(self._call, model=model, up=up, auth=auth)
-        # Memory hits are answered here, without a task each (the usual case for a chat that
-        # sends its images again every turn); the rest are looked up and described at once.
-        found: dict[bytes, Outcome | None] = {}
-        for digest, image in distinct.items():
-            hit = None
-            if image.error is None:
-                hit = self.cache.get_memory(self.key(key_model, digest))
-            found[digest] = None if hit is None else Outcome(digest, hit, True)
-        pending = [distinct[digest] for digest, outcome in found.items() if outcome is None]
+        rest = [im for digest, im in distinct.items() if hits is None or digest not in hits]
+        found = {**(hits or {}), **self.memory_hits(rest, model)}
+        pending = [image for digest, image in distinct.items() if digest not in found]
+        await validate(pending, self.settings)
         if pending:
             try:
                 async with asyncio.TaskGroup() as group:
@@ -218,8 +242,7 @@ class Describer:
             for task in tasks:
                 outcome = task.result()
                 found[outcome.digest] = outcome
-        outcomes = {digest: outcome for digest, outcome in found.items() if outcome is not None}
-        return OcrReport(model, outcomes, (time.monotonic() - started) * 1000)
+        return OcrReport(model, found, (time.monotonic() - started) * 1000)
 
     async def _one(
         self,

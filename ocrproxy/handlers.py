@@ -21,7 +21,7 @@ from aiohttp import web
 
 from . import config, images, relay, upstream
 from .cache import DescriptionCache
-from .describe import Describer, OcrReport
+from .describe import Describer, OcrReport, Outcome
 from .errors import BadRequest, PayloadTooLarge, ProxyError, UpstreamError
 from .fetch import Fetcher
 from .rewrite import placeholder_block, reference_block, rewrite
@@ -181,16 +181,21 @@ async def ocr_chat(
     trace = request[TRACE]
     trace.real_model, trace.ocr_model = real_model, ocr_model
     up = request.app[ROUTER].route(real_model)
-    request.app[DESCRIBER].check_model(ocr_model)  # 404 unknown, 400 unavailable: before work
+    describer = request.app[DESCRIBER]
+    describer.check_model(ocr_model)  # 404 unknown, 400 unavailable: before work
     scan = await images.scan_and_identify(obj["messages"], cfg.ocr)
+    # Images described in memory need nothing more; every other one is decoded and checked
+    # now, so that a bad image is a 400 before any OCR call and before a stream is committed.
+    hits = describer.memory_hits(scan.images, ocr_model)
+    await images.validate([im for im in scan.images if im.digest not in hits], cfg.ocr)
     stream = _field(obj, "stream") is True
 
     loop = asyncio.get_running_loop()
     response: web.StreamResponse | None = None
     if not (stream and scan.images):  # nothing to keep alive meanwhile: no task needed
-        report = await _describe(request, scan.images, ocr_model)
+        report = await _describe(request, scan.images, ocr_model, hits)
     else:
-        ocr_task = loop.create_task(_describe(request, scan.images, ocr_model))
+        ocr_task = loop.create_task(_describe(request, scan.images, ocr_model, hits))
         try:
             done, _ = await asyncio.wait({ocr_task}, timeout=cfg.ocr.keepalive_after_s)
             if not done:
@@ -270,13 +275,15 @@ async def ocr_chat(
     return response
 
 
-async def _describe(request: web.Request, found: list[images.Image], model: str) -> OcrReport:
+async def _describe(
+    request: web.Request, found: list[images.Image], model: str, hits: dict[bytes, Outcome]
+) -> OcrReport:
     """The OCR step as one task: fetch remote images (if on), then describe them all."""
     fetcher = request.app.get(FETCHER)
     if fetcher is not None:
         cfg = request.app[CONFIG]
         await images.fetch_remote(found, cfg.ocr, fetcher, cfg.server.max_body_bytes)
-    return await request.app[DESCRIBER].describe_all(found, model, request.headers)
+    return await request.app[DESCRIBER].describe_all(found, model, request.headers, hits)
 
 
 def _discard(task: asyncio.Task[aiohttp.ClientResponse]) -> None:

@@ -6,17 +6,26 @@ part of type ``image_url`` whose ``image_url`` is ``{"url": ...}`` or a bare str
 Everything else in the request is kept as the raw bytes the client sent, so that ``rewrite``
 can splice the descriptions in without touching anything it does not understand.
 
-An image's identity is the sha256 of its bytes. With ``fetch_images`` on (the default) a remote
-image is downloaded by ``fetch.Fetcher`` (SSRF rules, size and time limits there) and its ``url``
-becomes a base64 data URL, so the OCR model never fetches anything and a signed URL that changes
-on every turn still hits the cache; with it off, a remote image's identity is its URL string.
+An image's identity is the sha256 of its base64 text (the payload of its data URL, without the
+``data:...;base64,`` header). Strict base64, the only kind accepted, spells given bytes one way,
+so this is an identity of the bytes that needs no decoding: a cache hit never decodes its image.
+With ``fetch_images`` on (the default) a remote image is downloaded by ``fetch.Fetcher`` (SSRF
+rules, size and time limits there) and its ``url`` becomes a base64 data URL, so the OCR model
+never fetches anything, a signed URL that changes on every turn still hits the cache, and a
+fetched image shares its description with the same bytes sent inline; with it off, a remote
+image's identity is its URL string.
+
 Every image, sent or fetched, must be a PNG, JPEG, GIF or WebP by its magic bytes, at most
 ``max_image_bytes`` decoded and ``max_image_pixels`` by its header; a request carries at most
-``max_images`` images. A client's own bad image is its error (400/413); a remote image that
+``max_images`` images. The count, the data URL's header and the size (from the base64 length)
+are checked for every image (``identify``); decoding, the base64 itself and the format and
+dimensions are checked for every image that is not already described in memory (``validate``),
+before any OCR call starts. A client's own bad image is its error (400/413); a remote image that
 cannot be used follows ``on_error``: the image gets a placeholder, or the request fails.
-Decoding and hashing megabytes of base64 would stall the event loop, so large payloads are handled
-in a worker thread, in pieces: ``binascii`` holds the GIL while it decodes, and a short call per
-piece lets the loop take the GIL back between pieces (``hashlib`` releases it while it hashes); no
+
+Hashing and decoding megabytes would stall the event loop, so large payloads are handled in a
+worker thread, in pieces: ``binascii`` holds the GIL while it decodes, and a short call per piece
+lets the loop take the GIL back between pieces (``hashlib`` releases it while it hashes); no
 decoded copy of a whole image is ever held. A large request's messages are scanned in a worker
 thread too.
 """
@@ -37,7 +46,7 @@ from .errors import BadRequest, InvalidImage, PayloadTooLarge, ProxyError, Upstr
 from .fetch import Budget, Fetched, Fetcher, FetchError
 from .schema import RawObject, array_decoder, is_json, messages_decoder
 
-# Below this many characters of base64, decoding + hashing on the loop is cheaper than a thread hop.
+# Below this many characters of base64, hashing or decoding on the loop beats a thread hop.
 THREAD_THRESHOLD = 64 * 1024
 # Messages at least this large (bytes of JSON) are scanned in a worker thread.
 SCAN_THREAD_THRESHOLD = 1024 * 1024
@@ -69,8 +78,9 @@ class Image:
     is_data: bool
     detail: str | None = None
     digest: bytes = b""
-    size: int = 0
+    size: int = 0  # decoded bytes (from the base64 length until ``validate`` decoded it)
     error: str | None = None  # why a remote image cannot be used: it gets a placeholder
+    checked: bool = False  # decoded and its format and dimensions checked (``validate``)
 
     @property
     def where(self) -> str:
@@ -154,10 +164,15 @@ def scan(messages_raw: msgspec.Raw) -> Scan:
 
 def _payload(url: str, where: str) -> str:
     """The base64 payload of a ``data:`` URL whose header is valid for an image."""
-    header, sep, payload = url.partition(",")
-    if not sep:
+    return url[_payload_start(url, where) :]
+
+
+def _payload_start(url: str, where: str) -> int:
+    """Where the base64 payload of a ``data:`` URL begins, once its header is found valid."""
+    comma = url.find(",", 0, 1024)
+    if comma < 0:
         raise InvalidImage(f"`{where}` is a malformed data URL (no comma)", param=where)
-    params = header[5:].split(";")
+    params = url[5:comma].split(";")
     media_type = params[0].strip().lower()
     if "base64" not in (p.strip().lower() for p in params[1:]):
         raise InvalidImage(f"`{where}` data URL must be base64-encoded", param=where)
@@ -169,7 +184,17 @@ def _payload(url: str, where: str) -> str:
         raise InvalidImage(
             f"`{where}` data URL has media type {media_type!r}, not an image", param=where
         )
-    return payload
+    return comma + 1
+
+
+def _text_digest(url: str, start: int) -> bytes:
+    """sha256 of ``url[start:]`` as ASCII, in pieces (never a whole-payload copy)."""
+    if len(url) - start <= PIECE:
+        return hashlib.sha256(url[start:].encode()).digest()
+    digest = hashlib.sha256()
+    for at in range(start, len(url), PIECE):
+        digest.update(url[at : at + PIECE].encode())
+    return digest.digest()
 
 
 def decode_data_url(url: str, where: str) -> bytes:
@@ -184,8 +209,8 @@ def decode_data_url(url: str, where: str) -> bytes:
     return data
 
 
-def hash_data_url(url: str, where: str) -> tuple[int, bytes, bytes]:
-    """(decoded size, sha256, first decoded piece) of a ``data:`` URL, decoded piece by piece.
+def check_data_url(url: str, where: str) -> tuple[int, bytes]:
+    """(decoded size, first decoded piece) of a ``data:`` URL, decoded piece by piece.
 
     The first piece (up to 192 KiB decoded) is what the format and dimension checks read.
 
@@ -193,7 +218,6 @@ def hash_data_url(url: str, where: str) -> tuple[int, bytes, bytes]:
     whole number of 4-character groups, so it decodes alone; padding may only be in the last.
     """
     payload = _payload(url, where)
-    digest = hashlib.sha256()
     size = 0
     head = b""
     end = len(payload.rstrip("="))  # trailing padding always goes with the last piece
@@ -207,12 +231,11 @@ def hash_data_url(url: str, where: str) -> tuple[int, bytes, bytes]:
             if not size:
                 head = data
             size += len(data)
-            digest.update(data)
     except (binascii.Error, ValueError):
         raise InvalidImage(f"`{where}` data URL payload is not valid base64", param=where) from None
     if not size:
         raise InvalidImage(f"`{where}` data URL is empty", param=where)
-    return size, digest.digest(), head
+    return size, head
 
 
 def check_image(
@@ -238,17 +261,45 @@ def check_image(
 def _identify(images: list[Image], settings: config.Ocr = _DEFAULTS) -> None:
     for image in images:
         if image.is_data:
-            payload = len(image.url) - image.url.find(",") - 1
-            if payload // 4 * 3 - 2 > settings.max_image_bytes:
+            url = image.url
+            start = _payload_start(url, image.where)
+            length = len(url) - start
+            image.size = length // 4 * 3 - (url.endswith("=") + url.endswith("=="))
+            if image.size > settings.max_image_bytes:
                 raise PayloadTooLarge(
                     f"`{image.where}` is larger than the limit of "
                     f"{settings.max_image_bytes} bytes per image",
                     param=image.where,
                 )
-            image.size, image.digest, head = hash_data_url(image.url, image.where)
-            check_image(head, image.where, settings, size=image.size)
+            image.digest = _text_digest(url, start)
         else:
             image.digest = hashlib.sha256(image.url.encode()).digest()
+
+
+def _check(images: list[Image], settings: config.Ocr = _DEFAULTS) -> None:
+    for image in images:
+        if image.is_data and not image.checked:
+            image.size, head = check_data_url(image.url, image.where)
+            check_image(head, image.where, settings, size=image.size)
+            image.checked = True
+
+
+async def validate(images: list[Image], settings: config.Ocr = _DEFAULTS) -> None:
+    """Decode every data URL among ``images`` not checked yet: valid base64, not empty, a known
+    format within the size and pixel limits (400/413 otherwise). Large ones off the loop."""
+    todo: dict[bytes, Image] = {}
+    for image in images:
+        if image.is_data and not image.checked:
+            todo.setdefault(image.digest, image)
+    small = [im for im in todo.values() if len(im.url) < THREAD_THRESHOLD]
+    large = [im for im in todo.values() if len(im.url) >= THREAD_THRESHOLD]
+    _check(small, settings)
+    if large:
+        await asyncio.to_thread(_check, large, settings)
+    for image in images:  # the same text decodes the same way
+        if image.is_data and not image.checked:
+            done = todo[image.digest]
+            image.size, image.checked = done.size, done.checked
 
 
 def _refusal(image: Image, exc: FetchError) -> ProxyError:
@@ -263,7 +314,8 @@ def _refusal(image: Image, exc: FetchError) -> ProxyError:
 def _adopt(image: Image, fetched: Fetched) -> None:
     image.url, image.is_data = fetched.data_url(), True  # from here on, it is a data URL
     image.size = len(fetched.data)
-    image.digest = hashlib.sha256(fetched.data).digest()
+    image.digest = _text_digest(image.url, image.url.index(",") + 1)
+    image.checked = True  # the fetcher checked its format and dimensions
 
 
 async def _fetch_all(
@@ -306,14 +358,15 @@ async def _fetch_all(
         else:
             _adopt(first, result)
         for image in by_url[url][1:]:
-            image.url, image.is_data = first.url, True
+            image.url, image.is_data, image.checked = first.url, True, True
             image.size, image.digest = first.size, first.digest
 
 
 async def identify(images: list[Image], settings: config.Ocr = _DEFAULTS) -> None:
-    """Check the image count and every data URL; fill in digests (a remote one: of its URL).
+    """Check the image count and every data URL's header and size; fill in digests (a remote
+    image's: of its URL). Nothing is decoded here (``validate`` does that).
 
-    Large payloads are decoded and hashed off the event loop.
+    Large payloads are hashed off the event loop.
     """
     if len(images) > settings.max_images:
         raise BadRequest(
@@ -341,7 +394,7 @@ async def scan_and_identify(messages_raw: msgspec.Raw, settings: config.Ocr = _D
 async def fetch_remote(
     images: list[Image], settings: config.Ocr, fetcher: Fetcher, total_bytes: int
 ) -> None:
-    """Download the remote images (after ``identify``): their digest becomes that of the bytes.
+    """Download the remote images (after ``identify``); each becomes a checked data URL.
 
     Together they may not exceed ``total_bytes`` (the most a client could send inline).
     """

@@ -615,6 +615,11 @@ async def test_fetched_images_reach_the_ocr_model_as_data_urls_and_share_a_cache
     r = await proxy.post(URL, json=chat("m-ocr", image_part(images.url("/also.png?sig=new"))))
     assert r.status == 200 and r.headers["X-OCR-Cache-Hits"] == "1"
     assert fake.ocr_calls == ["cat"]
+    # The same bytes sent inline (under another media type) share the fetched image's entry.
+    inline = "data:image/jpeg;base64," + base64.b64encode(IMAGE).decode()
+    r = await proxy.post(URL, json=chat("m-ocr", image_part(inline)))
+    assert r.status == 200 and r.headers["X-OCR-Cache-Hits"] == "1"
+    assert fake.ocr_calls == ["cat"]
 
 
 async def test_refused_fetch_gets_a_placeholder_by_default(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import time
 from typing import Any
 
 import pytest
 
+from ocrproxy import images as images_module
 from tests.conftest import chat
 from tests.fakes import FakeOpenAI, data_url, image_part
 from tests.imagedata import gif_header, jpeg_header, png_header, webp_vp8x_header
@@ -98,3 +100,77 @@ async def test_client_image_errors_do_not_follow_on_error(
     proxy = await make_proxy(ocr={"on_error": "placeholder"})
     r = await proxy.post(URL, json=chat("m-ocr", image_part(as_data_url(b"not an image"))))
     assert r.status == 400
+
+
+# --- what is decoded when: only images not described in memory ---------------------------------
+
+
+def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The images the proxy decodes (the base64 check), by where they are in the request."""
+    seen: list[str] = []
+    real = images_module.check_data_url
+
+    def counting(url: str, where: str) -> tuple[int, bytes]:
+        seen.append(where)
+        return real(url, where)
+
+    monkeypatch.setattr(images_module, "check_data_url", counting)
+    return seen
+
+
+async def test_an_image_described_in_memory_is_not_decoded_again(
+    make_proxy: Any, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoded = count_decodes(monkeypatch)
+    proxy = await make_proxy()
+    picture = image_part(data_url("chart", size=300_000))  # large: checked in a worker thread
+    r = await proxy.post(URL, json=chat("m-ocr", picture, picture))
+    assert r.status == 200 and r.headers["X-OCR-Images"] == "1"
+    assert decoded == ["messages[0].content[0]"]  # the same text twice: decoded once
+    r = await proxy.post(URL, json=chat("m-ocr", "again", picture, image_part(data_url("new"))))
+    assert r.status == 200 and r.headers["X-OCR-Cache-Hits"] == "1"
+    assert decoded == ["messages[0].content[0]", "messages[0].content[2]"]
+    assert fake.ocr_calls == ["chart", "new"]
+
+
+async def test_a_bad_image_beside_a_described_one_is_400_before_any_ocr_call(
+    make_proxy: Any, fake: FakeOpenAI
+) -> None:
+    proxy = await make_proxy()
+    known = image_part(data_url("known"))
+    assert (await proxy.post(URL, json=chat("m-ocr", known))).status == 200
+    for bad in (
+        "data:image/png;base64,iVBOR*w0K",  # not base64
+        as_data_url(b"not an image"),  # not an image
+        as_data_url(png_header(70_000, 70_000)),  # too many pixels
+    ):
+        fresh = image_part(data_url(f"fresh-{len(fake.received)}"))
+        r = await proxy.post(URL, json=chat("m-ocr", known, fresh, image_part(bad)))
+        assert r.status == 400, bad
+        error = (await r.json())["error"]
+        assert error["code"] == "invalid_image" and error["param"].startswith(
+            "messages[0].content[2]"
+        )
+    assert fake.ocr_calls == ["known"]  # the fresh images were not sent for nothing
+    assert len(fake.chat_requests) == 1
+
+
+async def test_a_streaming_request_with_a_bad_image_is_a_400_not_an_event(
+    make_proxy: Any, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Even when checking the image outlasts the wait after which a stream is committed early
+    # (a slow machine; here a decode slowed down on purpose).
+    real = images_module.check_data_url
+
+    def slow(url: str, where: str) -> tuple[int, bytes]:
+        time.sleep(0.2)
+        return real(url, where)
+
+    monkeypatch.setattr(images_module, "check_data_url", slow)
+    proxy = await make_proxy(ocr={"keepalive_after_s": 0.01, "keepalive_interval_s": 0.05})
+    good = image_part(data_url("slow"))
+    bad = image_part(as_data_url(b"not an image" + bytes(60_000)))  # checked in a thread
+    r = await proxy.post(URL, json=chat("m-ocr", good, bad, stream=True))
+    assert r.status == 400 and r.content_type == "application/json"
+    assert (await r.json())["error"]["param"].startswith("messages[0].content[1]")
+    assert fake.received == []
