@@ -141,27 +141,31 @@ def _access_log(
         bytes_out = len(response.body) if isinstance(response.body, bytes) else 0
     else:
         bytes_out = 0
-    fields = {
-        "method": request.method,
-        "route": request.path,
-        "remote": request.remote,
-        "forwarded_for": request.headers.get("X-Forwarded-For"),
-        "status": status,
-        "model": trace.model,
-        "real_model": trace.real_model,
-        "ocr_model": trace.ocr_model,
-        "images": trace.images,
-        "cache_hits": trace.cache_hits,
-        "ocr_failures": trace.ocr_failures,
-        "ocr_ms": trace.ocr_ms,
-        "upstream": trace.upstream,
-        "upstream_status": trace.upstream_status,
-        "ttfb_ms": trace.ttfb_ms,
-        "total_ms": round((time.monotonic() - trace.started) * 1000, 2),
-        "bytes_out": bytes_out,
-    }
     level = logging.DEBUG if request.path in _QUIET_ROUTES and status < 400 else logging.INFO
-    logs.access(log, level, trace.request_id, fields)
+    logs.access(
+        log,
+        level,
+        {
+            "request_id": trace.request_id,
+            "method": request.method,
+            "route": request.path,
+            "remote": request.remote,
+            "forwarded_for": request.headers.get("X-Forwarded-For"),
+            "status": status,
+            "model": trace.model,
+            "real_model": trace.real_model,
+            "ocr_model": trace.ocr_model,
+            "images": trace.images,
+            "cache_hits": trace.cache_hits,
+            "ocr_failures": trace.ocr_failures,
+            "ocr_ms": trace.ocr_ms,
+            "upstream": trace.upstream,
+            "upstream_status": trace.upstream_status,
+            "ttfb_ms": trace.ttfb_ms,
+            "total_ms": round((time.monotonic() - trace.started) * 1000, 2),
+            "bytes_out": bytes_out,
+        },
+    )
 
 
 _EXPOSED = (

@@ -73,11 +73,17 @@ async def read_body(request: web.Request) -> bytes:
     limit = request.app[CONFIG].server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes")
+    content = request.content
+    if content.is_eof():  # it all came with the headers (a small request): take it, no wait
+        body = content.read_nowait()
+        if len(body) > limit:
+            raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes")
+        return body
     # Pieces joined once: request.read() makes three more copies (joined buffer, growing
     # bytearray, final bytes), which under big images multiplies the proxy's peak memory.
     pieces: list[bytes] = []
     size = 0
-    async for piece in request.content.iter_any():
+    async for piece in content.iter_any():
         size += len(piece)
         if size > limit:
             raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes")

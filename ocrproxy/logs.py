@@ -167,8 +167,9 @@ class JsonLineHandler(logging.StreamHandler):  # type: ignore[type-arg]
 _handler: JsonLineHandler | None = None  # set by setup(): the fast path for access lines
 
 
-def access(logger: logging.Logger, level: int, request_id: str, fields: dict[str, Any]) -> None:
-    """Log one request's access line (message ``request``, the fields at the top level).
+def access(logger: logging.Logger, level: int, fields: dict[str, Any]) -> None:
+    """Log one request's access line: message ``request``, ``fields`` (with ``request_id``)
+    at the top level.
 
     With ``setup``'s handler in place the line goes straight into its buffer, without a
     LogRecord or a write of its own; otherwise (tests, embedding) it is an ordinary record.
@@ -177,10 +178,13 @@ def access(logger: logging.Logger, level: int, request_id: str, fields: dict[str
         return
     handler = _handler
     if handler is None:
-        logger.log(level, "request", extra={"fields": fields, "request_id": request_id})
+        extra = {"fields": fields, "request_id": fields.get("request_id")}
+        logger.log(level, "request", extra=extra)
         return
-    entry = _entry(time.time(), level, logger.name, request_id, "request", fields)
-    handler.buffer_line(orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE))
+    # The fixed head as text, the fields by orjson: one dict less to build than _entry's.
+    head = f'{{"ts":{round(time.time(), 3)},"level":"{_LEVELS[level]}","logger":"{logger.name}"'
+    body = orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
+    handler.buffer_line(b"".join((head.encode(), b',"msg":"request",', body[1:])))
 
 
 def setup(level: str = "info") -> None:

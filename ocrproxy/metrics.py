@@ -18,6 +18,8 @@ through a reverse proxy (it carries ``X-Forwarded-For``, ``X-Real-IP`` or ``Forw
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import ipaddress
 import os
 import time
@@ -40,6 +42,7 @@ from .errors import NotFound, ProxyError, UpstreamError
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
+FLUSH_S = 1.0  # counts reach the collectors (and, with workers, the shared files) this late
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _FORWARDED = ("X-Forwarded-For", "X-Real-IP", "Forwarded")
 
@@ -114,6 +117,14 @@ class Metrics:
         # Labelled children, looked up once per label set: ``labels()`` validates and locks on
         # every call, a measurable share of a small request's CPU.
         self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
+        # What was counted since the last flush, as plain numbers: a locked increment per
+        # counter and a Python bucket search per histogram on every request cost more than the
+        # rest of the metrics did. Applied in bulk at most FLUSH_S later and before every scrape.
+        self._counts: dict[tuple[Counter, tuple[str, ...]], int] = {}
+        self._tallies: dict[tuple[Histogram, tuple[str, ...]], list[float]] = {}
+        self._in_flight = 0
+        self._streams = 0
+        self._flush_set = False
 
     def child(self, metric: Counter | Histogram, *values: str) -> Any:
         """``metric.labels(*values)``, cached."""
@@ -123,25 +134,69 @@ class Metrics:
             found = self._children[key] = metric.labels(*values)
         return found
 
+    def _add(self, metric: Counter, *values: str) -> None:
+        key = (metric, values)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        self._soon()
+
+    def _observe(self, metric: Histogram, seconds: float, *values: str) -> None:
+        key = (metric, values)
+        tally = self._tallies.get(key)
+        if tally is None:  # a count per bucket (the last one +Inf), then the sum
+            tally = self._tallies[key] = [0.0] * (len(_SECONDS) + 2)
+        tally[bisect.bisect_left(_SECONDS, seconds)] += 1  # the first bucket with v <= le
+        tally[-1] += seconds
+        self._soon()
+
+    def _soon(self) -> None:
+        if self._flush_set:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        loop.call_later(FLUSH_S, self.flush)
+        self._flush_set = True
+
+    def flush(self) -> None:
+        """Apply everything counted since the last flush to the collectors."""
+        self._flush_set = False
+        counts, self._counts = self._counts, {}
+        tallies, self._tallies = self._tallies, {}
+        for (counter, values), n in counts.items():
+            self.child(counter, *values).inc(n)
+        for (histogram, values), tally in tallies.items():
+            # prometheus_client has no bulk observe: add to the child's per-bucket values and
+            # sum, the two things observe() adds to (tests/test_metrics.py checks the result).
+            child = self.child(histogram, *values)
+            for bucket, count in zip(child._buckets, tally, strict=False):
+                if count:
+                    bucket.inc(count)
+            child._sum.inc(tally[-1])
+        self.in_flight.set(self._in_flight)
+        self.streams.set(self._streams)
+
     def cache_lookup(self, tier: str, result: str) -> None:
-        self.child(self.cache, tier, result).inc()
+        self._add(self.cache, tier, result)
 
     def ocr_call(self, model: str, ok: bool, seconds: float) -> None:
         # The OCR model is the client's string: only configured names become label values, so
         # a client can neither grow the series without bound nor write into the scrape.
         model = model if model in self.models else "other"
-        self.child(self.ocr_calls, model, "ok" if ok else "error").inc()
-        self.child(self.ocr_latency, model).observe(seconds)
+        self._add(self.ocr_calls, model, "ok" if ok else "error")
+        self._observe(self.ocr_latency, seconds, model)
 
     def started(self) -> None:
         """A request came in (called by the request middleware, which also calls ``finished``)."""
-        self.in_flight.inc()
+        self._in_flight += 1
+        self._soon()
 
     def prepared(self, request: web.Request, response: web.StreamResponse) -> None:
         """A response is about to send its headers: an SSE one counts as an open stream."""
         if response.content_type == "text/event-stream":
             request[_STREAMING] = True
-            self.streams.inc()
+            self._streams += 1
 
     def finished(
         self,
@@ -151,21 +206,22 @@ class Metrics:
         error: BaseException | None,
     ) -> None:
         """Count one answered request: status, latency, and its upstream's answer or failure."""
-        self.in_flight.dec()
+        self._in_flight -= 1
         if request.get(_STREAMING):
-            self.streams.dec()
+            self._streams -= 1
         route = _route(request)
-        self.child(self.requests, route, str(status)).inc()
-        self.child(self.latency, route).observe(time.monotonic() - trace.started)
+        self._add(self.requests, route, str(status))
+        self._observe(self.latency, time.monotonic() - trace.started, route)
         if isinstance(error, UpstreamError):
             kind = "timeout" if error.status == 504 else "unreachable"
-            self.child(self.upstream_errors, _upstream_of(request, trace), kind).inc()
+            self._add(self.upstream_errors, _upstream_of(request, trace), kind)
         if trace.upstream and trace.ttfb_ms is not None:
-            self.child(self.ttfb, trace.upstream).observe(trace.ttfb_ms / 1000)
+            self._observe(self.ttfb, trace.ttfb_ms / 1000, trace.upstream)
             if trace.upstream_status is not None and trace.upstream_status >= 500:
-                self.child(self.upstream_errors, trace.upstream, "http_5xx").inc()
+                self._add(self.upstream_errors, trace.upstream, "http_5xx")
 
     def render(self) -> bytes:
+        self.flush()
         return generate_latest(self.registry)
 
 
@@ -234,11 +290,16 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def _flush(app: web.Application) -> None:
+    app[METRICS].flush()
+
+
 def install(app: web.Application) -> None:
     """Add counting (and, without a metrics port, the operator routes) to the main app."""
     cfg = app[handlers.CONFIG]
     literal = {p for up in cfg.upstreams for p in up.models if not any(c in p for c in "*?[")}
     app[METRICS] = Metrics(frozenset({cfg.ocr.model, cfg.ocr.local_alias, *literal}))
+    app.on_cleanup.append(_flush)  # last counts of a stopping worker reach the shared files
     if not cfg.server.metrics_port:
         app.router.add_get("/metrics", metrics_handler)
         app.router.add_get("/readyz", readyz)

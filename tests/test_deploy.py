@@ -21,6 +21,7 @@ import orjson
 import pytest
 
 from ocrproxy import config
+from ocrproxy.metrics import FLUSH_S
 from tests.conftest import chat, require_binary
 from tests.fakes import FakeOpenAI, data_url, image_part
 from tests.servers import ROOT, ProxyProcess, free_port, nginx, proxy_toml
@@ -142,6 +143,7 @@ async def test_workers_share_one_port_and_metrics(fake: FakeOpenAI, tmp_path: Pa
             async with aiohttp.ClientSession() as session:
                 async with session.get(url + "/healthz") as resp:
                     assert resp.status == 200
+        await asyncio.sleep(FLUSH_S + 0.5)  # each worker writes its counts at most this late
         serving = {p.stem.split("_")[1] for p in metrics_dir.glob("counter_*.db")}
         assert len(serving) == 2, serving  # both workers answered requests
         async with aiohttp.ClientSession() as session:
@@ -261,6 +263,7 @@ async def test_workers_share_the_sqlite_tier_and_a_dead_worker_is_replaced(
                     assert resp.status == 200
                     assert resp.headers["X-OCR-Cache-Hits"] == ("0" if i == 0 else "1")
         assert fake.ocr_calls == ["shared"]  # one OCR call for both workers
+        await asyncio.sleep(FLUSH_S + 0.5)  # each worker writes its counts at most this late
         async with aiohttp.ClientSession() as session:
             async with session.get(url + "/metrics") as resp:
                 assert resp.status == 404  # only on the metrics port

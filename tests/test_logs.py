@@ -16,7 +16,14 @@ import pytest
 from ocrproxy import logs
 
 ACCESS = logging.getLogger("ocrproxy.access")
-FIELDS = {"method": "POST", "route": "/v1/chat/completions", "status": 200, "ocr_ms": None}
+# A client chooses the model name: whatever it holds must come out as one valid JSON line.
+FIELDS = {
+    "method": "POST",
+    "route": "/v1/chat/completions",
+    "status": 200,
+    "ocr_ms": None,
+    "model": 'gpt-4"}\n{"level":"error"\u2028é',
+}
 
 
 class Stderr(io.TextIOWrapper):
@@ -56,8 +63,8 @@ def stderr(monkeypatch: pytest.MonkeyPatch) -> Iterator[Stderr]:
 async def test_access_line_is_written_soon_not_at_once(stderr: Stderr) -> None:
     assert logs._handler is not None
     logs._handler.flush_after_s = 0.05
-    logs.access(ACCESS, logging.INFO, "rid-1", FIELDS)
-    logs.access(ACCESS, logging.INFO, "rid-2", FIELDS)
+    logs.access(ACCESS, logging.INFO, {"request_id": "rid-1", **FIELDS})
+    logs.access(ACCESS, logging.INFO, {"request_id": "rid-2", **FIELDS})
     assert stderr.lines() == []  # queued, no write per request
     await asyncio.sleep(0.2)
     first, second = stderr.lines()
@@ -69,7 +76,7 @@ async def test_access_line_is_written_soon_not_at_once(stderr: Stderr) -> None:
 
 
 async def test_other_records_keep_their_place_after_queued_lines(stderr: Stderr) -> None:
-    logs.access(ACCESS, logging.INFO, "rid-1", FIELDS)
+    logs.access(ACCESS, logging.INFO, {"request_id": "rid-1", **FIELDS})
     logging.getLogger("ocrproxy.relay").warning("upstream broke", extra={"request_id": "rid-2"})
     assert [(line["request_id"], line["msg"]) for line in stderr.lines()] == [
         ("rid-1", "request"),
@@ -82,26 +89,26 @@ async def test_many_pending_lines_are_written_without_waiting(stderr: Stderr) ->
     logs._handler.flush_after_s = 60
     fields = {**FIELDS, "route": "/v1/" + "x" * 1000}
     for n in range(80):  # ~90 KB: past the 64 KB limit
-        logs.access(ACCESS, logging.INFO, f"rid-{n}", fields)
+        logs.access(ACCESS, logging.INFO, {"request_id": f"rid-{n}", **fields})
     written = stderr.lines()
     assert 50 <= len(written) < 80
     assert [line["request_id"] for line in written] == [f"rid-{n}" for n in range(len(written))]
 
 
 def test_off_the_event_loop_a_line_is_written_at_once(stderr: Stderr) -> None:
-    logs.access(ACCESS, logging.INFO, "rid-1", FIELDS)
+    logs.access(ACCESS, logging.INFO, {"request_id": "rid-1", **FIELDS})
     assert [line["request_id"] for line in stderr.lines()] == ["rid-1"]
 
 
 async def test_levels_below_the_configured_one_are_dropped(stderr: Stderr) -> None:
-    logs.access(ACCESS, logging.DEBUG, "probe", FIELDS)  # e.g. a health probe
+    logs.access(ACCESS, logging.DEBUG, {"request_id": "probe", **FIELDS})  # a health probe
     assert logs._handler is not None
     logs._handler.flush()
     assert stderr.lines() == []
 
 
 async def test_queued_lines_are_written_at_exit(stderr: Stderr) -> None:
-    logs.access(ACCESS, logging.INFO, "rid-last", FIELDS)
+    logs.access(ACCESS, logging.INFO, {"request_id": "rid-last", **FIELDS})
     assert logs._handler is not None
     logging.shutdown([weakref.ref(logs._handler)])  # what the interpreter runs at exit
     assert [line["request_id"] for line in stderr.lines()] == ["rid-last"]
@@ -112,7 +119,8 @@ async def test_without_setup_the_line_is_an_ordinary_record(
 ) -> None:
     monkeypatch.setattr(logs, "_handler", None)
     with caplog.at_level(logging.INFO, logger="ocrproxy.access"):
-        logs.access(ACCESS, logging.INFO, "rid-1", FIELDS)
+        logs.access(ACCESS, logging.INFO, {"request_id": "rid-1", **FIELDS})
     (record,) = [r for r in caplog.records if r.name == "ocrproxy.access"]
     assert record.getMessage() == "request"
-    assert record.request_id == "rid-1" and record.fields == FIELDS  # type: ignore[attr-defined]
+    assert record.request_id == "rid-1"  # type: ignore[attr-defined]
+    assert record.fields == {"request_id": "rid-1", **FIELDS}  # type: ignore[attr-defined]

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from ocrproxy.metrics import create_metrics_app
+from ocrproxy.metrics import FLUSH_S, Metrics, create_metrics_app
 from tests.conftest import ProxyFactory, chat
 from tests.fakes import FakeOpenAI, data_url, image_part
 from tests.servers import free_port
@@ -127,3 +127,38 @@ async def test_metrics_port_serves_operator_endpoints_apart(
     m = await scrape(side)
     assert m['ocrproxy_requests_total{route="/healthz",status="200"}'] == 1
     assert m['ocrproxy_requests_total{route="unmatched",status="404"}'] == 2
+
+
+def test_counts_applied_in_bulk_read_as_one_observe_per_sample() -> None:
+    # Latencies on, between and beyond the bucket bounds (0.01 and 600 are bounds).
+    samples = [0.0, 0.004, 0.01, 0.0100001, 0.3, 2.5, 599.9, 600, 600.1, 10_000]
+    bulk, direct = Metrics(), Metrics()
+    for seconds in samples:
+        bulk._observe(bulk.latency, seconds, "/v1/x")
+        bulk._add(bulk.requests, "/v1/x", "200")
+        direct.latency.labels("/v1/x").observe(seconds)
+        direct.requests.labels("/v1/x", "200").inc()
+
+    def samples_of(metrics: Metrics) -> dict[str, float]:
+        out = {}
+        for family in text_string_to_metric_families(metrics.render().decode()):
+            for s in family.samples:
+                if not s.name.endswith("_created"):  # when the series was made: differs
+                    out[f"{s.name}{sorted(s.labels.items())}"] = s.value
+        return out
+
+    got = samples_of(bulk)
+    assert got == samples_of(direct)
+    assert got["ocrproxy_request_duration_seconds_count[('route', '/v1/x')]"] == 10
+    assert got["ocrproxy_request_duration_seconds_bucket[('le', '0.01'), ('route', '/v1/x')]"] == 3
+
+
+async def test_counts_reach_the_collectors_within_a_second_without_a_scrape() -> None:
+    metrics = Metrics()
+    metrics._add(metrics.requests, "/v1/x", "200")
+    metrics.started()
+    child = metrics.requests.labels("/v1/x", "200")
+    assert child._value.get() == 0  # pending
+    await asyncio.sleep(FLUSH_S + 0.2)
+    assert child._value.get() == 1
+    assert metrics.in_flight._value.get() == 1
