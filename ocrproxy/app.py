@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from . import config, handlers, local, logs, metrics, tiers, upstream
+from . import config, handlers, local, logs, metrics, relay, tiers, upstream
 from .cache import DescriptionCache, MemoryLRU
 from .describe import Describer
 from .errors import MethodNotAllowed, NotFound, ProxyError, Unauthorized
@@ -113,6 +113,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             ).to_response()
         else:
             status = exc.status
+            stamp(request, exc)
             raise
     except (ConnectionResetError, asyncio.CancelledError):
         status = 499  # the client went away
@@ -123,6 +124,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     finally:
         if response is not None:
             status = response.status
+            if not response.prepared:
+                stamp(request, response)
         counters.finished(request, trace, status, error)
         _access_log(request, trace, status, response)
         logs.request_id.reset(token)
@@ -198,8 +201,12 @@ def _preflight(request: web.Request, origins: tuple[str, ...]) -> web.Response:
     )
 
 
-async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
-    """Headers every response carries, added as it is about to be sent; counts open streams."""
+def stamp(request: web.Request, response: web.StreamResponse) -> None:
+    """Add the headers every response carries, before it is sent; count an SSE one as a stream.
+
+    Called by the middleware for a response the handler returns and by ``relay.commit`` for one
+    sent earlier (aiohttp's on_response_prepare signal did this for ~5 µs a request more).
+    """
     trace = request.get(handlers.TRACE)
     if trace is not None:
         response.headers["X-Request-Id"] = trace.request_id
@@ -222,8 +229,7 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
         connector=connector,
         auto_decompress=False,
         trust_env=False,
-        skip_auto_headers=("Accept-Encoding",),
-    )
+    )  # every request sets Accept-Encoding itself (identity): aiohttp's default is not added
     tier = tiers.open_tier(cfg.cache, cfg.ocr.timeout_s)
     if isinstance(tier, tiers.SqliteTier):
         await tier.open()
@@ -306,7 +312,7 @@ def create_app(cfg: config.Config) -> web.Application:
     app.cleanup_ctx.append(_fetcher)
     if cfg.server.stall_warning_ms > 0:
         app.cleanup_ctx.append(_watchdog)
-    app.on_response_prepare.append(_stamp)
+    app[relay.STAMP] = stamp
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_route("*", "/v1/{tail:.*}", handlers.passthrough)

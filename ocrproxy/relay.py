@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -116,6 +116,20 @@ class UsageEditor:
         return b"data: " + edited + ending
 
 
+# Adds the headers every response of the app carries (and counts streams): set by the app.
+# A response a handler returns is stamped by the request middleware; one sent from here, before
+# the handler returns, by ``commit``.
+STAMP: web.AppKey[Callable[[web.Request, web.StreamResponse], None]] = web.AppKey("stamp")
+
+
+async def commit(request: web.Request, response: web.StreamResponse) -> None:
+    """Stamp ``response`` and send its status and headers now."""
+    stamp = request.app.get(STAMP)
+    if stamp is not None:
+        stamp(request, response)
+    await response.prepare(request)
+
+
 def error_event(error: ProxyError | bytes) -> bytes:
     """An SSE event carrying an OpenAI-shaped error object."""
     payload = error.to_bytes() if isinstance(error, ProxyError) else error
@@ -125,7 +139,7 @@ def error_event(error: ProxyError | bytes) -> bytes:
 async def start_sse(request: web.Request, headers: Mapping[str, str]) -> web.StreamResponse:
     """Commit a 200 SSE response now (before the upstream answered)."""
     response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
-    await response.prepare(request)
+    await commit(request, response)
     return response
 
 
@@ -216,7 +230,7 @@ async def relay(
         response = web.StreamResponse(
             status=source.status, reason=source.reason, headers=out_headers
         )
-        await response.prepare(request)
+        await commit(request, response)
         editor = UsageEditor(ocr_usage) if ocr_usage is not None and edit_stream else None
         await _pump_sse(source, response, None if encoded else editor)
         await response.write_eof()
@@ -239,7 +253,7 @@ async def relay(
     response = web.StreamResponse(status=source.status, reason=source.reason, headers=out_headers)
     if length is not None:
         response.content_length = length
-    await response.prepare(request)
+    await commit(request, response)
     try:
         await _pump(source, response, None)
     except UpstreamBroke as exc:

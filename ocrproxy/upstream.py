@@ -155,6 +155,9 @@ def timeout(up: config.Upstream) -> aiohttp.ClientTimeout:
     )
 
 
+_urls: dict[str, URL] = {}  # parsed once: most requests go to a few fixed URLs
+
+
 async def open_request(
     session: aiohttp.ClientSession,
     up: config.Upstream,
@@ -169,10 +172,15 @@ async def open_request(
 
     The caller owns the response and must close or release it.
     """
+    url = _urls.get(target)
+    if url is None:
+        url = URL(target, encoded=True)  # the client's path and query, not re-quoted
+        if "?" not in target and len(_urls) < 1024:  # an upstream's fixed routes
+            _urls[target] = url
     try:
         return await session.request(
             method,
-            URL(target, encoded=True),  # the client's path and query, not re-quoted
+            url,
             headers=headers,
             data=data,
             timeout=request_timeout or timeout(up),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
+from aiohttp import web
 from yarl import URL
 
 from ocrproxy import config
@@ -275,3 +277,70 @@ async def test_wrong_method_is_openai_shaped_405(proxy):
     r = await proxy.post("/healthz")
     assert r.status == 405
     assert (await r.json())["error"]["code"] == "method_not_allowed"
+
+
+async def test_every_upstream_request_asks_for_an_uncompressed_answer(proxy, fake):
+    # The proxy reads what it relays (errors to redact, usage to extend): no gzip from upstreams,
+    # whatever the client accepts.
+    gzip_ok = {"Accept-Encoding": "gzip, deflate, br"}
+    r = await proxy.post(
+        "/v1/chat/completions", json=chat("m-ocr", image_part(data_url("x"))), headers=gzip_ok
+    )
+    assert r.status == 200
+    assert (await proxy.post("/v1/chat/completions", json=chat("m", "hi"))).status == 200
+    assert (await proxy.get("/v1/models", headers=gzip_ok)).status == 200
+    assert (await proxy.post("/v1/embeddings", json={"model": "m", "input": "a"})).status == 200
+    kinds = {(r.method, r.path) for r in fake.received}
+    assert len(fake.received) >= 5 and ("GET", "/v1/models") in kinds
+    assert {r.headers.get("Accept-Encoding") for r in fake.received} == {"identity"}
+
+
+async def test_every_kind_of_response_carries_the_request_id_and_cors_headers(
+    make_proxy, fake, aiohttp_server
+):
+    # Responses are sent from several places (returned by a handler, committed early as a
+    # keep-alive stream, streamed as they arrive): each must carry the same stamp.
+    async def content(request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * 400_000)  # past the size answered in one write
+
+    big = web.Application()
+    big.router.add_get("/v1/files/f/content", content)
+    files = await aiohttp_server(big)
+    proxy = await make_proxy(
+        server={"cors_origins": ["https://chat.example"]},
+        ocr={"keepalive_after_s": 0.05, "keepalive_interval_s": 0.05},
+        upstreams=[
+            {"name": "files", "base_url": str(files.make_url("/v1")), "models": ["files-*"]},
+            {"name": "fake", "base_url": fake.url},
+        ],
+    )
+    fake.ocr_delay = 0.3
+    origin = {"Origin": "https://chat.example"}
+    preflight = {**origin, "Access-Control-Request-Method": "POST"}
+    sent = {
+        "plain answer": proxy.post(CHAT, json=chat("m", "x"), headers=origin),
+        "stream": proxy.post(CHAT, json=chat("m", "x", stream=True), headers=origin),
+        "early stream": proxy.post(
+            CHAT, json=chat("m-ocr", image_part(data_url("s")), stream=True), headers=origin
+        ),
+        "large body": proxy.get("/v1/files/f/content", headers=origin),
+        "proxy error": proxy.post(CHAT, data=b"{", headers=origin),
+        "unknown route": proxy.get("/nowhere", headers=origin),
+        "preflight": proxy.options(CHAT, headers=preflight),
+    }
+    statuses = {}
+    for kind, request in sent.items():
+        r = await request
+        await r.read()
+        statuses[kind] = r.status
+        assert re.fullmatch(r"[0-9a-f]{32}", r.headers.get("X-Request-Id", "")), kind
+        assert r.headers.get("Access-Control-Allow-Origin") == "https://chat.example", kind
+    assert statuses == {
+        "plain answer": 200,
+        "stream": 200,
+        "early stream": 200,
+        "large body": 200,
+        "proxy error": 400,
+        "unknown route": 404,
+        "preflight": 204,
+    }
