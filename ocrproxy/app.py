@@ -36,28 +36,25 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class _Ids:
-    """Version-4 UUIDs as 32 hex digits, like ``uuid.uuid4().hex``, from a pool of random bytes
-    refilled 256 ids at a time: one ``getrandom`` call per request was a measurable cost."""
+    """Random 128-bit ids as 32 hex digits, cut from a pool of random hex refilled 256 ids at a
+    time: one ``getrandom`` call (or a UUID object) per request was a measurable cost."""
 
     _POOL = 16 * 256
 
     def __init__(self) -> None:
-        self._pool = b""
+        self._pool = ""
         self._at = 0
         os.register_at_fork(after_in_child=self._forget)  # a worker must not repeat its parent
 
     def _forget(self) -> None:
-        self._pool, self._at = b"", 0
+        self._pool, self._at = "", 0
 
     def new(self) -> str:
-        if self._at >= len(self._pool):
-            self._pool, self._at = os.urandom(self._POOL), 0
-        value = int.from_bytes(self._pool[self._at : self._at + 16])
-        self._at += 16
-        # What uuid.UUID(version=4) does: set the variant (RFC 4122) and the version bits.
-        value = (value & ~(0xC000 << 48)) | (0x8000 << 48)
-        value = (value & ~(0xF000 << 64)) | (4 << 76)
-        return f"{value:032x}"
+        at = self._at
+        if at >= len(self._pool):
+            self._pool, at = os.urandom(self._POOL).hex(), 0
+        self._at = at + 32
+        return self._pool[at : at + 32]
 
 
 _ids = _Ids()
@@ -202,20 +199,26 @@ def _preflight(request: web.Request, origins: tuple[str, ...]) -> web.Response:
 
 
 def stamp(request: web.Request, response: web.StreamResponse) -> None:
-    """Add the headers every response carries, before it is sent; count an SSE one as a stream.
+    """Add the headers every response carries, before it is sent.
 
-    Called by the middleware for a response the handler returns and by ``relay.commit`` for one
-    sent earlier (aiohttp's on_response_prepare signal did this for ~5 µs a request more).
+    Called by the middleware for a response the handler returns and, through ``_commit``, for
+    one sent earlier (aiohttp's on_response_prepare signal did this for ~5 µs a request more).
     """
     trace = request.get(handlers.TRACE)
     if trace is not None:
         response.headers["X-Request-Id"] = trace.request_id
-    request.app[metrics.METRICS].prepared(request, response)
-    origin = _allowed_origin(request, request.app[handlers.CONFIG].server.cors_origins)
+    origins = request.app[handlers.CONFIG].server.cors_origins
+    origin = _allowed_origin(request, origins) if origins else None
     if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Expose-Headers"] = _EXPOSED
         response.headers.add("Vary", "Origin")
+
+
+def _commit(request: web.Request, response: web.StreamResponse) -> None:
+    """A response sent before its handler returns (a stream, a large body): stamp and count."""
+    stamp(request, response)
+    request.app[metrics.METRICS].prepared(request, response)
 
 
 def _secrets(cfg: config.Config) -> tuple[str, ...]:
@@ -312,7 +315,7 @@ def create_app(cfg: config.Config) -> web.Application:
     app.cleanup_ctx.append(_fetcher)
     if cfg.server.stall_warning_ms > 0:
         app.cleanup_ctx.append(_watchdog)
-    app[relay.STAMP] = stamp
+    app[relay.STAMP] = _commit
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_route("*", "/v1/{tail:.*}", handlers.passthrough)
