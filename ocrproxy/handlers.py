@@ -68,10 +68,11 @@ TRACE = web.RequestKey("trace", Trace)
 _str_decoder = msgspec.json.Decoder(str)
 
 
-async def read_body(request: web.Request) -> bytes:
+async def read_body(request: web.Request) -> bytes | bytearray:
     """The whole request body, refused with 413 past ``max_body_bytes`` before it is read."""
     limit = request.app[CONFIG].server.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
+    length = request.content_length
+    if length is not None and length > limit:
         raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes")
     content = request.content
     if content.is_eof():  # it all came with the headers (a small request): take it, no wait
@@ -79,6 +80,14 @@ async def read_body(request: web.Request) -> bytes:
         if len(body) > limit:
             raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes")
         return body
+    if (
+        length is not None
+        and length >= upstream.LARGE_BODY
+        and not request.headers.get(
+            "Content-Encoding"  # aiohttp decompresses such a body: its length is not this one
+        )
+    ):
+        return await _read_into(content, length)
     # Pieces joined once: request.read() makes three more copies (joined buffer, growing
     # bytearray, final bytes), which under big images multiplies the proxy's peak memory.
     pieces: list[bytes] = []
@@ -91,12 +100,28 @@ async def read_body(request: web.Request) -> bytes:
     return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
+async def _read_into(content: aiohttp.StreamReader, length: int) -> bytearray:
+    """A body of known length copied into place piece by piece as it arrives: joining
+    megabytes at the end blocked the event loop for milliseconds, and held the body twice."""
+    body = bytearray(length)
+    at = 0
+    async for piece in content.iter_any():
+        end = at + len(piece)
+        if end > length:  # aiohttp's parser stops at Content-Length: not expected
+            raise BadRequest("The request body is longer than its Content-Length")
+        body[at:end] = piece
+        at = end
+    if at != length:
+        raise BadRequest("The request body is shorter than its Content-Length")
+    return body
+
+
 def _field(obj: RawObject, name: str) -> Any:
     raw = obj.get(name)
     return None if raw is None else msgspec.json.decode(raw)
 
 
-def parse_chat(body: bytes) -> tuple[RawObject, str, Any]:
+def parse_chat(body: bytes | bytearray) -> tuple[RawObject, str, Any]:
     """Decode the top level of a chat request: (fields as raw JSON, model, ocr_model)."""
     try:
         obj = object_decoder.decode(body)
@@ -133,6 +158,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     trace = request[TRACE]
     body = await read_body(request)
     obj, model, ocr_model = parse_chat(body)
+    if len(body) >= upstream.LARGE_BODY:
+        await asyncio.sleep(0)  # so did reading megabytes of JSON
     trace.model = model
     suffix = cfg.ocr.suffix
     has_suffix = model.endswith(suffix) and len(model) > len(suffix)
@@ -154,8 +181,9 @@ async def forward(
     target = upstream.url(up, path)
     if request.rel_url.raw_query_string:
         target += "?" + request.rel_url.raw_query_string
+    data = upstream.payload(body, headers) if isinstance(body, bytes | bytearray) else body
     source = await upstream.open_request(
-        request.app[SESSION], up, request.method, target, headers=headers, data=body
+        request.app[SESSION], up, request.method, target, headers=headers, data=data
     )
     request[TRACE].upstream_answered(up, source.status)
     async with source:
@@ -241,7 +269,7 @@ async def ocr_chat(
         "POST",
         upstream.url(up, "chat/completions"),
         headers=headers,
-        data=new_body,
+        data=upstream.payload(new_body, headers),
     )
     if response is None:
         source = await send

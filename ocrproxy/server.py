@@ -22,6 +22,7 @@ import queue
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -123,6 +124,9 @@ def _run_worker(
 ) -> None:
     logs.setup(cfg.server.log_level)
     _event_loop_policy()
+    # Worker threads (large scans and hashes, the local OCR engine, SQLite) hold the GIL for up
+    # to this long before the event loop gets it back: 5 ms by default, a stall every time.
+    sys.setswitchinterval(0.001)
     try:
         asyncio.run(_serve(cfg, reuse_port, ready, stopping))
     except CannotListen as exc:

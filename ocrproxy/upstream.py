@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import aiohttp
@@ -156,6 +156,29 @@ def timeout(up: config.Upstream) -> aiohttp.ClientTimeout:
 
 
 _urls: dict[str, URL] = {}  # parsed once: most requests go to a few fixed URLs
+
+# A request body at least this large is sent in pieces of PIECE bytes, each written once the
+# connection took the one before: written whole, it is copied into the transport's buffer in
+# one go (megabytes, with the event loop blocked meanwhile).
+LARGE_BODY = 1024 * 1024
+PIECE = 256 * 1024
+
+
+async def _pieces(body: bytes | bytearray) -> AsyncIterator[memoryview]:
+    view = memoryview(body)
+    for start in range(0, len(view), PIECE):
+        yield view[start : start + PIECE]
+
+
+def payload(
+    body: bytes | bytearray, headers: CIMultiDict[str]
+) -> bytes | bytearray | AsyncIterator[memoryview]:
+    """``body`` as the client library should send it; a large one in pieces (with its length,
+    so that it is not sent chunked)."""
+    if len(body) < LARGE_BODY:
+        return body
+    headers["Content-Length"] = str(len(body))
+    return _pieces(body)
 
 
 async def open_request(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import time
 
 import orjson
@@ -609,3 +610,24 @@ async def test_ocr_connect_errors_are_retried(make_proxy, fake, unused_tcp_port)
     assert time.monotonic() - started >= 0.3  # two backoffs: at least 0.1 s + 0.2 s
     assert r.status == 200
     assert "could not be analysed" in fake.chat_requests[-1].json()["messages"][0]["content"]
+
+
+async def test_large_bodies_reach_the_upstream_whole_with_their_length(proxy, fake):
+    # Past 1 MB the proxy sends a body in pieces; the upstream must not see a difference.
+    text = "".join(f"line {n}: all work and no play\n" for n in range(100_000))  # ~3.4 MB
+    body = encode(chat("gpt-3.5-turbo", text, temperature=0.5))
+    json_type = {"Content-Type": "application/json"}
+    r = await proxy.post(URL, data=io.BytesIO(body), headers=json_type)  # the client's pieces
+    assert r.status == 200
+    sent = fake.chat_requests[-1]
+    assert sent.body == body
+    assert sent.headers["Content-Length"] == str(len(body))
+    assert "Transfer-Encoding" not in sent.headers
+    # Rewritten by the OCR step and still large.
+    request = encode(chat("gpt-3.5-turbo-ocr", text, image_part(data_url("big"))))
+    r = await proxy.post(URL, data=io.BytesIO(request), headers=json_type)
+    assert r.status == 200
+    sent = fake.chat_requests[-1]
+    assert sent.headers["Content-Length"] == str(len(sent.body))
+    content = orjson.loads(sent.body)["messages"][0]["content"]
+    assert content.startswith(text) and "A picture showing big." in content
