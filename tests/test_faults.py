@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import os
+import time
 
 import orjson
 import pytest
@@ -36,8 +37,30 @@ async def test_silent_upstream_hits_idle_read_timeout_not_a_hang(make_proxy, fak
         upstreams=[{"base_url": fake.url, "api_key": "sk-u", "read_timeout_s": 0.5}]
     )
     r = await proxy.post(URL, json=chat("stall-mid-stream", "x", stream=True))
+    await r.content.readuntil(b"\n\n")
+    await r.content.readuntil(b"\n\n")  # the second and last chunk: silence from here
+    started = time.monotonic()
     body = await asyncio.wait_for(r.read(), 5)
+    waited = time.monotonic() - started
     assert "error" in orjson.loads(events(body)[-1][6:])
+    assert 0.45 <= waited < 1.0  # cut after the read timeout, not long after
+
+
+async def test_a_slow_client_is_not_an_idle_upstream(make_proxy, fake):
+    # The proxy stops reading the upstream while its writes to the client wait; that pause,
+    # longer than the read timeout, must not count as the upstream's silence.
+    proxy = await make_proxy(
+        upstreams=[{"base_url": fake.url, "api_key": "sk-u", "read_timeout_s": 0.3}]
+    )
+    r = await proxy.post(URL, json=chat("firehose", "x", stream=True))
+    await r.content.readexactly(1024)
+    await asyncio.sleep(1.0)  # the client stops reading: buffers fill, the proxy's write waits
+    received, tail = 1024, b""
+    async for piece in r.content.iter_any():
+        received += len(piece)
+        tail = (tail + piece)[-200:]
+    assert received == 2048 * 64 * 1024  # all of it, and no error event after it
+    assert tail.endswith(b"x" * 100 + b"\n\n")
 
 
 async def test_long_healthy_stream_is_not_cut_by_a_total_timeout(make_proxy, fake):
