@@ -71,7 +71,10 @@ async def describe(cfg: config.Config, source: str, model: str) -> int:
     except OSError as exc:
         sys.stderr.write(f"ocrproxy: cannot read {source}: {exc.strerror}\n")
         return 2
-    image = images.Image(0, 0, url, is_data=url.startswith("data:"))
+    if url.startswith("data:"):  # json_safe: the URL goes into the OCR request re-encoded
+        image = images.Image(0, 0, "", True, data=url.encode(), json_safe=False)
+    else:
+        image = images.Image(0, 0, url, False)
     cache = DescriptionCache(MemoryLRU(1, cfg.cache.max_bytes, cfg.cache.ttl_s))
     engine = local.Engine(cfg.ocr.local)
     secrets = tuple(up.api_key for up in cfg.upstreams if up.api_key)

@@ -37,8 +37,8 @@ from .schema import OcrUsage, encoder, ocr_response_decoder
 log = logging.getLogger("ocrproxy.describe")
 
 
-# An image URL at least this long goes to the OCR model in pieces of this many characters, never
-# encoded whole: the request body is never held as one copy of the image.
+# An image URL at least this long goes to the OCR model in pieces of this many bytes, never
+# copied whole: the request body is never held as one more copy of the image.
 PIECE = 256 * 1024
 # The encoded body up to the image URL's characters: the URL comes first in its object, and a `"`
 # inside an encoded string is always escaped, so this occurs once, in the image part.
@@ -118,18 +118,24 @@ class OcrReport:
 
 @dataclass(slots=True, frozen=True)
 class _Pieces:
-    """An OCR request body whose long image URL is encoded a piece at a time as it is sent."""
+    """An OCR request body whose long image URL is sent a piece at a time, straight from the
+    client's own body (or the fetcher's data URL), never copied whole."""
 
     head: bytes  # the JSON before the URL's characters
-    url: str
+    url: bytes | memoryview
     tail: bytes  # the JSON after them
-    size: int  # of the whole body, sent as Content-Length (so the body is not chunked)
+
+    @property
+    def size(self) -> int:
+        """Of the whole body, sent as Content-Length (so the body is not chunked)."""
+        return len(self.head) + len(self.url) + len(self.tail)
 
     async def chunks(self) -> AsyncIterator[bytes | memoryview]:
         """The body's bytes; a fresh iterator for every attempt."""
         yield self.head
-        for start in range(0, len(self.url), PIECE):
-            yield memoryview(encoder.encode(self.url[start : start + PIECE]))[1:-1]
+        url = memoryview(self.url)
+        for start in range(0, len(url), PIECE):
+            yield url[start : start + PIECE]
         yield self.tail
 
 
@@ -269,16 +275,22 @@ class Describer:
         return Outcome(image.digest, description, cached)
 
     def _body(self, image: Image, model: str) -> bytes | _Pieces:
-        """The OCR request body: bytes, or pieces to send one after another for a long URL."""
-        if len(image.url) < PIECE:
+        """The OCR request body: bytes, or pieces to send one after another for a long URL.
+
+        A data URL's characters go into the JSON as they are: they were a JSON string's
+        content without escapes in the client's body (or the fetcher made them).
+        """
+        if not image.is_data:
             return self._encode(image, model, image.url)
+        url = image.data
+        if not image.json_safe:  # the client's URL had JSON escapes: encode it properly
+            return self._encode(image, model, bytes(url).decode("utf-8", "replace"))
         body = self._encode(image, model, "")
         split = body.index(_URL_MARK) + len(_URL_MARK) - 1
         head, tail = body[:split], body[split:]
-        size = len(head) + len(tail)
-        for start in range(0, len(image.url), PIECE):
-            size += len(encoder.encode(image.url[start : start + PIECE])) - 2
-        return _Pieces(head, image.url, tail, size)
+        if len(url) < PIECE:
+            return b"".join((head, url, tail))
+        return _Pieces(head, url, tail)
 
     def _encode(self, image: Image, model: str, url: str) -> bytes:
         image_url: dict[str, str] = {"url": url}
@@ -411,7 +423,7 @@ class Describer:
         try:
             async with asyncio.timeout(self.settings.timeout_s):
                 text = await self.engine.recognize(
-                    functools.partial(decode_data_url, image.url, image.where)
+                    functools.partial(decode_data_url, image.data, image.where)
                 )
         except TimeoutError:
             limit = self.settings.timeout_s

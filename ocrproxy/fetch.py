@@ -102,8 +102,8 @@ class Fetched:
     data: bytes
     media_type: str
 
-    def data_url(self) -> str:
-        return f"data:{self.media_type};base64," + base64.b64encode(self.data).decode("ascii")
+    def data_url(self) -> bytes:
+        return b"data:" + self.media_type.encode() + b";base64," + base64.b64encode(self.data)
 
 
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:

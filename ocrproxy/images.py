@@ -4,13 +4,16 @@ Theory of operation: every message of every role whose ``content`` is an array i
 part of type ``image_url`` whose ``image_url`` is ``{"url": ...}`` or a bare string is an image;
 ``data:`` URLs must carry base64 and decode cleanly, ``http(s)`` URLs are taken as they are.
 Everything else in the request is kept as the raw bytes the client sent, so that ``rewrite``
-can splice the descriptions in without touching anything it does not understand.
+can splice the descriptions in without touching anything it does not understand. A data URL is
+never decoded into a ``str`` either: ``Image.data`` is a view of its characters inside the
+client's body (a copy only if the client's JSON escaped any of them), hashed, checked and sent
+to the OCR model from there.
 
 An image's identity is the sha256 of its base64 text (the payload of its data URL, without the
 ``data:...;base64,`` header). Strict base64, the only kind accepted, spells given bytes one way,
 so this is an identity of the bytes that needs no decoding: a cache hit never decodes its image.
 With ``fetch_images`` on (the default) a remote image is downloaded by ``fetch.Fetcher`` (SSRF
-rules, size and time limits there) and its ``url`` becomes a base64 data URL, so the OCR model
+rules, size and time limits there) and becomes a base64 data URL (``data``), so the OCR model
 never fetches anything, a signed URL that changes on every turn still hits the cache, and a
 fetched image shares its description with the same bytes sent inline; with it off, a remote
 image's identity is its URL string.
@@ -24,10 +27,10 @@ before any OCR call starts. A client's own bad image is its error (400/413); a r
 cannot be used follows ``on_error``: the image gets a placeholder, or the request fails.
 
 Hashing and decoding megabytes would stall the event loop, so large payloads are handled in a
-worker thread, in pieces: ``binascii`` holds the GIL while it decodes, and a short call per piece
-lets the loop take the GIL back between pieces (``hashlib`` releases it while it hashes); no
-decoded copy of a whole image is ever held. A large request's messages are scanned in a worker
-thread too.
+worker thread: ``hashlib`` releases the GIL while it hashes, and ``binascii`` (which holds it)
+decodes in pieces, a short call each, so the loop takes the GIL back between pieces; no decoded
+copy of a whole image is ever held. A large request's messages are scanned in a worker thread
+too.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import asyncio
 import binascii
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +48,7 @@ import msgspec
 from . import config, sniff
 from .errors import BadRequest, InvalidImage, PayloadTooLarge, ProxyError, UpstreamError
 from .fetch import Budget, Fetched, Fetcher, FetchError
-from .schema import RawObject, array_decoder, is_json, messages_decoder
+from .schema import RawObject, array_decoder, is_json, messages_decoder, object_decoder
 
 # Below this many characters of base64, hashing or decoding on the loop beats a thread hop.
 THREAD_THRESHOLD = 64 * 1024
@@ -53,7 +57,9 @@ SCAN_THREAD_THRESHOLD = 1024 * 1024
 # Base64 is decoded and hashed this many characters at a time (a multiple of 4).
 PIECE = 256 * 1024
 
-_any_decoder = msgspec.json.Decoder()
+_str_decoder = msgspec.json.Decoder(str)
+_BACKSLASH = re.compile(rb"\\")
+_PADDING = re.compile(rb"=")
 _DEFAULTS = config.Ocr()
 
 log = logging.getLogger("ocrproxy.images")
@@ -74,13 +80,17 @@ class Image:
 
     message: int
     part: int
-    url: str
+    url: str  # a remote image's URL (kept after it was fetched); "" for an inline image
     is_data: bool
     detail: str | None = None
     digest: bytes = b""
     size: int = 0  # decoded bytes (from the base64 length until ``validate`` decoded it)
     error: str | None = None  # why a remote image cannot be used: it gets a placeholder
     checked: bool = False  # decoded and its format and dimensions checked (``validate``)
+    # A data: URL's characters as bytes: for an image the client sent, a view into the
+    # client's own body (never copied into a str); for a fetched one, the URL the proxy made.
+    data: bytes | memoryview = b""
+    json_safe: bool = True  # ``data`` can go into a JSON string as it is (no escapes needed)
 
     @property
     def where(self) -> str:
@@ -105,18 +115,32 @@ def _decode(decoder: msgspec.json.Decoder[Any], raw: msgspec.Raw | bytes, where:
         raise BadRequest(f"`{where}` is not valid JSON", param=where) from None
 
 
-def _image_url(part: dict[str, Any], where: str) -> tuple[str, str | None]:
+def _image_url(part: RawObject, where: str) -> tuple[msgspec.Raw, str | None]:
+    """The raw JSON string of an image part's URL (``image_url`` or ``image_url.url``), and
+    its ``detail``."""
     value = part.get("image_url")
     detail = None
-    if isinstance(value, dict):
-        detail = value.get("detail")
-        value = value.get("url")
-    if not isinstance(value, str) or not value:
+    if value is not None and is_json(value, b"{"):
+        fields = _decode(object_decoder, value, f"{where}.image_url")
+        value = fields.get("url")
+        raw_detail = fields.get("detail")
+        if raw_detail is not None and is_json(raw_detail, b'"'):
+            detail = _decode(_str_decoder, raw_detail, f"{where}.image_url.detail")
+    if value is None or not is_json(value, b'"') or len(memoryview(value)) <= 2:
         raise InvalidImage(
             f"`{where}.image_url` must be a URL string or an object with a `url` string",
             param=f"{where}.image_url",
         )
-    return value, detail if isinstance(detail, str) else None
+    return value, detail
+
+
+def _data_url_bytes(url: msgspec.Raw, where: str) -> tuple[bytes | memoryview, bool]:
+    """A data: URL's characters, and whether they can go into JSON as they are: a view into
+    the raw JSON string, unless it has escapes (then decoded: a copy, and maybe unsafe)."""
+    inner = memoryview(url)[1:-1]
+    if _BACKSLASH.search(inner) is None:
+        return inner, True
+    return str(_decode(_str_decoder, url, where)).encode(), False
 
 
 def scan(messages_raw: msgspec.Raw) -> Scan:
@@ -137,16 +161,23 @@ def scan(messages_raw: msgspec.Raw) -> Scan:
         parts: list[Part] = []
         for j, raw_part in enumerate(_decode(array_decoder, content, f"messages[{i}].content")):
             where = f"messages[{i}].content[{j}]"
-            part = _decode(_any_decoder, raw_part, where)
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            # Decoded one level only: an image's URL stays raw JSON (megabytes never become
+            # a str); only small fields are decoded.
+            raw_type = None
+            if is_json(raw_part, b"{"):
+                part = _decode(object_decoder, raw_part, where)
+                raw_type = part.get("type")
+            if raw_type is None or not is_json(raw_type, b'"'):
                 raise BadRequest(f"`{where}` must be an object with a `type`", param=where)
-            kind = part["type"]
+            kind = _decode(_str_decoder, raw_type, where)
             if kind == "image_url":
-                url, detail = _image_url(part, where)
-                scheme = url[:8].lower()  # URL schemes are case-insensitive
-                if scheme.startswith("data:"):
-                    images.append(Image(i, j, url, True, detail))
-                elif scheme.startswith(("http://", "https://")):
+                raw_url, detail = _image_url(part, where)
+                scheme = bytes(memoryview(raw_url)[1:9]).lower()  # schemes are case-insensitive
+                if scheme.startswith(b"data:"):
+                    data, safe = _data_url_bytes(raw_url, where)
+                    images.append(Image(i, j, "", True, detail, data=data, json_safe=safe))
+                elif scheme.startswith((b"http://", b"https://")):
+                    url = _decode(_str_decoder, raw_url, where)
                     images.append(Image(i, j, url, False, detail))
                 else:
                     raise InvalidImage(
@@ -154,25 +185,33 @@ def scan(messages_raw: msgspec.Raw) -> Scan:
                         param=f"{where}.image_url",
                     )
                 parts.append(Part(raw_part, image=len(images) - 1))
-            elif kind == "text" and len(part) == 2 and isinstance(part.get("text"), str):
-                parts.append(Part(raw_part, text=part["text"]))
+            elif kind == "text" and len(part) == 2 and is_json(part.get("text", b"0"), b'"'):
+                parts.append(Part(raw_part, text=_decode(_str_decoder, part["text"], where)))
             else:
                 parts.append(Part(raw_part))
         contents[i] = parts
     return Scan(messages, contents, images)
 
 
-def _payload(url: str, where: str) -> str:
+Url = str | bytes | memoryview  # a data: URL, as text or as its ASCII bytes
+
+
+def _as_bytes(url: Url) -> bytes | memoryview:
+    return url.encode() if isinstance(url, str) else url
+
+
+def _payload(url: bytes | memoryview, where: str) -> memoryview:
     """The base64 payload of a ``data:`` URL whose header is valid for an image."""
-    return url[_payload_start(url, where) :]
+    return memoryview(url)[_payload_start(url, where) :]
 
 
-def _payload_start(url: str, where: str) -> int:
+def _payload_start(url: bytes | memoryview, where: str) -> int:
     """Where the base64 payload of a ``data:`` URL begins, once its header is found valid."""
-    comma = url.find(",", 0, 1024)
+    head = bytes(memoryview(url)[:1024])
+    comma = head.find(b",")
     if comma < 0:
         raise InvalidImage(f"`{where}` is a malformed data URL (no comma)", param=where)
-    params = url[5:comma].split(";")
+    params = head[5:comma].decode("utf-8", "replace").split(";")
     media_type = params[0].strip().lower()
     if "base64" not in (p.strip().lower() for p in params[1:]):
         raise InvalidImage(f"`{where}` data URL must be base64-encoded", param=where)
@@ -187,19 +226,14 @@ def _payload_start(url: str, where: str) -> int:
     return comma + 1
 
 
-def _text_digest(url: str, start: int) -> bytes:
-    """sha256 of ``url[start:]`` as ASCII, in pieces (never a whole-payload copy)."""
-    if len(url) - start <= PIECE:
-        return hashlib.sha256(url[start:].encode()).digest()
-    digest = hashlib.sha256()
-    for at in range(start, len(url), PIECE):
-        digest.update(url[at : at + PIECE].encode())
-    return digest.digest()
+def _text_digest(url: bytes | memoryview, start: int) -> bytes:
+    """sha256 of ``url[start:]`` (no copy; hashlib lets go of the GIL for large ones)."""
+    return hashlib.sha256(memoryview(url)[start:]).digest()
 
 
-def decode_data_url(url: str, where: str) -> bytes:
+def decode_data_url(url: Url, where: str) -> bytes:
     """The decoded bytes of a base64 ``data:`` URL; InvalidImage naming ``where`` if malformed."""
-    payload = _payload(url, where)
+    payload = _payload(_as_bytes(url), where)
     try:
         data = binascii.a2b_base64(payload, strict_mode=True)
     except (binascii.Error, ValueError):
@@ -209,7 +243,7 @@ def decode_data_url(url: str, where: str) -> bytes:
     return data
 
 
-def check_data_url(url: str, where: str) -> tuple[int, bytes]:
+def check_data_url(url: Url, where: str) -> tuple[int, bytes]:
     """(decoded size, first decoded piece) of a ``data:`` URL, decoded piece by piece.
 
     The first piece (up to 192 KiB decoded) is what the format and dimension checks read.
@@ -217,15 +251,17 @@ def check_data_url(url: str, where: str) -> tuple[int, bytes]:
     Accepts and refuses exactly what ``decode_data_url`` does: every piece but the last is a
     whole number of 4-character groups, so it decodes alone; padding may only be in the last.
     """
-    payload = _payload(url, where)
+    payload = _payload(_as_bytes(url), where)
     size = 0
     head = b""
-    end = len(payload.rstrip("="))  # trailing padding always goes with the last piece
+    end = len(payload)
+    while end and payload[end - 1] == 0x3D and len(payload) - end < 2:  # trailing "=" padding
+        end -= 1  # always goes with the last piece
     try:
         for start in range(0, end, PIECE) or (0,):
             last = start + PIECE >= end
             piece = payload[start:] if last else payload[start : start + PIECE]
-            if not last and "=" in piece:
+            if not last and _PADDING.search(piece):
                 raise ValueError("padding before the end")
             data = binascii.a2b_base64(piece, strict_mode=True)
             if not size:
@@ -261,10 +297,11 @@ def check_image(
 def _identify(images: list[Image], settings: config.Ocr = _DEFAULTS) -> None:
     for image in images:
         if image.is_data:
-            url = image.url
+            url = image.data
             start = _payload_start(url, image.where)
             length = len(url) - start
-            image.size = length // 4 * 3 - (url.endswith("=") + url.endswith("=="))
+            tail = bytes(memoryview(url)[-2:])
+            image.size = length // 4 * 3 - tail.endswith(b"=") - tail.endswith(b"==")
             if image.size > settings.max_image_bytes:
                 raise PayloadTooLarge(
                     f"`{image.where}` is larger than the limit of "
@@ -279,7 +316,7 @@ def _identify(images: list[Image], settings: config.Ocr = _DEFAULTS) -> None:
 def _check(images: list[Image], settings: config.Ocr = _DEFAULTS) -> None:
     for image in images:
         if image.is_data and not image.checked:
-            image.size, head = check_data_url(image.url, image.where)
+            image.size, head = check_data_url(image.data, image.where)
             check_image(head, image.where, settings, size=image.size)
             image.checked = True
 
@@ -291,8 +328,8 @@ async def validate(images: list[Image], settings: config.Ocr = _DEFAULTS) -> Non
     for image in images:
         if image.is_data and not image.checked:
             todo.setdefault(image.digest, image)
-    small = [im for im in todo.values() if len(im.url) < THREAD_THRESHOLD]
-    large = [im for im in todo.values() if len(im.url) >= THREAD_THRESHOLD]
+    small = [im for im in todo.values() if len(im.data) < THREAD_THRESHOLD]
+    large = [im for im in todo.values() if len(im.data) >= THREAD_THRESHOLD]
     _check(small, settings)
     if large:
         await asyncio.to_thread(_check, large, settings)
@@ -312,9 +349,10 @@ def _refusal(image: Image, exc: FetchError) -> ProxyError:
 
 
 def _adopt(image: Image, fetched: Fetched) -> None:
-    image.url, image.is_data = fetched.data_url(), True  # from here on, it is a data URL
+    url = fetched.data_url()
+    image.data, image.is_data = url, True  # from here on, it is a data URL
     image.size = len(fetched.data)
-    image.digest = _text_digest(image.url, image.url.index(",") + 1)
+    image.digest = _text_digest(url, url.index(b",") + 1)
     image.checked = True  # the fetcher checked its format and dimensions
 
 
@@ -358,7 +396,8 @@ async def _fetch_all(
         else:
             _adopt(first, result)
         for image in by_url[url][1:]:
-            image.url, image.is_data, image.checked = first.url, True, True
+            image.data, image.is_data, image.checked = first.data, True, True
+            image.json_safe = first.json_safe
             image.size, image.digest = first.size, first.digest
 
 
@@ -374,8 +413,8 @@ async def identify(images: list[Image], settings: config.Ocr = _DEFAULTS) -> Non
             param="messages",
             code="too_many_images",
         )
-    small = [im for im in images if len(im.url) < THREAD_THRESHOLD]
-    large = [im for im in images if len(im.url) >= THREAD_THRESHOLD]
+    small = [im for im in images if len(im.data) < THREAD_THRESHOLD]
+    large = [im for im in images if len(im.data) >= THREAD_THRESHOLD]
     _identify(small, settings)
     if large:
         await asyncio.to_thread(_identify, large, settings)

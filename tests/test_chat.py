@@ -631,3 +631,20 @@ async def test_large_bodies_reach_the_upstream_whole_with_their_length(proxy, fa
     assert sent.headers["Content-Length"] == str(len(sent.body))
     content = orjson.loads(sent.body)["messages"][0]["content"]
     assert content.startswith(text) and "A picture showing big." in content
+
+
+async def test_an_image_url_with_json_escapes_is_the_same_image(proxy, fake):
+    # Some JSON encoders write "/" as "\/": the URL is the same, and so is the image.
+    url = next(data_url(label) for label in ("???", "x???", "xy???") if "/" in data_url(label))
+    escaped = orjson.dumps(url).decode().replace("/", "\\/")
+    body = (
+        '{"model":"m-ocr","messages":[{"role":"user","content":[{"type":"image_url",'
+        '"image_url":{"url":' + escaped + "}}]}]}"
+    )
+    r = await proxy.post(URL, data=body, headers={"Content-Type": "application/json"})
+    assert r.status == 200 and r.headers["X-OCR-Cache-Hits"] == "0"
+    ocr = next(r.json() for r in fake.received if r.json().get("model") == "vision-1")
+    assert ocr["messages"][0]["content"][1]["image_url"]["url"] == url  # unescaped, whole
+    r = await proxy.post(URL, json=chat("m-ocr", image_part(url)))  # the same, unescaped
+    assert r.status == 200 and r.headers["X-OCR-Cache-Hits"] == "1"
+    assert len(fake.ocr_calls) == 1

@@ -232,7 +232,7 @@ async def test_happy_fetch_keeps_the_host_name_and_returns_checked_bytes(
     fetcher = make_fetcher(trusted(), allow_private_hosts=("images.test",))
     fetched = await fetcher.fetch(images.url("/ok.png", host="images.test"))
     assert fetched.data == IMAGE and fetched.media_type == "image/png"
-    assert fetched.data_url() == "data:image/png;base64," + base64.b64encode(IMAGE).decode()
+    assert fetched.data_url() == b"data:image/png;base64," + base64.b64encode(IMAGE)
     # Connected to the resolved address, but Host (and SNI under TLS) is still the name.
     assert images.requests == [("ok.png", f"images.test:{images.port}", "")]
 

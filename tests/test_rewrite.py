@@ -125,4 +125,4 @@ def test_url_schemes_are_case_insensitive():
     ]
     found = scan(msgspec.Raw(json.dumps(messages).encode()))
     assert [im.is_data for im in found.images] == [True, False]
-    assert decode_data_url(found.images[0].url, "w") == png("u")
+    assert decode_data_url(found.images[0].data, "w") == png("u")
