@@ -38,21 +38,6 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     return _KEYISH.sub(r"\1…", text)
 
 
-def _entry(
-    ts: float, level: int, logger: str, request_id: str, msg: str, fields: dict[str, Any] | None
-) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "ts": round(ts, 3),
-        "level": _LEVELS.get(level) or logging.getLevelName(level).lower(),
-        "logger": logger,
-        "request_id": request_id,
-        "msg": msg,
-    }
-    if fields:
-        entry.update(fields)
-    return entry
-
-
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, request id, message, and extra fields."""
 
@@ -61,14 +46,16 @@ class JsonFormatter(logging.Formatter):
 
     def render(self, record: logging.LogRecord, end: int = 0) -> bytes:
         """The line as UTF-8; ``end=orjson.OPT_APPEND_NEWLINE`` ends it with a newline."""
-        entry = _entry(
-            record.created,
-            record.levelno,
-            record.name,
-            getattr(record, "request_id", None) or request_id.get(),
-            record.getMessage() if record.args else str(record.msg),
-            getattr(record, "fields", None),
-        )
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": _LEVELS.get(record.levelno) or record.levelname.lower(),
+            "logger": record.name,
+            "request_id": getattr(record, "request_id", None) or request_id.get(),
+            "msg": record.getMessage() if record.args else str(record.msg),
+        }
+        fields = getattr(record, "fields", None)
+        if fields:
+            entry.update(fields)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry, option=end)
@@ -79,9 +66,9 @@ class JsonLineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     bytes in one call: no str round trip, no second flush.
 
     Lines given to ``buffer_line`` (the access log, one per request) are collected and written
-    together, ``flush_after_s`` after the first of them or as soon as 64 KB are pending: a
-    write per request cost more than everything else the log line takes. Any other record
-    first writes what is pending, so the lines keep their order.
+    together, ``flush_after_s`` after the first of them or as soon as 64 KB are pending, so that
+    a request pays for its line but not for a write of its own. Any other record first writes
+    what is pending, so the lines keep their order.
     """
 
     PENDING_LIMIT = 64 * 1024
@@ -181,7 +168,7 @@ def access(logger: logging.Logger, level: int, fields: dict[str, Any]) -> None:
         extra = {"fields": fields, "request_id": fields.get("request_id")}
         logger.log(level, "request", extra=extra)
         return
-    # The fixed head as text, the fields by orjson: one dict less to build than _entry's.
+    # The same keys as JsonFormatter's lines: the fixed head as text, the fields by orjson.
     head = f'{{"ts":{round(time.time(), 3)},"level":"{_LEVELS[level]}","logger":"{logger.name}"'
     body = orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE)
     handler.buffer_line(b"".join((head.encode(), b',"msg":"request",', body[1:])))

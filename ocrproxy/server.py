@@ -124,8 +124,8 @@ def _run_worker(
 ) -> None:
     logs.setup(cfg.server.log_level)
     _event_loop_policy()
-    # Worker threads (large scans and hashes, the local OCR engine, SQLite) hold the GIL for up
-    # to this long before the event loop gets it back: 5 ms by default, a stall every time.
+    # How long a worker thread (large scans and hashes, the local OCR engine, SQLite) may keep
+    # the GIL while the event loop waits for it (Python's default: 5 ms).
     sys.setswitchinterval(0.001)
     try:
         asyncio.run(_serve(cfg, reuse_port, ready, stopping))
