@@ -71,48 +71,22 @@ _str_decoder = msgspec.json.Decoder(str)
 async def read_body(request: web.Request) -> bytes | bytearray:
     """The whole request body, refused with 413 past ``max_body_bytes`` before it is read."""
     limit = request.app[CONFIG].server.max_body_bytes
-    length = request.content_length
-    if length is not None and length > limit:
+    if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes")
     content = request.content
     if content.is_eof():  # it all came with the headers (a small request): take it, no wait
-        body = content.read_nowait()
+        whole = content.read_nowait()
+        if len(whole) > limit:
+            raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes")
+        return whole
+    # Appended piece by piece as it arrives (a large buffer grows in place): joining pieces at
+    # the end blocked the event loop for milliseconds and held the body twice, and a buffer
+    # made at its announced length up front would cost a slow client nothing and us all of it.
+    body = bytearray()
+    async for piece in content.iter_any():
+        body += piece
         if len(body) > limit:
             raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes")
-        return body
-    if (
-        length is not None
-        and length >= upstream.LARGE_BODY
-        and not request.headers.get(
-            "Content-Encoding"  # aiohttp decompresses such a body: its length is not this one
-        )
-    ):
-        return await _read_into(content, length)
-    # Pieces joined once: request.read() makes three more copies (joined buffer, growing
-    # bytearray, final bytes), which under big images multiplies the proxy's peak memory.
-    pieces: list[bytes] = []
-    size = 0
-    async for piece in content.iter_any():
-        size += len(piece)
-        if size > limit:
-            raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes")
-        pieces.append(piece)
-    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-
-
-async def _read_into(content: aiohttp.StreamReader, length: int) -> bytearray:
-    """A body of known length copied into place piece by piece as it arrives: joining
-    megabytes at the end blocked the event loop for milliseconds, and held the body twice."""
-    body = bytearray(length)
-    at = 0
-    async for piece in content.iter_any():
-        end = at + len(piece)
-        if end > length:  # aiohttp's parser stops at Content-Length: not expected
-            raise BadRequest("The request body is longer than its Content-Length")
-        body[at:end] = piece
-        at = end
-    if at != length:
-        raise BadRequest("The request body is shorter than its Content-Length")
     return body
 
 

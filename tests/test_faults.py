@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import os
 import time
+import tracemalloc
 
 import orjson
 import pytest
@@ -152,3 +153,23 @@ async def test_slow_client_holds_back_the_upstream(proxy, fake):
     assert stalled_at < 48 * 1024 * 1024
     r.close()
     await asyncio.wait_for(fake.stream_closed.wait(), 3)
+
+
+async def test_an_announced_body_size_is_not_allocated_before_it_arrives(proxy):
+    # A client may announce 40 MB and send a trickle: the proxy's memory follows what arrived.
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 40000000\r\n\r\n" + b'{"model": "m", "messages": [' + b" " * 4096
+        )
+        await writer.drain()
+        await asyncio.sleep(0.3)  # the handler is reading the body by now
+        grown = tracemalloc.get_traced_memory()[0] - before
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        tracemalloc.stop()
+    assert grown < 4 * 1024 * 1024
