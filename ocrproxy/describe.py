@@ -37,9 +37,6 @@ from .schema import OcrUsage, encoder, ocr_response_decoder
 log = logging.getLogger("ocrproxy.describe")
 
 
-# An image URL at least this long goes to the OCR model in pieces of this many bytes, never
-# copied whole: the request body is never held as one more copy of the image.
-PIECE = 256 * 1024
 # The encoded body up to the image URL's characters: the URL comes first in its object, and a `"`
 # inside an encoded string is always escaped, so this occurs once, in the image part.
 _URL_MARK = b'{"url":""'
@@ -119,7 +116,8 @@ class OcrReport:
 @dataclass(slots=True, frozen=True)
 class _Pieces:
     """An OCR request body whose long image URL is sent a piece at a time, straight from the
-    client's own body (or the fetcher's data URL), never copied whole."""
+    client's own body (or the fetcher's data URL): the body is never held as one more copy of
+    the image."""
 
     head: bytes  # the JSON before the URL's characters
     url: bytes | memoryview
@@ -130,13 +128,9 @@ class _Pieces:
         """Of the whole body, sent as Content-Length (so the body is not chunked)."""
         return len(self.head) + len(self.url) + len(self.tail)
 
-    async def chunks(self) -> AsyncIterator[bytes | memoryview]:
+    def chunks(self) -> AsyncIterator[memoryview]:
         """The body's bytes; a fresh iterator for every attempt."""
-        yield self.head
-        url = memoryview(self.url)
-        for start in range(0, len(url), PIECE):
-            yield url[start : start + PIECE]
-        yield self.tail
+        return upstream.pieces(self.head, self.url, self.tail)
 
 
 class Describer:
@@ -288,7 +282,7 @@ class Describer:
         body = self._encode(image, model, "")
         split = body.index(_URL_MARK) + len(_URL_MARK) - 1
         head, tail = body[:split], body[split:]
-        if len(url) < PIECE:
+        if len(url) < upstream.PIECE:
             return b"".join((head, url, tail))
         return _Pieces(head, url, tail)
 

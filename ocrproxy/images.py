@@ -40,6 +40,7 @@ import binascii
 import hashlib
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -315,10 +316,20 @@ def _identify(images: list[Image], settings: config.Ocr = _DEFAULTS) -> None:
 
 def _check(images: list[Image], settings: config.Ocr = _DEFAULTS) -> None:
     for image in images:
-        if image.is_data and not image.checked:
-            image.size, head = check_data_url(image.data, image.where)
-            check_image(head, image.where, settings, size=image.size)
-            image.checked = True
+        image.size, head = check_data_url(image.data, image.where)
+        check_image(head, image.where, settings, size=image.size)
+        image.checked = True
+
+
+async def _small_here_large_in_thread(
+    work: Callable[[list[Image], config.Ocr], None], images: list[Image], settings: config.Ocr
+) -> None:
+    """``work`` for the small images on the event loop, for the large ones in a worker thread."""
+    small = [im for im in images if len(im.data) < THREAD_THRESHOLD]
+    large = [im for im in images if len(im.data) >= THREAD_THRESHOLD]
+    work(small, settings)
+    if large:
+        await asyncio.to_thread(work, large, settings)
 
 
 async def validate(images: list[Image], settings: config.Ocr = _DEFAULTS) -> None:
@@ -328,11 +339,7 @@ async def validate(images: list[Image], settings: config.Ocr = _DEFAULTS) -> Non
     for image in images:
         if image.is_data and not image.checked:
             todo.setdefault(image.digest, image)
-    small = [im for im in todo.values() if len(im.data) < THREAD_THRESHOLD]
-    large = [im for im in todo.values() if len(im.data) >= THREAD_THRESHOLD]
-    _check(small, settings)
-    if large:
-        await asyncio.to_thread(_check, large, settings)
+    await _small_here_large_in_thread(_check, list(todo.values()), settings)
     for image in images:  # the same text decodes the same way
         if image.is_data and not image.checked:
             done = todo[image.digest]
@@ -413,11 +420,7 @@ async def identify(images: list[Image], settings: config.Ocr = _DEFAULTS) -> Non
             param="messages",
             code="too_many_images",
         )
-    small = [im for im in images if len(im.data) < THREAD_THRESHOLD]
-    large = [im for im in images if len(im.data) >= THREAD_THRESHOLD]
-    _identify(small, settings)
-    if large:
-        await asyncio.to_thread(_identify, large, settings)
+    await _small_here_large_in_thread(_identify, images, settings)
 
 
 async def scan_and_identify(messages_raw: msgspec.Raw, settings: config.Ocr = _DEFAULTS) -> Scan:

@@ -164,10 +164,12 @@ LARGE_BODY = 1024 * 1024
 PIECE = 256 * 1024
 
 
-async def _pieces(body: bytes | bytearray) -> AsyncIterator[memoryview]:
-    view = memoryview(body)
-    for start in range(0, len(view), PIECE):
-        yield view[start : start + PIECE]
+async def pieces(*parts: bytes | bytearray | memoryview) -> AsyncIterator[memoryview]:
+    """``parts`` one after another, as slices of at most PIECE bytes (no copies)."""
+    for part in parts:
+        view = memoryview(part)
+        for start in range(0, len(view), PIECE):
+            yield view[start : start + PIECE]
 
 
 def payload(
@@ -178,7 +180,7 @@ def payload(
     if len(body) < LARGE_BODY:
         return body
     headers["Content-Length"] = str(len(body))
-    return _pieces(body)
+    return pieces(body)
 
 
 async def open_request(
