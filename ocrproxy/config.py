@@ -32,6 +32,24 @@ DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 DEFAULT_LOCAL_ALIAS = "local"
 DEFAULT_CACHE_FILE = "descriptions.sqlite3"
+# The paths below /v1/ that the pass-through relays (globs): the stateless model APIs. Routes that
+# keep state in the upstream account (files, batches, fine_tuning, vector_stores, assistants,
+# threads, uploads, organization...) are shared by every client of the proxy, so they answer
+# 404 unless the operator lists them.
+DEFAULT_PASSTHROUGH_ROUTES = (
+    "chat/completions",
+    "completions",
+    "embeddings",
+    "moderations",
+    "models",
+    "models/*",
+    "audio/*",
+    "images/*",
+    "responses",
+    "responses/*",
+    "messages",
+    "messages/*",
+)
 
 DEFAULT_PROMPT = """\
 You are the eyes of a language model that cannot see images. Your description will replace this \
@@ -68,6 +86,19 @@ class Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     workers: int = 1
     metrics_port: int = 0  # 0: /metrics and /readyz on the main port, direct loopback clients only
     metrics_host: str = DEFAULT_HOST
+    # A connection that has not sent complete request headers this long after it opened (or
+    # after its previous response) is closed.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0  # a request body not fully arrived by then: 408
+    # Request bytes buffered by the whole process at once; past it, new requests get 503.
+    # 0: 4 x max_body_bytes.
+    max_buffered_bytes: int = 0
+    write_timeout_s: float = 300.0  # a client that reads nothing this long is dropped
+    passthrough_routes: tuple[str, ...] = DEFAULT_PASSTHROUGH_ROUTES
+
+    @property
+    def buffered_bytes_limit(self) -> int:
+        return self.max_buffered_bytes or 4 * self.max_body_bytes
 
 
 class Auth(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -81,6 +112,8 @@ class Upstream(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     models: tuple[str, ...] = ("*",)
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 600.0
+    # Extra headers sent with every request to this upstream (OpenAI-Organization, ...).
+    headers: dict[str, str] = {}
 
 
 class OcrLocal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -91,6 +124,8 @@ class OcrLocal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     threads: int = 0  # 0: one per CPU
     max_side: int = 2500
     timeout_s: float = 20.0
+    # Decoded pixels (bytes) all recognitions may hold at once, whatever the thread count.
+    max_decoded_bytes: int = 256 * 1024 * 1024
 
 
 class Ocr(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -110,6 +145,7 @@ class Ocr(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     allow_private_hosts: tuple[str, ...] = ()
     allowed_ports: tuple[int, ...] = (80, 443)
     fetch_timeout_s: float = 15.0
+    max_fetches_per_request: int = 4  # remote images one request downloads at once
     max_images: int = DEFAULT_MAX_IMAGES
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
@@ -126,6 +162,9 @@ class Cache(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     redis_url: str = ""
     redis_prefix: str = "ocrproxy:"
     redis_timeout_s: float = 0.5
+    # "shared": one description per image for every client (a client can tell from cache hits
+    # whether anyone sent an image within the TTL). "per_key": keyed by the client's key too.
+    scope: Literal["shared", "per_key"] = "shared"
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -194,6 +233,14 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("`$.server.port` must be between 1 and 65535")
     if cfg.server.max_body_bytes < 1024:
         raise ConfigError("`$.server.max_body_bytes` must be at least 1024")
+    for key in ("header_timeout_s", "body_timeout_s", "write_timeout_s", "shutdown_timeout"):
+        if getattr(cfg.server, key) <= 0:
+            raise ConfigError(f"`$.server.{key}` must be positive")
+    if cfg.server.max_buffered_bytes and cfg.server.max_buffered_bytes < cfg.server.max_body_bytes:
+        raise ConfigError(
+            "`$.server.max_buffered_bytes` must be 0 (4 x max_body_bytes) or at least "
+            "`$.server.max_body_bytes`"
+        )
     if not cfg.upstreams:
         raise ConfigError("`$.upstreams` must list at least one upstream")
     for i, up in enumerate(cfg.upstreams):
@@ -204,6 +251,12 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"`$.upstreams[{i}].base_url` must start with http:// or https://")
         if not up.models:
             raise ConfigError(f"`$.upstreams[{i}].models` must not be empty")
+        for name, value in up.headers.items():
+            if not _TOKEN.match(name) or _CONTROL.search(value):
+                raise ConfigError(
+                    f"`$.upstreams[{i}].headers` has an invalid header {name!r}: names are "
+                    "HTTP tokens and values have no control characters"
+                )
     if not cfg.ocr.suffix:
         raise ConfigError("`$.ocr.suffix` must not be empty")
     if not cfg.ocr.model:
@@ -245,6 +298,7 @@ def validate(cfg: Config) -> Config:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _LANGUAGE = re.compile(r"^[A-Za-z0-9_]+$")
 
 
@@ -266,6 +320,10 @@ def _validate_local(ocr: Ocr) -> None:
         raise ConfigError("`$.ocr.local.max_side` must be at least 256")
     if local.timeout_s <= 0:
         raise ConfigError("`$.ocr.local.timeout_s` must be positive")
+    if local.max_decoded_bytes < 16 * 1024 * 1024:
+        raise ConfigError("`$.ocr.local.max_decoded_bytes` must be at least 16 MiB (16777216)")
+    if ocr.max_fetches_per_request < 1:
+        raise ConfigError("`$.ocr.max_fetches_per_request` must be at least 1")
 
 
 def _validate_deploy(cfg: Config) -> None:

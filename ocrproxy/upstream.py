@@ -144,15 +144,16 @@ def response_headers(incoming: Mapping[str, str]) -> CIMultiDict[str]:
     return out
 
 
-@functools.lru_cache(maxsize=256)
 def timeout(up: config.Upstream) -> aiohttp.ClientTimeout:
-    """No total limit (long streams are healthy); bounded connect and idle read.
+    """No total limit (long streams are healthy); bounded connect and idle read."""
+    return _timeout(up.connect_timeout_s, up.read_timeout_s)
 
-    Cached: the config is frozen and a ClientTimeout is immutable.
-    """
-    return aiohttp.ClientTimeout(
-        total=None, sock_connect=up.connect_timeout_s, sock_read=up.read_timeout_s
-    )
+
+@functools.lru_cache(maxsize=256)
+def _timeout(connect_s: float, read_s: float) -> aiohttp.ClientTimeout:
+    # Cached: a ClientTimeout is immutable. Keyed by its numbers: an Upstream with headers
+    # (a dict) cannot be hashed.
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect_s, sock_read=read_s)
 
 
 _urls: dict[str, URL] = {}  # parsed once: most requests go to a few fixed URLs
