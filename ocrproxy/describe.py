@@ -232,7 +232,9 @@ class Describer:
         """The credential part of the cache key: the client's under ``per_key``, else none."""
         if not self.per_key:
             return b""
-        return credential_digest(client_headers.get("Authorization", ""))
+        # As ``[auth]`` compares it: the scheme's case and spaces around the key do not count.
+        scheme, _, value = client_headers.get("Authorization", "").partition(" ")
+        return credential_digest(f"{scheme.lower()} {value.strip()}")
 
     def check_model(self, model: str) -> None:
         """Refuse an OCR model before any work: 404 if unrouted, 400 if the engine can't run."""
@@ -421,12 +423,14 @@ class Describer:
         deadline = loop.time() + limit
         attempt = 0
         queued = True
+        waited = 0.0  # in the queue for a slot, over all attempts
         try:
             async with asyncio.timeout_at(deadline):
                 while True:
-                    queued = True
+                    queued, asked = True, loop.time()
                     async with self.semaphore:
                         queued = False
+                        waited += loop.time() - asked
                         try:
                             status, payload, retry_after = await self._attempt(
                                 target, body, headers
@@ -457,7 +461,8 @@ class Describer:
                 raise OcrError(
                     f"the OCR model is busy: no call slot came free within {limit:g} s"
                 ) from None
-            raise OcrError(f"the OCR model did not answer within {limit:g} s") from None
+            note = f" ({waited:.1f} s of it waiting for a call slot)" if waited >= 0.1 else ""
+            raise OcrError(f"the OCR model did not answer within {limit:g} s{note}") from None
         ms = (time.monotonic() - started) * 1000
         try:
             answer = ocr_response_decoder.decode(payload)
