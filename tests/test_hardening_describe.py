@@ -26,7 +26,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from ocrproxy import config, handlers, images, local
+from ocrproxy import config, fetch, handlers, images, local
 from ocrproxy.app import create_app
 from tests.conftest import chat, missing
 from tests.fakes import data_url, image_part, label_of, png
@@ -416,3 +416,31 @@ async def test_one_request_of_slow_urls_cannot_starve_another_requests_fetch(
     assert response.status == 200
     assert host.slow_peak <= 4
     assert PLACEHOLDER in upstream.text_contents()[-1]
+
+
+async def test_a_wait_for_a_pool_slot_is_not_a_connect_failure(
+    aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight slow downloads fill the pool's slots for the host; a ninth waits for one instead of
+    failing at the connect timeout (aiohttp's ``connect`` counts the pool wait)."""
+    monkeypatch.setattr(fetch, "CONNECT_TIMEOUT_S", 0.3)
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(1.0)
+        return web.Response(body=png(request.match_info["name"], 200), content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/{name}", slow)
+    server: TestServer = await aiohttp_server(app)
+    settings = config.Ocr(
+        allow_private_hosts=("127.0.0.1",), allowed_ports=(server.port,), fetch_timeout_s=5
+    )
+    fetcher = fetch.Fetcher(settings)
+    try:
+        results = await asyncio.gather(
+            *(fetcher.fetch(f"http://127.0.0.1:{server.port}/img{n}") for n in range(9)),
+            return_exceptions=True,
+        )
+    finally:
+        await fetcher.close()
+    assert all(isinstance(r, fetch.Fetched) for r in results), results
