@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -28,8 +30,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from ocrproxy import config, fetch, handlers, images, local
 from ocrproxy.app import create_app
-from tests.conftest import chat, missing
+from tests.conftest import chat, missing, require_binary
 from tests.fakes import data_url, image_part, label_of, png
+from tests.servers import redis_server
 
 URL = "/v1/chat/completions"
 PLACEHOLDER = "this image could not be analysed"
@@ -290,10 +293,21 @@ async def test_shared_scope_shares_descriptions_across_keys(
     assert len(upstream.ocr_calls) == 1
 
 
+@pytest.mark.parametrize("backend", ["memory", "redis"])
 async def test_relay_mode_a_refused_key_cannot_fail_another_clients_flight(
-    make_proxy: ProxyFactory, upstream: Upstream
+    make_proxy: ProxyFactory, upstream: Upstream, backend: str, tmp_path: Path
 ) -> None:
-    proxy = await make_proxy(api_key=None)  # no [auth] keys, no upstream key: keys are relayed
+    cache: dict[str, Any] = {"backend": backend}
+    with contextlib.ExitStack() as stack:
+        if backend == "redis":  # two flights of one process for one key: the claim passes on
+            binary = require_binary("redis-server")
+            port = stack.enter_context(redis_server(binary, tmp_path))
+            cache["redis_url"] = f"redis://127.0.0.1:{port}/0"
+        await _relay_race(await make_proxy(api_key=None, cache=cache), upstream)
+
+
+async def _relay_race(proxy: TestClient[Any, Any], upstream: Upstream) -> None:
+    """No [auth] keys and no upstream key: each client's key is relayed to the OCR model."""
     image = image_part(data_url("raced"))
     bad = asyncio.ensure_future(
         proxy.post(
