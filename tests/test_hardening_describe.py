@@ -175,8 +175,8 @@ async def test_an_ocr_model_name_spelling_the_local_key_cannot_poison_local_read
     proxy = await make_proxy()
     image = _real_png()
     # The attacker's OCR model is routed to the upstream (glob `*`), which answers any name.
-    # Its request is refused at the door (control characters), so the describer is driven
-    # directly here: the key must be unambiguous whatever name reaches it.
+    # Such a request may also be refused at the door (control characters in `ocr_model`), so
+    # the describer is driven directly too: the key must be unambiguous whatever name reaches it.
     evil_model = "local\u0000" + tag
     try:
         async with proxy.post(URL, json=ocr_chat(evil_model, image_part(image))) as r:
