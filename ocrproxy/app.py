@@ -249,6 +249,7 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
         _secrets(cfg),
         engine,
         client_keys=bool(cfg.auth.keys),
+        scope=cfg.cache.scope,
         on_call=app[metrics.METRICS].ocr_call,
     )
     if cfg.ocr.model == cfg.ocr.local_alias and (problem := engine.problem()):

@@ -1,12 +1,16 @@
 """Description cache: an in-memory LRU with a TTL, bounded by entries and bytes, with single-flight.
 
-Theory of operation: a key is the digest of (OCR model, prompt, image identity). ``get_or_create``
-answers from memory when it can; otherwise it joins the *flight* already running for that key,
-or starts one. A flight is one task that asks an optional shared tier (see ``Tier``) and then
-calls the OCR model; every request waiting for the key awaits the same task, so concurrent
-requests for one image pay for one OCR call. A flight that fails is not cached and every waiter
-sees the error. Waiters are counted: when the last one goes away (its client disconnected), the
-flight is cancelled, because nobody would read its answer.
+Theory of operation: a key is the digest of (OCR model, prompt, image identity, detail, and
+under ``[cache] scope = "per_key"`` the client's credential), built by ``describe.Describer.key``.
+``get_or_create`` answers from memory when it can; otherwise it joins the *flight* already
+running for that key, or starts one. A flight is one task that asks an optional shared tier (see
+``Tier``) and then calls the OCR model; every request waiting for the key awaits the same task,
+so concurrent requests for one image pay for one OCR call. A flight is known by the cache key
+unless the caller names a narrower flight key (the describer does when the OCR call carries the
+client's own credential, so that a client the upstream refuses fails no other client's image);
+whichever flight answers, the answer is stored under the cache key. A flight that fails is not
+cached and every waiter sees the error. Waiters are counted: when the last one goes away (its
+client disconnected), the flight is cancelled, because nobody would read its answer.
 """
 
 from __future__ import annotations
@@ -153,20 +157,29 @@ class DescriptionCache:
         return hit
 
     async def get_or_create(
-        self, key: bytes, create: Callable[[], Awaitable[Description]]
+        self,
+        key: bytes,
+        create: Callable[[], Awaitable[Description]],
+        flight_key: bytes | None = None,
     ) -> tuple[Description, bool]:
         """Return ``(description, was_cached)``; ``was_cached`` is False only for the caller
-        whose flight actually called ``create``."""
+        whose flight actually called ``create``.
+
+        ``flight_key`` (default: ``key``) says which callers may share one ``create``: the
+        answer is stored under ``key`` whichever flight produced it.
+        """
         hit = self.get_memory(key)
         if hit is not None:
             return hit, True
-        flight = self._flights.get(key)
+        if flight_key is None:
+            flight_key = key
+        flight = self._flights.get(flight_key)
         joined = flight is not None
         self._count("memory", "join" if joined else "miss")
         if flight is None:
             task = asyncio.get_running_loop().create_task(self._fill(key, create))
-            flight = self._flights[key] = _Flight(task)
-            task.add_done_callback(functools.partial(self._landed, key, flight))
+            flight = self._flights[flight_key] = _Flight(task)
+            task.add_done_callback(functools.partial(self._landed, flight_key, flight))
         else:
             self.stats.joins += 1
         flight.waiters += 1
@@ -176,8 +189,8 @@ class DescriptionCache:
             flight.waiters -= 1
             if flight.waiters == 0 and not flight.task.done():
                 flight.task.cancel()
-                if self._flights.get(key) is flight:  # a newcomer must start a fresh flight
-                    del self._flights[key]
+                if self._flights.get(flight_key) is flight:  # a newcomer starts a fresh one
+                    del self._flights[flight_key]
         return value, cached or joined
 
     def _landed(self, key: bytes, flight: _Flight, _: object) -> None:

@@ -21,8 +21,11 @@ Theory of operation: a client may name any URL, so every URL is treated as hosti
   ``Content-Encoding`` other than identity is refused, so a gzip bomb is never inflated.
 - The body is streamed under a byte cap that aborts the download as soon as it is crossed (per
   image, and a ``Budget`` for all the images of one request), and under connect, idle-read and
-  total timeouts. It must be served as ``image/*``, and its magic bytes and header dimensions
-  must pass ``sniff.inspect``: checked on the first bytes, so a bomb is dropped at its header.
+  total timeouts. The connection pool (``limit``, ``limit_per_host``) is shared by all requests;
+  a request runs at most ``max_fetches_per_request`` downloads at once (``images``), and a wait
+  for a pool slot is not a connect failure: the connect timeout counts from the socket's start.
+  It must be served as ``image/*``, and its magic bytes and header dimensions must pass
+  ``sniff.inspect``: checked on the first bytes, so a bomb is dropped at its header.
 
 Error messages are shown to clients, so they name the rule that refused the URL and never a
 resolved address, an internal host name or a socket error's text; those go to the debug log.
@@ -244,9 +247,12 @@ class Fetcher:
             trust_env=False,
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
+            # ``sock_connect``, not ``connect``: aiohttp's ``connect`` includes the wait for a
+            # pool slot, and a busy pool is not the image server's failure (the whole fetch
+            # stays under ``fetch_timeout_s``).
             timeout=aiohttp.ClientTimeout(
                 total=None,
-                connect=min(CONNECT_TIMEOUT_S, self.timeout_s),
+                sock_connect=min(CONNECT_TIMEOUT_S, self.timeout_s),
                 sock_read=min(READ_TIMEOUT_S, self.timeout_s),
             ),
             headers={"Accept": "image/*", "Accept-Encoding": "identity"},

@@ -194,7 +194,7 @@ async def ocr_chat(
     scan = await images.scan_and_identify(obj["messages"], cfg.ocr)
     # Images described in memory need nothing more; every other one is decoded and checked
     # now, so that a bad image is a 400 before any OCR call and before a stream is committed.
-    hits = describer.memory_hits(scan.images, ocr_model)
+    hits = describer.memory_hits(scan.images, ocr_model, request.headers)
     await images.validate([im for im in scan.images if im.digest not in hits], cfg.ocr)
     stream = _field(obj, "stream") is True
 

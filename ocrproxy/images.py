@@ -366,14 +366,21 @@ def _adopt(image: Image, fetched: Fetched) -> None:
 async def _fetch_all(
     images: list[Image], settings: config.Ocr, fetcher: Fetcher, budget: Budget
 ) -> None:
-    """Download every distinct remote URL once, concurrently, and adopt (or refuse) the bytes."""
+    """Download every distinct remote URL once, and adopt (or refuse) the bytes.
+
+    At most ``max_fetches_per_request`` downloads run at once, well below the fetcher's pool, so
+    one request full of slow URLs leaves connections for every other request. A URL's time
+    limit starts when its download does, not while it waits for one of the request's turns.
+    """
     by_url: dict[str, list[Image]] = {}
     for image in images:
         by_url.setdefault(image.url, []).append(image)
+    turns = asyncio.Semaphore(settings.max_fetches_per_request)
 
     async def one(url: str) -> Fetched | FetchError:
         try:
-            return await fetcher.fetch(url, budget)
+            async with turns:
+                return await fetcher.fetch(url, budget)
         except FetchError as exc:
             error = exc
         except Exception:  # a bug must not crash the request: treat it as a failed fetch

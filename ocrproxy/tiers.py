@@ -328,6 +328,12 @@ class RedisTier:
                 )
                 if claimed:
                     renew = asyncio.get_running_loop().create_task(self._renew(lock_key, token))
+                    # Two flights of this process can share a key (relay mode keys flights by
+                    # credential): the older claim can only be here if its lock expired, and
+                    # its renewal must not outlive it.
+                    old = self._claims.pop(key, None)
+                    if old is not None:
+                        old[1].cancel()
                     self._claims[key] = (token, renew)
                     return None
                 await asyncio.sleep(delay)
