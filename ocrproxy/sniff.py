@@ -32,6 +32,9 @@ _SOF_MARKERS = frozenset(
 )
 # Markers that stand alone, without a length field.
 _STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})
+# Markers and fill bytes walked before giving up on finding a frame header: real JPEGs have a
+# few dozen segments before it; megabytes of 4-byte segments or fill bytes would cost seconds.
+MAX_JPEG_STEPS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,13 +88,14 @@ class _JpegFrame:
     the end of a piece), so a segment of any length costs nothing to skip.
     """
 
-    __slots__ = ("pos", "seen", "tail", "done", "width", "height")
+    __slots__ = ("pos", "seen", "tail", "done", "steps", "width", "height")
 
     def __init__(self) -> None:
         self.pos = 2  # offset of the next marker, past SOI
         self.seen = 0  # bytes fed so far
         self.tail = b""  # the bytes from ``pos`` to ``seen`` when ``pos`` is inside them
         self.done = False  # a frame header was found, or the walk hit something else
+        self.steps = 0
         self.width: int | None = None
         self.height: int | None = None
 
@@ -113,7 +117,8 @@ class _JpegFrame:
         i = 0
         end = len(data)
         while i + 1 < end:
-            if data[i] != 0xFF:
+            self.steps += 1
+            if data[i] != 0xFF or self.steps > MAX_JPEG_STEPS:
                 break  # not at a marker: damaged, stop looking
             marker = data[i + 1]
             if marker == 0xFF:  # fill byte
@@ -172,7 +177,9 @@ def _judge(found: Sniffed | None, max_pixels: int, complete: bool) -> Sniffed:
         raise ImageRejected(f"is not a {SUPPORTED} image (its first bytes do not match)")
     if found.media_type == "image/jpeg" and complete:
         if found.height is None:
-            raise ImageRejected("is a JPEG without a frame header (SOF) before its image data")
+            raise ImageRejected(
+                "is a JPEG whose frame header (SOF) was not found before its image data"
+            )
         if found.height == 0:
             raise ImageRejected(
                 "is a JPEG of height 0 (its height comes after the pixel data, in a DNL "

@@ -392,3 +392,19 @@ async def test_max_images_stops_the_scan(make: Any, jfake: Fake) -> None:
     error = (await r.json())["error"]
     assert error["code"] == "too_many_images" and "limit is 3" in error["message"]
     assert jfake.received == []
+
+
+@pytest.mark.parametrize("filler", [b"\xff\xe1\x00\x02", b"\xff"], ids=["segments", "fill"])
+def test_the_segment_walk_is_bounded(filler: bytes) -> None:
+    # Megabytes of empty segments or fill bytes before the frame header: the walk gives up
+    # (and refuses) after sniff.MAX_JPEG_STEPS instead of spending seconds of CPU.
+    steps = sniff.MAX_JPEG_STEPS
+    sof = jpeg(100, 100)[2:]
+    for count, refused in ((steps // 2, False), (steps * 16, True)):
+        data = b"\xff\xd8" + filler * count + sof
+        size, reader = images.check_data_url(jpeg_url(data), "w")
+        if refused:
+            with pytest.raises(InvalidImage, match="frame header"):
+                images.check_image(reader, "w", config.Ocr(), size)
+        else:
+            assert images.check_image(reader, "w", config.Ocr(), size).width == 100
