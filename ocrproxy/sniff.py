@@ -119,7 +119,9 @@ class _JpegFrame:
         while i + 1 < end:
             self.steps += 1
             if data[i] != 0xFF or self.steps > MAX_JPEG_STEPS:
-                break  # not at a marker: damaged, stop looking
+                # Not at a marker: damaged (a decoder would skip to the next 0xFF and could
+                # find a frame header there, so this JPEG is refused), or too long a walk.
+                break
             marker = data[i + 1]
             if marker == 0xFF:  # fill byte
                 i += 1
