@@ -348,14 +348,14 @@ class Fetcher:
                 raise too_large
             budget.take(len(chunk))
             if not checked_head and len(body) >= HEAD_BYTES:
-                self._inspect(bytes(body[:HEAD_BYTES]))
+                self._inspect(bytes(body[:HEAD_BYTES]), complete=False)
                 checked_head = True
         data = bytes(body)
         found = self._inspect(data)
         return Fetched(data, found.media_type)
 
-    def _inspect(self, data: bytes) -> sniff.Sniffed:
+    def _inspect(self, data: bytes, complete: bool = True) -> sniff.Sniffed:
         try:
-            return sniff.inspect(data, self.max_pixels)
+            return sniff.inspect(data, self.max_pixels, complete)
         except sniff.ImageRejected as exc:
             raise FetchRefused(f"the downloaded image {exc}") from None

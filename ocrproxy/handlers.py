@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from secrets import token_hex
 from typing import Any
 
 import aiohttp
@@ -225,12 +226,13 @@ async def ocr_chat(
     trace.images, trace.cache_hits = report.images, report.cache_hits
     trace.ocr_failures, trace.ocr_ms = report.failures, round(report.ms, 1)
     blocks = []
+    nonce = token_hex(4)  # the request's delimiters, unknown to whoever wrote the text
     for number, image in enumerate(scan.images, 1):
         described = report.outcomes[image.digest].description
         blocks.append(
-            reference_block(number, ocr_model, described.text)
+            reference_block(number, ocr_model, described.text, nonce)
             if described
-            else placeholder_block(number)
+            else placeholder_block(number, nonce)
         )
     new_body = rewrite(obj, scan, blocks, real_model)
     headers = upstream.request_headers(request.headers, up, relay_auth=not cfg.auth.keys)

@@ -10,8 +10,12 @@ client's body (a copy only if the client's JSON escaped any of them), hashed, ch
 to the OCR model from there.
 
 An image's identity is the sha256 of its base64 text (the payload of its data URL, without the
-``data:...;base64,`` header). Strict base64, the only kind accepted, spells given bytes one way,
-so this is an identity of the bytes that needs no decoding: a cache hit never decodes its image.
+``data:...;base64,`` header). Canonical base64, the only kind accepted, spells given bytes one
+way, so this is an identity of the bytes that needs no decoding: a cache hit never decodes its
+image. Canonical means strict (the standard alphabet, no whitespace, padding only at the end),
+padded to a multiple of 4 characters, and with the unused low bits of the last character zero
+(``binascii`` ignores them, so ``QR==`` would decode like ``QQ==``): only the last 4
+characters can break that, so it is checked for every image, cache hit or not (``identify``).
 With ``fetch_images`` on (the default) a remote image is downloaded by ``fetch.Fetcher`` (SSRF
 rules, size and time limits there) and becomes a base64 data URL (``data``), so the OCR model
 never fetches anything, a signed URL that changes on every turn still hits the cache, and a
@@ -23,7 +27,9 @@ Every image, sent or fetched, must be a PNG, JPEG, GIF or WebP by its magic byte
 ``max_images`` images. The count, the data URL's header and the size (from the base64 length)
 are checked for every image (``identify``); decoding, the base64 itself and the format and
 dimensions are checked for every image that is not already described in memory (``validate``),
-before any OCR call starts. A client's own bad image is its error (400/413); a remote image that
+before any OCR call starts. The format and dimensions are read from the decoded pieces as they
+go by (``sniff.Reader``), so a JPEG's frame header is found wherever it is, after any amount of
+EXIF. A client's own bad image is its error (400/413); a remote image that
 cannot be used follows ``on_error``: the image gets a placeholder, or the request fails.
 
 Hashing and decoding megabytes would stall the event loop, so large payloads are handled in a
@@ -144,8 +150,17 @@ def _data_url_bytes(url: msgspec.Raw, where: str) -> tuple[bytes | memoryview, b
     return str(_decode(_str_decoder, url, where)).encode(), False
 
 
-def scan(messages_raw: msgspec.Raw) -> Scan:
-    """Decode the messages array and find every image; raise BadRequest on a malformed shape."""
+def _too_many(count: str, limit: int) -> BadRequest:
+    return BadRequest(
+        f"The request has {count} images; the limit is {limit}",
+        param="messages",
+        code="too_many_images",
+    )
+
+
+def scan(messages_raw: msgspec.Raw, max_images: int | None = None) -> Scan:
+    """Decode the messages array and find every image; raise BadRequest on a malformed shape,
+    or as soon as it finds image ``max_images + 1``."""
     try:
         messages: list[RawObject] = messages_decoder.decode(messages_raw)
     except msgspec.ValidationError as exc:
@@ -185,6 +200,8 @@ def scan(messages_raw: msgspec.Raw) -> Scan:
                         f"`{where}.image_url.url` must be a data: URL or an http(s) URL",
                         param=f"{where}.image_url",
                     )
+                if max_images is not None and len(images) > max_images:
+                    raise _too_many(f"more than {max_images}", max_images)
                 parts.append(Part(raw_part, image=len(images) - 1))
             elif kind == "text" and len(part) == 2 and is_json(part.get("text", b"0"), b'"'):
                 parts.append(Part(raw_part, text=_decode(_str_decoder, part["text"], where)))
@@ -227,6 +244,33 @@ def _payload_start(url: bytes | memoryview, where: str) -> int:
     return comma + 1
 
 
+# The value of each base64 character (0xFF: not one); only the last data character is looked up.
+_B64_VALUES = bytes(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".find(bytes([c])) % 256
+    for c in range(256)
+)
+
+
+def _check_canonical_end(payload: memoryview, where: str) -> None:
+    """Refuse base64 that is not padded, or whose last character has unused bits set: the two
+    ways strict base64 can still spell the same bytes differently. O(1): only the end counts."""
+    n = len(payload)
+    if n % 4:
+        raise InvalidImage(
+            f"`{where}` data URL payload is not valid base64 (it must be padded with `=` to a "
+            f"multiple of 4 characters)",
+            param=where,
+        )
+    if n and payload[n - 1] == 0x3D:  # "=": the last data character has 2 or 4 unused bits
+        last, unused = (payload[n - 3], 0x0F) if payload[n - 2] == 0x3D else (payload[n - 2], 0x03)
+        if _B64_VALUES[last] & unused:
+            raise InvalidImage(
+                f"`{where}` data URL payload is not canonical base64 (the unused bits of its "
+                f"last character must be zero)",
+                param=where,
+            )
+
+
 def _text_digest(url: bytes | memoryview, start: int) -> bytes:
     """sha256 of ``url[start:]`` (no copy; hashlib lets go of the GIL for large ones)."""
     return hashlib.sha256(memoryview(url)[start:]).digest()
@@ -235,6 +279,7 @@ def _text_digest(url: bytes | memoryview, start: int) -> bytes:
 def decode_data_url(url: Url, where: str) -> bytes:
     """The decoded bytes of a base64 ``data:`` URL; InvalidImage naming ``where`` if malformed."""
     payload = _payload(_as_bytes(url), where)
+    _check_canonical_end(payload, where)
     try:
         data = binascii.a2b_base64(payload, strict_mode=True)
     except (binascii.Error, ValueError):
@@ -244,17 +289,19 @@ def decode_data_url(url: Url, where: str) -> bytes:
     return data
 
 
-def check_data_url(url: Url, where: str) -> tuple[int, bytes]:
-    """(decoded size, first decoded piece) of a ``data:`` URL, decoded piece by piece.
+def check_data_url(url: Url, where: str) -> tuple[int, sniff.Reader]:
+    """(decoded size, what its bytes say) of a ``data:`` URL, decoded piece by piece.
 
-    The first piece (up to 192 KiB decoded) is what the format and dimension checks read.
+    Every decoded piece goes through a ``sniff.Reader`` (the format and dimension checks) and is
+    dropped: a JPEG's frame header is found in whichever piece holds it.
 
     Accepts and refuses exactly what ``decode_data_url`` does: every piece but the last is a
     whole number of 4-character groups, so it decodes alone; padding may only be in the last.
     """
     payload = _payload(_as_bytes(url), where)
+    _check_canonical_end(payload, where)
     size = 0
-    head = b""
+    reader = sniff.Reader()
     end = len(payload)
     while end and payload[end - 1] == 0x3D and len(payload) - end < 2:  # trailing "=" padding
         end -= 1  # always goes with the last piece
@@ -265,24 +312,30 @@ def check_data_url(url: Url, where: str) -> tuple[int, bytes]:
             if not last and _PADDING.search(piece):
                 raise ValueError("padding before the end")
             data = binascii.a2b_base64(piece, strict_mode=True)
-            if not size:
-                head = data
+            reader.feed(data)
             size += len(data)
     except (binascii.Error, ValueError):
         raise InvalidImage(f"`{where}` data URL payload is not valid base64", param=where) from None
     if not size:
         raise InvalidImage(f"`{where}` data URL is empty", param=where)
-    return size, head
+    return size, reader
 
 
 def check_image(
-    data: bytes, where: str, settings: config.Ocr, size: int | None = None
+    data: bytes | sniff.Reader, where: str, settings: config.Ocr, size: int | None = None
 ) -> sniff.Sniffed:
     """Apply the byte, format and dimension limits to a client's image (413 / 400).
 
-    ``data`` may be just the image's first bytes when ``size`` gives its whole decoded size.
+    ``data`` is the image, or a ``sniff.Reader`` that was fed all of it (then ``size`` gives
+    its decoded size).
     """
-    size = len(data) if size is None else size
+    if isinstance(data, bytes):
+        size = len(data) if size is None else size
+        reader = sniff.Reader()
+        reader.feed(data)
+    else:
+        reader = data
+    assert size is not None
     if size > settings.max_image_bytes:
         raise PayloadTooLarge(
             f"`{where}` is {size} bytes, more than the limit of "
@@ -290,7 +343,7 @@ def check_image(
             param=where,
         )
     try:
-        return sniff.inspect(data, settings.max_image_pixels)
+        return reader.inspect(settings.max_image_pixels)
     except sniff.ImageRejected as exc:
         raise InvalidImage(f"`{where}` {exc}", param=where) from None
 
@@ -301,6 +354,7 @@ def _identify(images: list[Image], settings: config.Ocr = _DEFAULTS) -> None:
             url = image.data
             start = _payload_start(url, image.where)
             length = len(url) - start
+            _check_canonical_end(memoryview(url)[start:], image.where)
             tail = bytes(memoryview(url)[-2:])
             image.size = length // 4 * 3 - tail.endswith(b"=") - tail.endswith(b"==")
             if image.size > settings.max_image_bytes:
@@ -316,8 +370,8 @@ def _identify(images: list[Image], settings: config.Ocr = _DEFAULTS) -> None:
 
 def _check(images: list[Image], settings: config.Ocr = _DEFAULTS) -> None:
     for image in images:
-        image.size, head = check_data_url(image.data, image.where)
-        check_image(head, image.where, settings, size=image.size)
+        image.size, reader = check_data_url(image.data, image.where)
+        check_image(reader, image.where, settings, size=image.size)
         image.checked = True
 
 
@@ -422,20 +476,16 @@ async def identify(images: list[Image], settings: config.Ocr = _DEFAULTS) -> Non
     Large payloads are hashed off the event loop.
     """
     if len(images) > settings.max_images:
-        raise BadRequest(
-            f"The request has {len(images)} images; the limit is {settings.max_images}",
-            param="messages",
-            code="too_many_images",
-        )
+        raise _too_many(str(len(images)), settings.max_images)
     await _small_here_large_in_thread(_identify, images, settings)
 
 
 async def scan_and_identify(messages_raw: msgspec.Raw, settings: config.Ocr = _DEFAULTS) -> Scan:
     """``scan`` then ``identify``; a large request is scanned in a worker thread."""
     if len(memoryview(messages_raw)) >= SCAN_THREAD_THRESHOLD:
-        found = await asyncio.to_thread(scan, messages_raw)
+        found = await asyncio.to_thread(scan, messages_raw, settings.max_images)
     else:
-        found = scan(messages_raw)
+        found = scan(messages_raw, settings.max_images)
     await identify(found.images, settings)
     return found
 

@@ -2,7 +2,14 @@
 
 The request id lives in a context variable set by the request middleware, so any log call made
 while serving a request (in the handler or in a task it started) is tagged with it. Secrets are
-redacted from messages by ``redact`` before they are logged or echoed in an error.
+redacted from messages by ``redact`` before they are logged or echoed in an error; it also drops
+image payloads (``data:`` URLs, long base64 runs) that an upstream quotes back in its reasons.
+
+aiohttp's own loggers (and asyncio's) go through the same handler, so the stream holds JSON lines
+only. Their records are treated as untrusted text: aiohttp's HTTP parser quotes the offending
+bytes of a malformed request in its exception (``b'Authorization: Bearer ck-...\\x00'``), so for a
+parser error only the exception's type is kept, and any other message or traceback of theirs
+loses its quoted bytes and ``Authorization``/``Bearer`` values before it is written.
 """
 
 from __future__ import annotations
@@ -28,14 +35,40 @@ _LEVELS = {
     logging.CRITICAL: "critical",
 }
 _KEYISH = re.compile(r"(sk-[A-Za-z0-9_\-]{6})[A-Za-z0-9_\-*]+")
+# A data: URL with base64 (its media type and parameters are client text too), possibly cut.
+_DATA_URL = re.compile(r"data:[^,\s\"'<>]{0,1024}?;\s*base64\s*,[A-Za-z0-9+/=_\-]*", re.IGNORECASE)
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/_\-]{64,}={0,2}")
+# What aiohttp's parser errors quote of a request: bytes literals, credentials in header lines.
+_BYTES_LITERAL = re.compile(r"""\bb(?:'(?:[^'\\\n]|\\.)*'?|"(?:[^"\\\n]|\\.)*"?)""")
+_CREDENTIAL = re.compile(
+    r"((?:authorization|x-api-key|api-key|cookie)\s*[:=]\s*(?:(?:bearer|basic)\s+)?"
+    r"|(?:bearer|basic)\s+)[^\s'\",]+",
+    re.IGNORECASE,
+)
+# Loggers of libraries whose records go through the JSON handler, scrubbed (``_foreign``).
+FOREIGN_LOGGERS = ("aiohttp", "asyncio")
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """Hide known secrets and anything shaped like an API key in ``text``."""
+    """Hide known secrets, anything shaped like an API key, and image payloads in ``text``."""
     for secret in secrets:
         if secret:
             text = text.replace(secret, "[redacted]")
+    text = _DATA_URL.sub("data:…[image omitted]", text)
+    text = _BASE64_RUN.sub("[base64 omitted]", text)
     return _KEYISH.sub(r"\1…", text)
+
+
+def _scrub(text: str) -> str:
+    """Text of a foreign logger without quoted request bytes or credentials."""
+    text = _BYTES_LITERAL.sub("b'[omitted]'", text)
+    return redact(_CREDENTIAL.sub(r"\1[redacted]", text))
+
+
+def _is_parser_error(exc: BaseException | None) -> bool:
+    from aiohttp import http_exceptions  # only when such a record is logged
+
+    return isinstance(exc, http_exceptions.HttpProcessingError)
 
 
 class JsonFormatter(logging.Formatter):
@@ -56,9 +89,24 @@ class JsonFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if fields:
             entry.update(fields)
-        if record.exc_info:
+        if record.name.startswith(FOREIGN_LOGGERS):
+            self._foreign(record, entry)
+        elif record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry, option=end)
+
+    def _foreign(self, record: logging.LogRecord, entry: dict[str, Any]) -> None:
+        """Scrub a record of aiohttp or asyncio (see the module's docstring)."""
+        entry["msg"] = _scrub(entry["msg"])
+        if not record.exc_info:
+            return
+        exc = record.exc_info[1]
+        if _is_parser_error(exc):  # its message is the request's own bytes: the type only
+            kind = type(exc)
+            entry["exc"] = f"{kind.__module__}.{kind.__qualname__}"
+            entry["status"] = getattr(exc, "code", None)
+        else:
+            entry["exc"] = _scrub(self.formatException(record.exc_info))
 
 
 class JsonLineHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -189,6 +237,11 @@ def setup(level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    for name in FOREIGN_LOGGERS:  # else Python's last-resort handler prints them as text
+        foreign = logging.getLogger(name)
+        foreign.handlers[:] = [handler]
+        foreign.setLevel(max(root.level, logging.INFO))  # their debug lines are not ours
+        foreign.propagate = False
     logging.Formatter.converter = time.gmtime
     # The lines never show the caller, thread or process, so do not collect them: finding the
     # caller walks the stack on every call (the logging HOWTO's "Optimization" section).

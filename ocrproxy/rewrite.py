@@ -4,6 +4,13 @@ Rules:
 - Each image part is replaced *in place* by a text part holding a delimited reference block,
   numbered by order of appearance across the whole request (an image sent twice gets two
   numbers and the same description).
+- The delimiters cannot be forged. Both carry the request's nonce (``#`` and random hex chosen
+  by the caller per request: ``[Image 1 #a1b2c3d4 (described by ...)]`` ...
+  ``[End of image 1 #a1b2c3d4]``), which neither the client nor the OCR model knows when it
+  writes its text, so a text part imitating a block lacks it; and inside a description every
+  ``[Image``/``[End of image`` is escaped to ``\\[Image``/``\\[End of image``, so the text of an
+  image (which can say anything) never holds a delimiter at all. The client's own text parts
+  are left byte for byte as they are.
 - A content array that then holds only plain text parts (``{"type": "text", "text": ...}`` and
   nothing else) is flattened into one string, parts joined by a blank line: many text-only
   upstreams reject content arrays. An array with any other part stays an array.
@@ -14,26 +21,41 @@ Rules:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from .images import Scan
 from .schema import RawObject, encoder
 
+# The opening bracket of anything a delimiter could be mistaken for, in any case and spacing.
+_DELIMITER = re.compile(r"\[(?=\s*(?:image|end\s+of\s+image)\b)", re.IGNORECASE)
 
-def reference_block(number: int, model: str, text: str) -> str:
-    """The text that stands in for image ``number`` once described."""
+
+def escape(text: str) -> str:
+    """``text`` with every ``[`` that opens something like a block delimiter escaped."""
+    return _DELIMITER.sub(r"\\[", text)
+
+
+def _tag(number: int, nonce: str) -> str:
+    return f"{number} #{nonce}" if nonce else str(number)
+
+
+def reference_block(number: int, model: str, text: str, nonce: str = "") -> str:
+    """The text that stands in for image ``number`` once described; ``nonce`` is the request's
+    (``""``: none, for output no client text sits next to)."""
+    tag = _tag(number, nonce)
     return (
-        f"[Image {number} (described by {model}; you cannot see the image itself, "
-        f"only this description)]\n{text}\n[End of image {number}]"
+        f"[Image {tag} (described by {escape(model)}; you cannot see the image itself, "
+        f"only this description)]\n{escape(text)}\n[End of image {tag}]"
     )
 
 
-def placeholder_block(number: int) -> str:
+def placeholder_block(number: int, nonce: str = "") -> str:
     """The text that stands in for an image whose analysis failed."""
     return (
-        f"[Image {number}: this image could not be analysed, so its content is unknown. "
-        f"If the answer depends on it, tell the user the image could not be read.]"
+        f"[Image {_tag(number, nonce)}: this image could not be analysed, so its content is "
+        f"unknown. If the answer depends on it, tell the user the image could not be read.]"
     )
 
 

@@ -8,8 +8,15 @@ descriptor (bytes 6–10), WebP in its first chunk (``VP8 ``, ``VP8L`` or ``VP8X
 first start-of-frame segment, found by walking the segment lengths (no entropy decoding).
 
 ``sniff`` returns ``None`` for anything that is not one of those formats. A recognised format
-whose header is cut short or damaged gets ``width``/``height`` of ``None``: it cannot be a bomb we
-would decode, and the OCR model will reject it if it is truly broken.
+whose header is cut short or damaged gets ``width``/``height`` of ``None``: a PNG, GIF or WebP
+cut short cannot be a bomb we would decode, and the OCR model will reject it if it is truly
+broken. A JPEG is different: its frame header may come after any number of segments (EXIF,
+ICC profiles, ...), so "not found yet" says nothing about its size. ``inspect`` therefore
+refuses a whole JPEG whose frame header it did not find, or whose height is 0 (a height "set
+later by a DNL marker", after the pixel data), since either would let any size through. The
+segment walk is incremental (``Reader``): an image decoded piece by piece is walked across its
+pieces, never held whole, and ``inspect(..., complete=False)`` judges a first piece only by what
+it already shows.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ _SOF_MARKERS = frozenset(
 )
 # Markers that stand alone, without a length field.
 _STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})
+# Markers and fill bytes walked before giving up on finding a frame header: real JPEGs have a
+# few dozen segments before it; megabytes of 4-byte segments or fill bytes would cost seconds.
+MAX_JPEG_STEPS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,34 +81,77 @@ def _webp(data: bytes) -> Sniffed:
     return Sniffed("image/webp")
 
 
-def _jpeg(data: bytes) -> Sniffed:
-    i = 2
-    end = len(data)
-    while i + 1 < end:
-        if data[i] != 0xFF:
-            break  # not at a marker: damaged, stop looking
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in _STANDALONE:
-            i += 2
-            continue
-        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
-            break
-        if i + 4 > end:
-            break
-        length = struct.unpack(">H", data[i + 2 : i + 4])[0]
-        if length < 2:
-            break
-        if marker in _SOF_MARKERS:
-            if i + 9 > end:
+class _JpegFrame:
+    """Walks a JPEG's marker segments, over its bytes given in pieces, to its frame header.
+
+    Only the position of the next marker is kept (and the few bytes of a segment header cut by
+    the end of a piece), so a segment of any length costs nothing to skip.
+    """
+
+    __slots__ = ("pos", "seen", "tail", "done", "steps", "width", "height")
+
+    def __init__(self) -> None:
+        self.pos = 2  # offset of the next marker, past SOI
+        self.seen = 0  # bytes fed so far
+        self.tail = b""  # the bytes from ``pos`` to ``seen`` when ``pos`` is inside them
+        self.done = False  # a frame header was found, or the walk hit something else
+        self.steps = 0
+        self.width: int | None = None
+        self.height: int | None = None
+
+    def feed(self, piece: bytes | memoryview) -> None:
+        if self.done:
+            return
+        base = self.seen
+        self.seen += len(piece)
+        if self.pos >= self.seen:  # still inside a segment's payload
+            return
+        view = memoryview(piece)
+        buf = view[self.pos - base :] if self.pos >= base else memoryview(self.tail + piece)
+        i = self._walk(buf)
+        self.pos += i
+        self.tail = bytes(buf[i:]) if i < len(buf) else b""
+
+    def _walk(self, data: memoryview) -> int:
+        """Walk ``data`` (which starts at ``pos``); return where the walk stopped in it."""
+        i = 0
+        end = len(data)
+        while i + 1 < end:
+            self.steps += 1
+            if data[i] != 0xFF or self.steps > MAX_JPEG_STEPS:
+                # Not at a marker: damaged (a decoder would skip to the next 0xFF and could
+                # find a frame header there, so this JPEG is refused), or too long a walk.
                 break
-            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
-            # A height of 0 means "defined later by a DNL marker": unknown, not zero.
-            return Sniffed("image/jpeg", width, height or None)
-        i += 2 + length
-    return Sniffed("image/jpeg")
+            marker = data[i + 1]
+            if marker == 0xFF:  # fill byte
+                i += 1
+                continue
+            if marker in _STANDALONE:
+                i += 2
+                continue
+            if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+                break
+            if i + 4 > end:
+                return i  # the segment header goes on in the next piece
+            length = struct.unpack_from(">H", data, i + 2)[0]
+            if length < 2:
+                break
+            if marker in _SOF_MARKERS:
+                if i + 9 > end:
+                    return i
+                self.height, self.width = struct.unpack_from(">HH", data, i + 5)
+                break
+            i += 2 + length
+        else:
+            return i
+        self.done = True
+        return i
+
+
+def _jpeg(data: bytes) -> Sniffed:
+    frame = _JpegFrame()
+    frame.feed(data)
+    return Sniffed("image/jpeg", frame.width, frame.height)
 
 
 def sniff(data: bytes) -> Sniffed | None:
@@ -121,11 +174,19 @@ class ImageRejected(Exception):
     """The payload is not an acceptable image; the message is safe to show to the client."""
 
 
-def inspect(data: bytes, max_pixels: int) -> Sniffed:
-    """Sniff ``data`` and apply the dimension limit; ImageRejected says why it is refused."""
-    found = sniff(data)
+def _judge(found: Sniffed | None, max_pixels: int, complete: bool) -> Sniffed:
     if found is None:
         raise ImageRejected(f"is not a {SUPPORTED} image (its first bytes do not match)")
+    if found.media_type == "image/jpeg" and complete:
+        if found.height is None:
+            raise ImageRejected(
+                "is a JPEG whose frame header (SOF) was not found before its image data"
+            )
+        if found.height == 0:
+            raise ImageRejected(
+                "is a JPEG of height 0 (its height comes after the pixel data, in a DNL "
+                "marker), whose size cannot be checked"
+            )
     if found.width == 0 or found.height == 0:
         raise ImageRejected("has a zero width or height")
     pixels = found.pixels
@@ -134,3 +195,35 @@ def inspect(data: bytes, max_pixels: int) -> Sniffed:
             f"is {found.width}x{found.height} pixels, more than the limit of {max_pixels} pixels"
         )
     return found
+
+
+def inspect(data: bytes, max_pixels: int, complete: bool = True) -> Sniffed:
+    """Sniff ``data`` and apply the dimension limit; ImageRejected says why it is refused.
+
+    ``complete=False``: ``data`` is only the first bytes of the image; a JPEG whose frame
+    header is not among them yet is not refused for that.
+    """
+    return _judge(sniff(data), max_pixels, complete)
+
+
+class Reader:
+    """``inspect`` for an image whose bytes come in pieces, in order, none of them kept: the
+    format from the first bytes, a JPEG's frame header from wherever it is."""
+
+    HEAD = 64  # more than any format but JPEG needs for its dimensions
+
+    def __init__(self) -> None:
+        self.head = b""
+        self._frame = _JpegFrame()
+
+    def feed(self, piece: bytes) -> None:
+        if len(self.head) < self.HEAD:
+            self.head += piece[: self.HEAD - len(self.head)]
+        self._frame.feed(piece)
+
+    def inspect(self, max_pixels: int) -> Sniffed:
+        """``inspect`` of the whole image fed so far."""
+        found = sniff(self.head)
+        if found is not None and found.media_type == "image/jpeg":
+            found = Sniffed("image/jpeg", self._frame.width, self._frame.height)
+        return _judge(found, max_pixels, complete=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import re
 import time
 
 import orjson
@@ -41,9 +42,11 @@ async def test_suffix_strips_model_and_replaces_image_in_place(proxy, fake):
     assert isinstance(content, str)  # flattened: only text left
     before, block, after = content.split("\n\n")
     assert (before, after) == ("before", "after")
-    assert block.startswith("[Image 1 (described by vision-1")
+    # The delimiters carry the request's nonce (8 hex digits), the same in both.
+    head = re.match(r"\[Image 1 #([0-9a-f]{8}) \(described by vision-1", block)
+    assert head is not None
     assert "A picture showing cat." in block
-    assert block.endswith("[End of image 1]")
+    assert block.endswith(f"[End of image 1 #{head[1]}]")
     assert fake.ocr_calls == ["cat"]
 
 
@@ -244,7 +247,7 @@ async def test_ocr_failure_placeholder_then_retry_next_time(proxy, fake):
     r = await proxy.post(URL, json=req)
     assert r.status == 200
     content = fake.chat_requests[-1].json()["messages"][0]["content"]
-    assert "Image 1: this image could not be analysed" in content
+    assert re.search(r"Image 1 #[0-9a-f]{8}: this image could not be analysed", content)
     assert "A picture showing fine." in content
     assert "vision backend down" not in content  # the reason is logged, not sent to the model
     # failures are not cached: the next request tries again

@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -423,14 +424,17 @@ async def test_end_to_end_local_is_the_default_ocr_model(
     assert usage["prompt_tokens"] == usage["completion_tokens"] == usage["total_tokens"] == 0
     assert fake.ocr_calls == []  # nothing was sent to a multimodal model
     sent = _block_text(fake.chat_requests[-1])
-    assert sent.startswith("What does the report say?\n\n[Image 1 (described by local;")
+    assert re.match(
+        r"What does the report say\?\n\n\[Image 1 #[0-9a-f]{8} \(described by local;", sent
+    )
     assert "OCR text only" in sent and "no description of the image's visual content" in sent
     transcript = sent.split("TEXT:\n", 1)[1].split("\nDESCRIPTION:", 1)[0]
     assert cer(PARAGRAPHS, transcript) <= 0.02, transcript
 
     again = await proxy.post("/v1/chat/completions", json=body)
     assert again.status == 200 and again.headers["X-OCR-Cache-Hits"] == "1"
-    assert _block_text(fake.chat_requests[-1]) == sent
+    nonce = re.compile(r" #[0-9a-f]{8}\b")  # each request's delimiters have their own
+    assert nonce.sub("", _block_text(fake.chat_requests[-1])) == nonce.sub("", sent)
 
 
 async def test_end_to_end_ocr_model_field_and_no_text(
