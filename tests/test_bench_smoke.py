@@ -40,7 +40,7 @@ def report() -> dict[str, Any]:
         [sys.executable, "-m", "bench", "--smoke", "--json"],
         cwd=ROOT,
         capture_output=True,
-        timeout=55,
+        timeout=30,
     )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     result: dict[str, Any] = orjson.loads(done.stdout)
