@@ -66,7 +66,7 @@ QUICK = Settings(
 # Every scenario and every code path of the full run, each measurement once and tiny.
 SMOKE = Settings(
     repeats=1,
-    wrk_seconds=0.1,
+    wrk_seconds=0.05,
     concurrencies=(16,),
     spaced_chunks=50,
     mixed_delay=0.002,
