@@ -352,6 +352,9 @@ model = "vision-bench"
                         os.killpg(proc.pid, signal.SIGTERM)
             for proc in reversed(self.procs):
                 stop_group(proc, term=False)
+                for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                    if pipe is not None:
+                        pipe.close()
             self.procs.clear()
             self._driver = None
             shutil.rmtree(self.tmp, ignore_errors=True)
