@@ -13,6 +13,10 @@ prints one JSON object. Specs (``kind`` selects):
 - ``idle``: ``n`` streams opened and held after their first chunk; reads ``pid``'s RSS then.
 - ``mixed``: ``streams`` stream workers and ``ocr`` OCR workers loop for ``duration`` seconds
   (each stream worker's first stream, which opens its connection, is not recorded).
+
+``python -m bench.client --serve`` (the smoke run) reads one spec per line on stdin and answers
+each with one line, ``{"result": ...}`` or ``{"error": traceback}``, until stdin closes: the
+same measurements, each in a new event loop with new sessions, without a Python start-up each.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -191,7 +196,7 @@ async def idle(spec: Spec) -> Spec:
         tasks = [asyncio.ensure_future(hold(session)) for _ in range(spec["n"])]
         try:
             await asyncio.wait_for(all_open.wait(), spec["hold"] - 1)
-            await asyncio.sleep(0.5)  # let the server settle
+            await asyncio.sleep(spec.get("settle", 0.5))  # let the server settle
             during = rss_kb(spec["pid"])
         finally:
             release.set()
@@ -211,8 +216,10 @@ async def mixed(spec: Spec) -> Spec:
     async def stream_worker() -> None:
         await _one(session, spec["url"], stream_body, headers)  # connect first: not recorded
         end = time.perf_counter() + spec["duration"]
-        while time.perf_counter() < end:
+        while True:  # at least one stream each, even if connecting took the whole duration
             stream_results.append(await _one(session, spec["url"], stream_body, headers))
+            if time.perf_counter() >= end:
+                break
 
     async def ocr_worker() -> None:
         while streaming:  # OCR load for as long as any stream is measured
@@ -240,9 +247,23 @@ KINDS: dict[str, Callable[[Spec], Awaitable[Spec]]] = {
 }
 
 
+def serve() -> None:
+    for line in sys.stdin.buffer:
+        try:
+            spec = orjson.loads(line)
+            answer = {"result": asyncio.run(KINDS[spec["kind"]](spec))}
+        except Exception:
+            answer = {"error": traceback.format_exc()}
+        sys.stdout.buffer.write(orjson.dumps(answer) + b"\n")
+        sys.stdout.buffer.flush()
+
+
 def main() -> None:
-    spec = orjson.loads(sys.argv[1])
     install_uvloop()
+    if sys.argv[1] == "--serve":
+        serve()
+        return
+    spec = orjson.loads(sys.argv[1])
     result = asyncio.run(KINDS[spec["kind"]](spec))
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
 

@@ -13,14 +13,15 @@ import math
 import os
 import platform
 import shutil
+import signal
 import sys
 import time
 from typing import Any
 
 import orjson
 
-from .harness import Bench
-from .scenarios import QUICK, SCENARIOS, SMOKE, Settings
+from .harness import Bench, Pinning
+from .scenarios import QUICK, SCENARIOS, SMOKE, Settings, local_ocr_start
 
 
 def machine() -> str:
@@ -77,14 +78,23 @@ def run(settings: Settings, only: list[str] | None, log: Any) -> dict[str, Any]:
         "settings": settings.__dict__,
         "scenarios": {},
     }
-    with Bench(ocr_delay=settings.ocr_delay) as bench:
+    chosen = {
+        name: scenario
+        for name, scenario in SCENARIOS.items()
+        if not only or any(name.startswith(o) or name.endswith(o) for o in only)
+    }
+    with Bench(
+        ocr_delay=settings.ocr_delay,
+        pinning=Pinning.shared() if settings.lean else Pinning.detect(),
+        lean=settings.lean,
+    ) as bench:
+        if settings.lean and "7-local-ocr" in chosen:
+            local_ocr_start(bench, settings)  # its own CPU-bound process: alongside the others
         report["pinning"] = bench.pinning.describe()
         report["load_generator"] = "wrk " + (shutil.which("wrk") or "missing")
         log(f"# ocrproxy bench, {report['date']}, {report['machine']}")
         log(f"# {report['pinning']}; medians of {settings.repeats} repeats")
-        for name, scenario in SCENARIOS.items():
-            if only and not any(name.startswith(o) or name.endswith(o) for o in only):
-                continue
+        for name, scenario in chosen.items():
             started = time.monotonic()
             result = scenario(bench, settings)
             result["seconds"] = round(time.monotonic() - started, 1)
@@ -112,6 +122,12 @@ def targets_table(report: dict[str, Any]) -> str:
     return table(rows)
 
 
+def _stop_on(signum: int, _frame: object) -> None:
+    # An exception, so that ``Bench`` stops every child on its way out (and subprocess.run the
+    # driver it waits for); a second signal meanwhile is blocked by ``Bench.stop``.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a ~1-minute run (shorter phases)")
@@ -124,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     def log(line: str) -> None:
         print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
 
+    signal.signal(signal.SIGTERM, _stop_on)
+    signal.signal(signal.SIGHUP, _stop_on)
     report = run(settings, args.only, log)
     if args.json:
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")

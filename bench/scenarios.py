@@ -42,6 +42,11 @@ class Settings:
     spaced_chunks: int = 1000  # chunks per stream for the per-chunk CPU figure
     mixed_delay: float = 0.05  # seconds between the chunks of scenario 6's streams
     ocr_delay: float = 0.3  # the fake OCR model's latency
+    hit_image_size: int = MB  # each of scenario 4's 8 images
+    idle_settle: float = 0.5  # seconds the idle streams are held open before RSS is read
+    # The smoke run's savings (harness.Bench ``lean``): fewer processes, none pinned apart, and
+    # scenario 7 in the background on one image. Timings then mean nothing.
+    lean: bool = False
 
 
 QUICK = Settings(
@@ -58,23 +63,27 @@ QUICK = Settings(
     mixed_delay=0.02,
 )
 # For the test suite's smoke run: the harness end to end in a few seconds, timings meaningless.
+# Every scenario and every code path of the full run, each measurement once and tiny.
 SMOKE = Settings(
     repeats=1,
-    wrk_seconds=1,
+    wrk_seconds=0.05,
     concurrencies=(16,),
-    spaced_chunks=100,
-    mixed_delay=0.005,
+    spaced_chunks=50,
+    mixed_delay=0.002,
     ocr_delay=0.05,
     streams=20,
     long_streams=1,
     fanout=1,
-    hits=2,
+    hits=1,
     idle_streams=20,
     burst=4,
     burst_size=256 * 1024,
-    mixed_seconds=0.5,
+    mixed_seconds=0.1,
     mixed_streams=10,
     mixed_ocr=2,
+    hit_image_size=64 * 1024,
+    idle_settle=0.05,
+    lean=True,
 )
 
 Row = dict[str, Any]
@@ -338,8 +347,9 @@ def cache_hit(b: Bench, s: Settings) -> Result:
     Times come from the plain proxy; event-loop stalls from a second, watched proxy
     (``bench.loopwatch``) that gets the same requests.
     """
-    ocr_spec = {"chat": {"model": payloads.OCR_MODEL, "images": 8, "size": MB}}
-    size = len(payloads.chat(payloads.OCR_MODEL, images=8, size=MB))
+    image = s.hit_image_size
+    ocr_spec = {"chat": {"model": payloads.OCR_MODEL, "images": 8, "size": image}}
+    size = len(payloads.chat(payloads.OCR_MODEL, images=8, size=image))
     plain_spec = {"padded": size}
     names = ("direct", "relay", "proxy", "proxy-ocr-hit", "stall-pass", "stall-ocr-hit")
 
@@ -366,7 +376,11 @@ def cache_hit(b: Bench, s: Settings) -> Result:
             "ms",
             higher_is_better=False,
         ),
-        {"metric": "same size, 8 × 1 MB images, OCR cache hit", "unit": "ms", "proxy": hit},
+        {
+            "metric": f"same size, 8 × {image / MB:g} MB images, OCR cache hit",
+            "unit": "ms",
+            "proxy": hit,
+        },
         {"metric": "OCR cache hit − proxy pass-through", "unit": "ms", "proxy": hit - plain},
         {"metric": "OCR cache hit − direct pass-through", "unit": "ms", "proxy": hit - direct},
     ]
@@ -377,7 +391,11 @@ def cache_hit(b: Bench, s: Settings) -> Result:
     rows.append({"metric": "longest loop stall, bounded by proxy CPU", "unit": "ms", **stall})
     targets = [
         target(
-            "added for 8 MB of images (hit − pass-through)", hit - plain, 25, " ms", at_most=True
+            f"added for {8 * image / MB:g} MB of images (hit − pass-through)",
+            hit - plain,
+            25,
+            " ms",
+            at_most=True,
         ),
         target(
             "longest loop stall (CPU-bound), OCR cache hit",
@@ -401,7 +419,14 @@ def memory(b: Bench, s: Settings) -> Result:
     def idle(name: str) -> dict[str, Any]:
         with b.fresh(name) as t:
             result = b.client(
-                {"kind": "idle", "url": t.url, "n": s.idle_streams, "hold": 30, "pid": t.pid}
+                {
+                    "kind": "idle",
+                    "url": t.url,
+                    "n": s.idle_streams,
+                    "hold": 30,
+                    "pid": t.pid,
+                    "settle": s.idle_settle,
+                }
             )
         grown = result["rss_held_kb"] - result["rss_before_kb"]
         result["per_stream_kb"] = grown / max(1, result["streams"])
@@ -508,35 +533,33 @@ def mixed(b: Bench, s: Settings) -> Result:
     return {"rows": rows, "targets": targets, "raw": {"runs": runs, "errors": errs}}
 
 
+def local_ocr_start(b: Bench, s: Settings) -> subprocess.Popen[bytes]:
+    """Start scenario 7's process (unpinned); a lean run starts it first, in the background."""
+    argv = [sys.executable, "-m", "bench.local_ocr_smoke"]
+    if not s.lean:
+        argv = [sys.executable, "-m", "bench.local_ocr", "--json", "--repeat", str(s.repeats)]
+        argv += ["--batch", "12"]
+    proc = b.spawn(argv, None, "local-ocr.log", stdout=subprocess.PIPE)
+    b.background["local-ocr"] = proc
+    return proc
+
+
 def local_ocr(b: Bench, s: Settings) -> Result:
     """Scenario 7: the built-in Tesseract engine (``bench/local_ocr.py``, in its own process,
     unpinned): seconds per image and character error rate for four rendered images, then images/s
-    with one and with two engine threads. Skipped (no rows) when the engine is not installed."""
-    del b  # no servers: the engine is measured as the proxy calls it, without HTTP around it
-    repeats, batch = (1, 2) if s is SMOKE else (s.repeats, 12)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.local_ocr",
-            "--json",
-            "--repeat",
-            str(repeats),
-            "--batch",
-            str(batch),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if done.returncode != 0:
-        reason = (done.stderr.strip().splitlines() or ["failed"])[-1]
+    with one and with two engine threads. Skipped (no rows) when the engine is not installed.
+    A lean run reads two small images only (``bench/local_ocr_smoke.py``)."""
+    proc = b.background.pop("local-ocr", None) or local_ocr_start(b, s)
+    stdout, _ = proc.communicate(timeout=600)
+    stderr = (b.tmp / "local-ocr.log").read_text(errors="replace")
+    if proc.returncode != 0:
+        reason = (stderr.strip().splitlines() or ["failed"])[-1]
         return {
             "rows": [{"metric": f"skipped: {reason}", "unit": ""}],
             "targets": [],
-            "raw": {"errors": 0 if "unavailable" in reason else 1, "stderr": done.stderr},
+            "raw": {"errors": 0 if "unavailable" in reason else 1, "stderr": stderr},
         }
-    result = orjson.loads(done.stdout)
+    result = orjson.loads(stdout)
     rows = [
         {
             "metric": f"{name}: seconds per image (1 thread)",

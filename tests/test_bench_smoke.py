@@ -1,18 +1,23 @@
 """The benchmark harness end to end in seconds: it must run and say sane things, not be fast.
 
 ``python -m bench --smoke --json`` starts the fakes, the bare relay and the proxy as separate
-processes, runs all six scenarios with tiny settings and prints one JSON report. Timings on a
+processes, runs all seven scenarios with tiny settings and prints one JSON report. Timings on a
 shared test machine mean nothing; what is checked is that every scenario ran without request
 errors, that each figure the report derives exists and is plausible, and that no process
-outlives the run.
+outlives the run: neither a run that ends normally nor one that is killed (SIGKILL, as a test
+timeout does, or SIGTERM) while its servers, its load driver and wrk are running.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +45,7 @@ def report() -> dict[str, Any]:
         [sys.executable, "-m", "bench", "--smoke", "--json"],
         cwd=ROOT,
         capture_output=True,
-        timeout=55,
+        timeout=40,  # about 5 s on an idle 2-core machine, 27 s at a load average of 13
     )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     result: dict[str, Any] = orjson.loads(done.stdout)
@@ -109,3 +114,85 @@ def test_local_ocr_scenario_reads_text(report: dict[str, Any]) -> None:
     rows = {r["metric"]: r["local"] for r in report["scenarios"]["7-local-ocr"]["rows"]}
     assert rows["screenshot: character error rate"] <= 2.0
     assert rows["mixed batch, 1 thread(s)"] > 0 and rows["mixed batch, 2 thread(s)"] > 0
+
+
+def _stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time) of a process, from /proc/PID/stat; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    return fields[0], fields[19]  # fields 3 and 22 of proc(5)
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """Every living descendant of ``pid``: pid -> start time (to tell it from a reused pid)."""
+    found: dict[int, str] = {}
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for path in glob.glob(f"/proc/{parent}/task/*/children"):
+            try:
+                with open(path) as f:
+                    children = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            for child in children:
+                stat = _stat(child)
+                if child not in found and stat is not None and stat[0] not in "ZX":
+                    found[child] = stat[1]
+                    todo.append(child)
+    return found
+
+
+def _alive(pid: int, started: str) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[1] == started and stat[0] not in "ZX"  # a zombie is dead
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_no_child_outlives_a_killed_runner(how: signal.Signals, tmp_path: Path) -> None:
+    require_binary("wrk")
+    # scenarios 1 and 2: seven wrk runs, so that the runner is caught with wrk running
+    argv = [sys.executable, "-m", "bench", "--smoke", "--json", "--only", "1", "2"]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # its files land where pytest cleans up
+    with open(tmp_path / "stderr", "wb") as err:
+        runner = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, env=env)
+    seen: dict[int, str] = {}
+    try:
+        # Until wrk runs beside the fake, the relay, the proxy and the load driver.
+        deadline = time.monotonic() + 40
+        while not any(_comm(pid) == "wrk" for pid in seen) or len(seen) < 5:
+            assert runner.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no wrk among {seen}"
+            seen.update(_descendants(runner.pid))
+            time.sleep(0.005)
+        seen.update(_descendants(runner.pid))
+        runner.send_signal(how)
+        code = runner.wait(timeout=20)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(p, t) for p, t in seen.items()):
+            time.sleep(0.05)
+        left = {p: _comm(p) for p, t in seen.items() if _alive(p, t)}
+        assert not left, f"outlived the runner: {left}"
+        if how == signal.SIGTERM:  # an orderly stop: exit status 143, its files gone too
+            assert code == 128 + how, (tmp_path / "stderr").read_text()[-3000:]
+            assert not list(tmp_path.glob("ocrproxy-bench-*"))
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+        for pid, started in seen.items():
+            if _alive(pid, started):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
