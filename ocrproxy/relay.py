@@ -268,35 +268,37 @@ class Redactor:
     that a Content-Length sent beforehand stays true.
     """
 
-    __slots__ = ("_held", "_masks", "_secrets")
+    __slots__ = ("_alphabet", "_held", "_pairs", "_starts")
 
     def __init__(self, secrets: tuple[bytes, ...], *, same_length: bool = False) -> None:
-        self._secrets = secrets
-        self._masks = tuple(b"*" * len(s) if same_length else MASK for s in secrets)
+        self._pairs = tuple((s, b"*" * len(s) if same_length else MASK) for s in secrets)
+        self._starts = tuple((s, s[0], len(s) - 1) for s in secrets if len(s) > 1)
+        # A piece whose last byte is in no secret cannot end with the start of one: an SSE
+        # event ends in a newline, a JSON body in a brace, so the tail search is skipped.
+        self._alphabet = frozenset(b"".join(secrets))
         self._held = b""
 
     def feed(self, piece: bytes) -> bytes:
         """What of ``piece`` (after what was held) can be sent now, secrets masked."""
         data = self._held + piece if self._held else piece
-        for secret, mask in zip(self._secrets, self._masks, strict=True):
+        for secret, mask in self._pairs:
             if secret in data:
                 data = data.replace(secret, mask)
+        if not data or data[-1] not in self._alphabet:
+            self._held = b""
+            return data
         size = len(data)
         cut = size
-        for secret in self._secrets:
-            # Could the data end with the first len(secret)-1 bytes or fewer of this secret?
-            first = secret[0]
-            at = data.find(first, max(size - len(secret) + 1, 0))
+        for secret, first, most in self._starts:
+            # Does the data end with the first ``most`` bytes or fewer of this secret?
+            at = data.find(first, max(size - most, 0))
             while 0 <= at < cut:
                 if secret.startswith(data[at:]):
                     cut = at
                     break
                 at = data.find(first, at + 1)
-        if cut == size:
-            self._held = b""
-            return data
         self._held = data[cut:]
-        return data[:cut]
+        return data[:cut] if cut < size else data
 
     def flush(self) -> bytes:
         held, self._held = self._held, b""
@@ -368,7 +370,7 @@ class _WriteWatch:
     next step fails and the upstream connection is freed at once.
     """
 
-    __slots__ = ("_handle", "_loop", "_source", "_timeout", "_transport", "since")
+    __slots__ = ("_handle", "_loop", "_source", "_timeout", "_transport", "dropped", "since")
 
     def __init__(
         self, transport: asyncio.Transport, source: aiohttp.ClientResponse, timeout: float
@@ -378,6 +380,7 @@ class _WriteWatch:
         self._source = source
         self._timeout = timeout
         self.since = 0.0  # when the write under way started; 0.0: none is
+        self.dropped = False
         self._handle = self._loop.call_later(timeout, self._check)
 
     def _check(self) -> None:
@@ -385,6 +388,7 @@ class _WriteWatch:
         now = self._loop.time()
         if since and now - since >= self._timeout:
             log.warning("client took nothing for %.0f s: connection dropped", now - since)
+            self.dropped = True
             self._transport.abort()
             self._source.close()
             return
@@ -450,6 +454,8 @@ async def _pump(
             else:
                 watch.since = clock()
                 await write(piece)
+                if watch.dropped:  # the write returned because the connection was aborted
+                    raise ConnectionResetError("the client stopped reading")
                 watch.since = 0.0
         tail = redactor.flush() if redactor is not None else b""
         if editor is not None:
