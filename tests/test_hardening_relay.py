@@ -11,6 +11,7 @@ import socket
 import time
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
 from aiohttp import web
@@ -201,6 +202,15 @@ class EchoingFake(FakeOpenAI):
             return web.json_response(
                 {"choices": [], "auth": auth, "usage": {"prompt_tokens": 1, "total_tokens": 1}}
             )
+        if model == "echo-auth-stream":  # an SSE answer whose one event carries the key
+            auth = request.headers.get("Authorization", "").encode()
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            await response.write(b'data: {"auth":"' + auth[:10])
+            await asyncio.sleep(0.1)
+            await response.write(auth[10:] + b'"}\n\ndata: [DONE]\n\n')
+            await response.write_eof()
+            return response
         if model == "unterminated":
             return await self.unterminated(request)
         if model in ("huge-json-length", "huge-json-chunked"):
@@ -267,6 +277,25 @@ async def test_ocr_answer_with_usage_edit_is_redacted(hostile_proxy):
     assert_clean(body)
     decoded = orjson.loads(body)
     assert decoded["auth"] == "Bearer [redacted]" and decoded["usage"]["ocr"]["images"] == 1
+
+
+async def test_early_committed_stream_echoing_the_key_is_redacted(hostile, aiohttp_client):
+    cfg = proxy_config(hostile.url)
+    cfg = config.from_mapping(
+        {**msgspec.to_builtins(cfg), "ocr": {"model": "vision-1", "keepalive_after_s": 0.05}},
+        env={},
+    )
+    proxy = await aiohttp_client(create_app(cfg))
+    hostile.ocr_delay = 0.3  # the stream is committed early, then relayed into (relay_into)
+    r = await proxy.post(
+        URL,
+        json=chat("echo-auth-stream-ocr", image_part(data_url("e")), stream=True),
+        headers=CLIENT,
+    )
+    body = await r.read()
+    assert body.startswith(b": keep-alive\n\n")
+    assert_clean(body)
+    assert b'data: {"auth":"Bearer [redacted]"}\n\n' in body
 
 
 def test_redis_password_is_a_secret():
