@@ -209,6 +209,7 @@ class UsageEditor:
         return held
 
     def flush(self) -> bytes:
+        """What is still held, once the stream has ended (edited if it carries usage)."""
         rest = b"".join(self._pending)
         self._pending, self._size, self._tail = [], 0, b""
         if b'"usage"' not in rest:
@@ -301,6 +302,7 @@ class Redactor:
         return data[:cut] if cut < size else data
 
     def flush(self) -> bytes:
+        """What is still held, once the body has ended: a secret's start, not a whole one."""
         held, self._held = self._held, b""
         return held
 

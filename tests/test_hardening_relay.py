@@ -43,7 +43,13 @@ class Echo:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/v1/models/{mode}", self.handle)
+        app.router.add_get("/v1/models", self.models)
         return app
+
+    async def models(self, request: web.Request) -> web.Response:
+        """A model list (merged and re-encoded by the proxy) with the key as a model's owner."""
+        owner = request.headers.get("Authorization", "")
+        return web.json_response({"object": "list", "data": [{"id": "m", "owned_by": owner}]})
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         mode = request.match_info["mode"]
@@ -153,6 +159,14 @@ async def test_2xx_json_body_echoing_keys_is_redacted(echo_proxy):
     body = await r.read()
     assert_clean(body)
     assert orjson.loads(body) == {"auth": "Bearer [redacted]", "echo": "[redacted]"}
+
+
+async def test_merged_model_list_echoing_the_key_is_redacted(echo_proxy):
+    r = await echo_proxy.get("/v1/models", headers=CLIENT)
+    assert r.status == 200
+    body = await r.read()
+    assert_clean(body)
+    assert orjson.loads(body)["data"][0]["owned_by"] == "Bearer [redacted]"
 
 
 async def test_response_headers_echoing_keys_are_redacted(echo_proxy):
