@@ -402,7 +402,7 @@ async def test_unterminated_sse_event_is_relayed_past_the_bound(hostile, hostile
     await asyncio.wait_for(read_a_mebibyte(), 10)
     started = time.monotonic()
     health = await hostile_proxy.get("/healthz")
-    assert health.status == 200 and time.monotonic() - started < 1.0
+    assert health.status == 200 and time.monotonic() - started < 2.0
     assert hostile.release is not None
     hostile.release.set()
     got += await r.read()
@@ -476,13 +476,13 @@ async def test_a_reading_client_outlives_the_write_timeout(echo, aiohttp_client)
 
 async def test_early_commit_writes_a_keepalive_at_once(make_proxy, fake):
     proxy = await make_proxy(ocr={"keepalive_after_s": 0.2, "keepalive_interval_s": 5.0})
-    fake.ocr_delay = 2.0
+    fake.ocr_delay = 2.5
     started = time.monotonic()
     r = await proxy.post(URL, json=chat("m-ocr", image_part(data_url("k")), stream=True))
     first = await r.content.readany()
     first_at = time.monotonic() - started
     assert first.startswith(b": keep-alive\n\n")
-    assert first_at < 1.2, first_at  # not after keepalive_after_s + keepalive_interval_s
+    assert first_at < 1.5, first_at  # not after keepalive_after_s + keepalive_interval_s
     body = first + await r.read()
     assert b": ocr images=1 cache_hits=0" in body and body.endswith(b"data: [DONE]\n\n")
     assert body.count(b": keep-alive") == 1  # the OCR summary opens the upstream wait
