@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -222,7 +223,22 @@ def _commit(request: web.Request, response: web.StreamResponse) -> None:
 
 
 def _secrets(cfg: config.Config) -> tuple[str, ...]:
-    return cfg.auth.keys + tuple(up.api_key for up in cfg.upstreams if up.api_key)
+    """Every configured credential: none may reach a client or a log line."""
+    found = cfg.auth.keys + tuple(up.api_key for up in cfg.upstreams if up.api_key)
+    return found + _url_passwords(cfg.cache.redis_url)
+
+
+def _url_passwords(url: str) -> tuple[str, ...]:
+    """The password of a ``redis://user:password@host/?password=...`` URL, as written and as
+    decoded (Redis is given the decoded one)."""
+    if not url:
+        return ()
+    parts = urllib.parse.urlsplit(url)
+    found = []
+    if parts.password:
+        found.append(parts.password)
+    found += urllib.parse.parse_qs(parts.query).get("password", [])
+    return tuple({v for p in found if p for v in (p, urllib.parse.unquote(p))})
 
 
 async def _state(app: web.Application) -> AsyncIterator[None]:
@@ -311,7 +327,8 @@ def create_app(cfg: config.Config) -> web.Application:
     app = web.Application(client_max_size=cfg.server.max_body_bytes, middlewares=[middleware])
     app[handlers.CONFIG] = cfg
     app[handlers.ROUTER] = upstream.Router(cfg.upstreams)
-    app[handlers.SECRETS] = tuple(s.encode() for s in _secrets(cfg))
+    app[handlers.SECRETS] = relay.secrets_of(_secrets(cfg))
+    app[relay.WRITE_TIMEOUT] = cfg.server.write_timeout_s
     app.cleanup_ctx.append(_state)
     app.cleanup_ctx.append(_fetcher)
     if cfg.server.stall_warning_ms > 0:

@@ -34,7 +34,7 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 CACHE = web.AppKey("cache", DescriptionCache)
 DESCRIBER = web.AppKey("describer", Describer)
 FETCHER = web.AppKey("fetcher", Fetcher)  # present only when `[ocr] fetch_images` is on
-SECRETS = web.AppKey("secrets", tuple[bytes, ...])  # redacted from relayed error bodies
+SECRETS = web.AppKey("secrets", tuple[bytes, ...])  # masked in everything relayed to clients
 
 # Body fields that would let a client choose where the proxy sends requests (or with which key)
 # in other gateways. ocrproxy's upstreams are fixed by its operator: such a request is refused.
@@ -261,10 +261,11 @@ async def ocr_chat(
             )
 
     summary = f": ocr images={report.images} cache_hits={report.cache_hits} ms={report.ms:.0f}\n\n"
-    await response.write(summary.encode())
     send_task = loop.create_task(send)
     try:
-        await relay.keep_alive(response, send_task, cfg.ocr.keepalive_interval_s)
+        await relay.keep_alive(
+            response, send_task, cfg.ocr.keepalive_interval_s, opening=summary.encode()
+        )
         source = await send_task
     except UpstreamError as exc:
         await response.write(relay.error_event(exc))
@@ -281,6 +282,7 @@ async def ocr_chat(
             ocr_usage=usage,
             edit_stream=edit_stream,
             secrets=request.app[SECRETS],
+            request=request,
         )
     return response
 
@@ -355,9 +357,8 @@ async def models(request: web.Request) -> web.StreamResponse:
         for model_id, entry in seen.items()
         if not model_id.endswith(suffix) and model_id + suffix not in seen
     ]
-    return web.Response(
-        body=encoder.encode({"object": "list", "data": data}), content_type="application/json"
-    )
+    body = relay.redact(encoder.encode({"object": "list", "data": data}), request.app[SECRETS])
+    return web.Response(body=body, content_type="application/json")
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:

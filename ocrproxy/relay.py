@@ -6,6 +6,18 @@ memory. Only two things are ever parsed: a plain JSON answer to an OCR request (
 ``usage.ocr``) and, in a stream whose client asked for usage, whole SSE events, so that the one
 carrying ``usage`` can gain ``usage.ocr``. Everything else passes through untouched.
 
+No configured secret (upstream keys, client keys, the Redis password) reaches a client: every
+body and header relayed is searched for them (one ``in`` per secret per piece, a memchr-fast
+search) and each occurrence is masked. A streamed body may split a secret across two pieces, so
+a ``Redactor`` holds back the end of a piece only when it is the start of some secret: an SSE
+event (ending in a blank line) is never delayed. A body streamed with a Content-Length gets a
+mask of the secret's own length, so that the length the client was promised stays true.
+
+Whatever the editor must hold is bounded: one SSE event at most MAX_EVENT bytes (past that the
+event goes through unedited), a plain OCR answer at most MAX_EDIT bytes (past that it is
+streamed unedited). A client that takes nothing for ``[server] write_timeout_s`` while a write
+waits on it is dropped and the upstream response closed: one timer per stream, not per write.
+
 Once a stream's headers are committed (early, as keep-alive, while OCR runs) an error can no
 longer change the status: it is sent as a ``data: {"error": ...}`` event and the stream ends.
 """
@@ -14,12 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import aiohttp
 import msgspec
 from aiohttp import web
+from multidict import CIMultiDict
 
 from . import upstream
 from .errors import ProxyError, UpstreamError, UpstreamTimeout
@@ -34,7 +47,13 @@ SSE_HEADERS = {
 }
 # Upstream error bodies are read whole (to redact echoed secrets) up to this size.
 ERROR_BODY = 1024 * 1024
+# An SSE event the usage editor holds (to find ``usage`` in it) is at most this large.
+MAX_EVENT = 1024 * 1024
+# A plain OCR answer is read whole (to add ``usage.ocr``) only up to this size.
+MAX_EDIT = 8 * 1024 * 1024
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
+_SEAM = 3  # bytes of the previous piece that can begin a separator ending in the next one
+MASK = b"[redacted]"
 
 log = logging.getLogger("ocrproxy.relay")
 
@@ -65,6 +84,28 @@ async def _read_capped(source: aiohttp.ClientResponse) -> bytes:
     return b"".join(chunks)[:ERROR_BODY]
 
 
+async def _read_upto(source: aiohttp.ClientResponse, limit: int) -> tuple[list[bytes], bool]:
+    """The body's pieces until its end or past ``limit`` bytes, and whether it ended.
+
+    An upstream that breaks or stalls meanwhile is a 502/504, as with ``_read_all``.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    read = source.content.readany
+    try:
+        while size <= limit:
+            piece = await read()
+            if not piece:
+                return chunks, True
+            chunks.append(piece)
+            size += len(piece)
+    except TimeoutError:
+        raise UpstreamTimeout("The upstream stopped sending its answer") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"The upstream broke off its answer ({type(exc).__name__})") from None
+    return chunks, False
+
+
 def with_ocr_usage(payload: bytes, ocr: msgspec.Raw) -> bytes | None:
     """``payload`` (a JSON object with a ``usage`` object) with ``usage.ocr`` added, else None."""
     try:
@@ -80,27 +121,97 @@ def with_ocr_usage(payload: bytes, ocr: msgspec.Raw) -> bytes | None:
     return encoder.encode(obj)
 
 
+def _last_end(data: bytes) -> int:
+    """Where the last complete event in ``data`` ends, or -1."""
+    end = -1
+    for sep in _EVENT_ENDS:
+        at = data.rfind(sep)
+        if at >= 0 and at + len(sep) > end:
+            end = at + len(sep)
+    return end
+
+
+def _first_end(data: bytes) -> int:
+    """Where the first complete event in ``data`` ends, or -1."""
+    end = -1
+    for sep in _EVENT_ENDS:
+        at = data.find(sep)
+        if at >= 0 and (end < 0 or at + len(sep) < end):
+            end = at + len(sep)
+    return end
+
+
 class UsageEditor:
-    """Splits an SSE byte stream into whole events and adds ``usage.ocr`` where usage appears."""
+    """Splits an SSE byte stream into whole events and adds ``usage.ocr`` where usage appears.
+
+    A partial event is held as a list of pieces (never re-joined until it is complete) and each
+    new piece is searched alone, plus the few bytes before it where a separator could begin: the
+    work is linear in the stream. An event that grows past MAX_EVENT is let go unedited, and the
+    editor passes bytes through until the next event boundary, where it resumes.
+    """
 
     def __init__(self, ocr_usage: Mapping[str, Any]) -> None:
         self.ocr = msgspec.Raw(encoder.encode(ocr_usage))
-        self.pending = b""
+        self._pending: list[bytes] = []
+        self._size = 0
+        self._tail = b""  # the last bytes seen of the event under way (to spot a split separator)
+        self._skipping = False  # inside an over-long event: passing it through
 
     def feed(self, data: bytes) -> bytes:
         """Return the bytes that can be sent now; keep a partial event for later."""
-        buf = self.pending + data if self.pending else data
-        end = max(buf.rfind(sep) + len(sep) if sep in buf else -1 for sep in _EVENT_ENDS)
+        out = b""
+        if self._skipping:
+            seam = len(self._tail)
+            end = _first_end(self._tail + data if seam else data)
+            if end < 0:
+                self._tail = data[-_SEAM:] if len(data) >= _SEAM else (self._tail + data)[-_SEAM:]
+                return data
+            end -= seam
+            self._skipping, self._tail = False, b""
+            out, data = data[:end], data[end:]
+            if not data:
+                return out
+        if self._size:
+            seam = len(self._tail)
+            end = _last_end(self._tail + data)
+            end = end - seam if end >= 0 else -1
+        else:
+            end = _last_end(data)
         if end < 0:
-            self.pending = buf
+            self._hold(data)
+            return out + self._overflow()
+        if self._size:
+            ready = b"".join((*self._pending, data[:end]))
+            self._pending, self._size = [], 0
+        else:
+            ready = data[:end] if end < len(data) else data
+        if end < len(data):
+            self._hold(data[end:])
+            rest = self._overflow()
+        else:
+            rest = b""
+        if b'"usage"' in ready:
+            ready = b"".join(self._edit(line) for line in ready.splitlines(keepends=True))
+        return out + ready + rest if out or rest else ready
+
+    def _hold(self, data: bytes) -> None:
+        tail = self._tail + data if self._size and len(data) < _SEAM else data
+        self._pending.append(data)
+        self._size += len(data)
+        self._tail = tail[-_SEAM:]
+
+    def _overflow(self) -> bytes:
+        """The held event, unedited, if it outgrew MAX_EVENT (then skip to the next boundary)."""
+        if self._size <= MAX_EVENT:
             return b""
-        ready, self.pending = buf[:end], buf[end:]
-        if b'"usage"' not in ready:
-            return ready
-        return b"".join(self._edit(line) for line in ready.splitlines(keepends=True))
+        held = b"".join(self._pending)
+        self._pending, self._size, self._skipping = [], 0, True
+        return held
 
     def flush(self) -> bytes:
-        rest, self.pending = self.pending, b""
+        """What is still held, once the stream has ended (edited if it carries usage)."""
+        rest = b"".join(self._pending)
+        self._pending, self._size, self._tail = [], 0, b""
         if b'"usage"' not in rest:
             return rest
         return b"".join(self._edit(line) for line in rest.splitlines(keepends=True))
@@ -114,6 +225,86 @@ class UsageEditor:
             return line
         ending = line[len(line.rstrip(b"\r\n")) :]
         return b"data: " + edited + ending
+
+
+def secrets_of(values: Iterable[str]) -> tuple[bytes, ...]:
+    """The configured secrets as redaction wants them: encoded, non-empty, longest first (so
+    that a secret inside another does not leave the longer one's ends unmasked)."""
+    unique = {v.encode() for v in values if v}
+    return tuple(sorted(unique, key=lambda s: (-len(s), s)))
+
+
+def redact(payload: bytes, secrets: tuple[bytes, ...]) -> bytes:
+    """``payload`` with every occurrence of every secret replaced by ``[redacted]``."""
+    for secret in secrets:
+        if secret in payload:
+            payload = payload.replace(secret, MASK)
+    return payload
+
+
+def redact_headers(headers: CIMultiDict[str], secrets: tuple[bytes, ...]) -> None:
+    """Mask secrets in header values (in place); a header whose name holds one is dropped."""
+    if not secrets or not headers:
+        return
+    blob = "\n".join((*headers.keys(), *headers.values())).encode("utf-8", "surrogateescape")
+    if not any(secret in blob for secret in secrets):
+        return
+    texts = [s.decode("utf-8", "surrogateescape") for s in secrets]
+    items = list(headers.items())
+    headers.clear()
+    for name, value in items:
+        if any(t in name for t in texts):
+            continue
+        for text in texts:
+            value = value.replace(text, MASK.decode())
+        headers.add(name, value)
+
+
+class Redactor:
+    """Masks secrets in a body relayed piece by piece, where one may straddle two pieces.
+
+    Only a tail that is the start of some secret is held back (until the next piece tells), so
+    the common piece goes out whole at once; what is held at the end of the body is sent as is
+    (it is not a whole secret). With ``same_length`` each secret is masked by as many ``*``, so
+    that a Content-Length sent beforehand stays true.
+    """
+
+    __slots__ = ("_alphabet", "_held", "_pairs", "_starts")
+
+    def __init__(self, secrets: tuple[bytes, ...], *, same_length: bool = False) -> None:
+        self._pairs = tuple((s, b"*" * len(s) if same_length else MASK) for s in secrets)
+        self._starts = tuple((s, s[0], len(s) - 1) for s in secrets if len(s) > 1)
+        # A piece whose last byte is in no secret cannot end with the start of one: an SSE
+        # event ends in a newline, a JSON body in a brace, so the tail search is skipped.
+        self._alphabet = frozenset(b"".join(secrets))
+        self._held = b""
+
+    def feed(self, piece: bytes) -> bytes:
+        """What of ``piece`` (after what was held) can be sent now, secrets masked."""
+        data = self._held + piece if self._held else piece
+        for secret, mask in self._pairs:
+            if secret in data:
+                data = data.replace(secret, mask)
+        if not data or data[-1] not in self._alphabet:
+            self._held = b""
+            return data
+        size = len(data)
+        cut = size
+        for secret, first, most in self._starts:
+            # Does the data end with the first ``most`` bytes or fewer of this secret?
+            at = data.find(first, max(size - most, 0))
+            while 0 <= at < cut:
+                if secret.startswith(data[at:]):
+                    cut = at
+                    break
+                at = data.find(first, at + 1)
+        self._held = data[cut:]
+        return data[:cut] if cut < size else data
+
+    def flush(self) -> bytes:
+        """What is still held, once the body has ended: a secret's start, not a whole one."""
+        held, self._held = self._held, b""
+        return held
 
 
 # Adds the headers every response of the app carries (and counts streams): set by the app.
@@ -144,9 +335,18 @@ async def start_sse(request: web.Request, headers: Mapping[str, str]) -> web.Str
 
 
 async def keep_alive(
-    response: web.StreamResponse, task: asyncio.Future[Any], interval: float
+    response: web.StreamResponse,
+    task: asyncio.Future[Any],
+    interval: float,
+    *,
+    opening: bytes = b": keep-alive\n\n",
 ) -> None:
-    """Wait for ``task``, writing an SSE comment every ``interval`` seconds meanwhile."""
+    """Write ``opening`` now, then an SSE comment every ``interval`` seconds until ``task`` ends.
+
+    The first bytes go out at once: a client (or a proxy in front) that got headers and then
+    nothing for a whole interval may give up, or buffer.
+    """
+    await response.write(opening)
     while True:
         done, _ = await asyncio.wait({task}, timeout=interval)
         if done:
@@ -158,53 +358,133 @@ class UpstreamBroke(Exception):
     """The upstream's body ended early (connection lost, idle read timeout)."""
 
 
+# Seconds a client may take nothing while a write waits on it before it is dropped (0: never):
+# set by the app from ``[server] write_timeout_s``.
+WRITE_TIMEOUT: web.AppKey[float] = web.AppKey("write_timeout", float)
+
+
+class _WriteWatch:
+    """Drops a client that has taken nothing for ``timeout`` seconds while a write waits.
+
+    The pump stamps when a write starts and clears the stamp when it returns (a clock read per
+    piece, no timer); one timer per stream, re-armed only when it fires, looks at the stamp.
+    Dropping aborts the client's connection and closes the upstream response, so the pump's
+    next step fails and the upstream connection is freed at once.
+    """
+
+    __slots__ = ("_handle", "_loop", "_source", "_timeout", "_transport", "dropped", "since")
+
+    def __init__(
+        self, transport: asyncio.Transport, source: aiohttp.ClientResponse, timeout: float
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._transport = transport
+        self._source = source
+        self._timeout = timeout
+        self.since = 0.0  # when the write under way started; 0.0: none is
+        self.dropped = False
+        self._handle = self._loop.call_later(timeout, self._check)
+
+    def _check(self) -> None:
+        since = self.since
+        now = self._loop.time()
+        if since and now - since >= self._timeout:
+            log.warning("client took nothing for %.0f s: connection dropped", now - since)
+            self.dropped = True
+            self._transport.abort()
+            self._source.close()
+            return
+        self._handle = self._loop.call_at((since or now) + self._timeout, self._check)
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+
+def _watch(request: web.Request | None, source: aiohttp.ClientResponse) -> _WriteWatch | None:
+    if request is None:
+        return None
+    timeout = request.app.get(WRITE_TIMEOUT, 0.0)
+    transport = request.transport
+    if timeout <= 0 or transport is None:
+        return None
+    return _WriteWatch(transport, source, timeout)
+
+
 async def _pump(
     source: aiohttp.ClientResponse,
     response: web.StreamResponse,
     editor: UsageEditor | None,
+    *,
+    redactor: Redactor | None = None,
+    request: web.Request | None = None,
+    first: Iterable[bytes] = (),
 ) -> None:
     """Copy the upstream body to the client piece by piece, as it arrives.
+
+    ``first`` are pieces of the body already read. Secrets are masked before the usage editor
+    sees the bytes. Given the ``request``, a client that stops reading is dropped
+    (``_WriteWatch``).
 
     Reading and writing fail differently: a broken upstream raises UpstreamBroke (the caller can
     still tell the client), a client that went away raises ConnectionResetError (nobody to tell).
     """
     read = source.content.readany
-    while True:
-        try:
-            piece = await read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamBroke(type(exc).__name__) from None
-        if not piece:
-            break
-        if editor is not None:
-            piece = editor.feed(piece)
+    write = response.write
+    ahead = list(first)
+    ahead.reverse()
+    watch = _watch(request, source)
+    clock = asyncio.get_running_loop().time
+    try:
+        while True:
+            if ahead:
+                piece = ahead.pop()
+            else:
+                try:
+                    piece = await read()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    raise UpstreamBroke(type(exc).__name__) from None
+                if not piece:
+                    break
+            if redactor is not None:
+                piece = redactor.feed(piece)
+            if editor is not None and piece:
+                piece = editor.feed(piece)
             if not piece:
                 continue
-        await response.write(piece)
-    if editor is not None:
-        tail = editor.flush()
+            if watch is None:
+                await write(piece)
+            else:
+                watch.since = clock()
+                await write(piece)
+                if watch.dropped:  # the write returned because the connection was aborted
+                    raise ConnectionResetError("the client stopped reading")
+                watch.since = 0.0
+        tail = redactor.flush() if redactor is not None else b""
+        if editor is not None:
+            tail = (editor.feed(tail) if tail else b"") + editor.flush()
         if tail:
-            await response.write(tail)
+            if watch is not None:
+                watch.since = clock()
+            await write(tail)
+    finally:
+        if watch is not None:
+            watch.stop()
 
 
 async def _pump_sse(
     source: aiohttp.ClientResponse,
     response: web.StreamResponse,
     editor: UsageEditor | None,
+    *,
+    redactor: Redactor | None = None,
+    request: web.Request | None = None,
 ) -> None:
     """Relay an SSE body; if the upstream breaks, end with an error event instead of hanging."""
     try:
-        await _pump(source, response, editor)
+        await _pump(source, response, editor, redactor=redactor, request=request)
     except UpstreamBroke as exc:
         log.warning("upstream stream broke mid-response: %s", exc)
         await response.write(error_event(UpstreamError("The upstream stream ended unexpectedly")))
-
-
-def redact(payload: bytes, secrets: tuple[bytes, ...]) -> bytes:
-    for secret in secrets:
-        if secret in payload:
-            payload = payload.replace(secret, b"[redacted]")
-    return payload
 
 
 async def relay(
@@ -218,12 +498,17 @@ async def relay(
 ) -> web.StreamResponse:
     """Relay an upstream response whose status the client has not seen yet.
 
-    Error bodies are read whole and any configured secret an upstream echoes is redacted.
+    Any configured secret an upstream echoes is masked, in headers and bodies alike; a body
+    the proxy cannot read (compressed against its ``Accept-Encoding: identity``) is relayed as
+    it came.
     """
     out_headers = upstream.response_headers(source.headers)
+    redact_headers(out_headers, secrets)
     out_headers.update(headers)
     content_type = source.headers.get("Content-Type", "")
     encoded = "Content-Encoding" in source.headers
+    if encoded:
+        secrets = ()
     if content_type.startswith("text/event-stream"):
         out_headers.update(SSE_HEADERS)
         out_headers["Content-Type"] = content_type
@@ -232,7 +517,10 @@ async def relay(
         )
         await commit(request, response)
         editor = UsageEditor(ocr_usage) if ocr_usage is not None and edit_stream else None
-        await _pump_sse(source, response, None if encoded else editor)
+        redactor = Redactor(secrets) if secrets else None
+        await _pump_sse(
+            source, response, None if encoded else editor, redactor=redactor, request=request
+        )
         await response.write_eof()
         return response
     length = source.content_length
@@ -241,21 +529,32 @@ async def relay(
         return web.Response(
             status=source.status, reason=source.reason, body=payload, headers=out_headers
         )
-    if ocr_usage is not None and source.status == 200 and not encoded:
-        payload = await _read_all(source)
-        edited = with_ocr_usage(payload, msgspec.Raw(encoder.encode(ocr_usage)))
-        return web.Response(status=200, body=edited or payload, headers=out_headers)
-    if length is not None and length <= SMALL_BODY:
-        payload = await _read_all(source)
+    first: list[bytes] = []
+    if (
+        ocr_usage is not None
+        and source.status == 200
+        and not encoded
+        and (length is None or length <= MAX_EDIT)
+    ):
+        first, ended = await _read_upto(source, MAX_EDIT)
+        if ended:  # else: too large to hold and edit, streamed unedited
+            payload = b"".join(first)
+            edited = with_ocr_usage(payload, msgspec.Raw(encoder.encode(ocr_usage)))
+            body = redact(edited or payload, secrets)
+            return web.Response(status=200, body=body, headers=out_headers)
+    elif length is not None and length <= SMALL_BODY:
+        payload = redact(await _read_all(source), secrets)
         return web.Response(
             status=source.status, reason=source.reason, body=payload, headers=out_headers
         )
     response = web.StreamResponse(status=source.status, reason=source.reason, headers=out_headers)
     if length is not None:
         response.content_length = length
+    # With a Content-Length promised, a secret is masked by as many bytes as it has.
+    redactor = Redactor(secrets, same_length=length is not None) if secrets else None
     await commit(request, response)
     try:
-        await _pump(source, response, None)
+        await _pump(source, response, None, redactor=redactor, request=request, first=first)
     except UpstreamBroke as exc:
         # The status is sent and a plain body has no way to carry an error: cut the connection
         # so that the client sees a truncated body rather than a complete-looking one.
@@ -274,8 +573,12 @@ async def relay_into(
     ocr_usage: Mapping[str, Any] | None,
     edit_stream: bool,
     secrets: tuple[bytes, ...] = (),
+    request: web.Request | None = None,
 ) -> None:
-    """Relay an upstream answer into an SSE response that is already committed."""
+    """Relay an upstream answer into an SSE response that is already committed.
+
+    Given the ``request``, a client that stops reading is dropped (``_WriteWatch``).
+    """
     content_type = source.headers.get("Content-Type", "")
     if source.status != 200:
         payload = redact(await _read_capped(source), secrets)
@@ -298,10 +601,14 @@ async def relay_into(
         await response.write(error_event(body))
     elif content_type.startswith("text/event-stream"):
         editor = UsageEditor(ocr_usage) if ocr_usage is not None and edit_stream else None
-        await _pump_sse(source, response, editor)
+        redactor = Redactor(secrets) if secrets else None
+        await _pump_sse(source, response, editor, redactor=redactor, request=request)
     else:
         try:
-            payload = msgspec.json.format(await _read_all(source), indent=0)
+            pieces, ended = await _read_upto(source, MAX_EDIT)
+            if not ended:
+                raise UpstreamError("The upstream's answer is too large to relay as an event")
+            payload = redact(msgspec.json.format(b"".join(pieces), indent=0), secrets)
         except ProxyError as exc:
             await response.write(error_event(exc))
         except msgspec.DecodeError:
