@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from aiohttp import web
 
@@ -309,8 +309,20 @@ def _run_worker(
     except OSError as exc:  # the cache directory, a file the config names...
         log.error("cannot start: %s", exc)
         raise SystemExit(1) from None
-    # Drained and about to exit: a repeated SIGTERM must not turn a clean exit into a kill.
+    # Drained and about to exit: a repeated SIGTERM (or a SIGHUP, whose handler went with the
+    # event loop) must not turn a clean exit into a kill.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def _exit_now() -> NoReturn:
+    """Exit 0 without the interpreter's teardown of its ~400 modules, everything being closed
+    already: that teardown took 0.4 s of CPU on an idle machine and over 1 s on a busy one, out
+    of the 2 s a drained process has to be gone in."""
+    logging.shutdown()  # the access lines still queued
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -328,6 +340,9 @@ def _worker_main(cfg: config.Config, ready: Any, parent: int) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # and reloads
     _die_with_parent(parent)
     _run_worker(cfg, True, lambda: ready.put(os.getpid()))
+    ready.close()
+    ready.join_thread()  # our pid reached the supervisor long ago; the feeder thread is idle
+    _exit_now()
 
 
 def serve(cfg: config.Config, reload: Callable[[], config.Config] | None = None) -> None:
@@ -353,7 +368,7 @@ def serve(cfg: config.Config, reload: Callable[[], config.Config] | None = None)
         _run_worker(
             cfg, False, lambda: sd_notify("READY=1"), lambda: sd_notify("STOPPING=1"), reload
         )
-        return
+        _exit_now()
     Supervisor(cfg, reload).run()
 
 
@@ -368,6 +383,7 @@ class Supervisor:
         self.ctx = multiprocessing.get_context("spawn")
         self.ready: Any = self.ctx.Queue()
         self.workers: list[Any] = []
+        self.terminated: set[int] = set()  # pids sent SIGTERM
         self.stopping = False
         self.metrics_dir = ""
         self.own_metrics_dir = False
@@ -398,6 +414,13 @@ class Supervisor:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True
+        self._terminate_workers()  # now, not when the watch loop next wakes up
+
+    def _terminate_workers(self) -> None:
+        for proc in self.workers:
+            if proc.exitcode is None and proc.pid not in self.terminated:
+                self.terminated.add(proc.pid)  # twice could kill one that is exiting
+                os.kill(proc.pid, signal.SIGTERM)
 
     def run(self) -> None:
         self._prepare_metrics_dir()
@@ -450,9 +473,7 @@ class Supervisor:
 
     def _stop_all(self) -> None:
         sd_notify("STOPPING=1")
-        for proc in self.workers:
-            if proc.exitcode is None:
-                os.kill(proc.pid, signal.SIGTERM)
+        self._terminate_workers()
         # A worker's drain ends within shutdown_timeout and a fraction of a second; past that
         # it is stuck, and the whole service must be gone within shutdown_timeout + 2 s.
         deadline = time.monotonic() + self.cfg.server.shutdown_timeout + STOP_MARGIN_S
