@@ -152,3 +152,97 @@ async def test_sigterm_lets_requests_that_finish_in_time_finish_and_cuts_the_res
     access = [e for e in proxy.log_lines() if e["logger"] == "ocrproxy.access"]
     statuses = sorted(e["status"] for e in access if e["route"] == "/v1/chat/completions")
     assert statuses == [200, 499], access
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _events(proxy: ProxyProcess) -> list[dict[str, Any]]:
+    """The log's lines but the access lines (those are written up to 50 ms late)."""
+    return [e for e in proxy.log_lines() if e["logger"] != "ocrproxy.access"]
+
+
+async def _wait_log(proxy: ProxyProcess, text: str, timeout: float = 20) -> dict[str, Any]:
+    async with asyncio.timeout(timeout):
+        while True:
+            for entry in proxy.log_lines():
+                if text in entry["msg"]:
+                    return entry
+            await asyncio.sleep(0.05)
+
+
+async def test_sighup_reloads_the_config_and_the_old_app_finishes_its_requests(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """Guards against this: SIGHUP killed the service at once (no drain, no log line), and
+    systemd's Restart=on-failure does not restart a process killed by SIGHUP."""
+    fake.chunks, fake.chunk_delay = 6, 0.5  # 3 s: outlives the reload
+    port = free_port()
+    server = "shutdown_timeout = 10\n"
+    toml = _toml(fake, port, auth='[auth]\nkeys = ["key-old"]\n').replace(
+        f"shutdown_timeout = {SHUTDOWN_TIMEOUT}\n", server
+    )
+    proxy = ProxyProcess(tmp_path, toml)
+    await proxy.start()
+    assert proxy.proc is not None
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        async with aiohttp.ClientSession() as session:
+            old_stream = session.post(
+                url, json=chat("m", "hi", stream=True), headers=_auth("key-old")
+            )
+            async with old_stream as r:
+                assert r.status == 200
+                await r.content.readuntil(b"\n\n")  # the old app is serving it
+                proxy.config.write_text(toml.replace('"key-old"', '"key-new"'))
+                proxy.proc.send_signal(signal.SIGHUP)
+                await _wait_log(proxy, "reloaded")
+                async with session.post(url, json=chat("m", "x"), headers=_auth("key-new")) as r2:
+                    assert r2.status == 200
+                async with session.post(url, json=chat("m", "x"), headers=_auth("key-old")) as r2:
+                    assert r2.status == 401
+                rest = await r.read()  # the old app let it finish
+            assert rest.endswith(b"data: [DONE]\n\n")
+            assert proxy.proc.returncode is None
+    finally:
+        code = await proxy.stop()
+    assert code == 0, proxy.log
+
+
+async def test_sighup_with_an_invalid_file_changes_nothing_and_says_why(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """An invalid file on reload: one log line saying why (no secret in it), the old config
+    keeps serving."""
+    port = free_port()
+    secret = "sk-upstream-SECRET-0123456789"
+    toml = _toml(fake, port, auth='[auth]\nkeys = ["key-old"]\n').replace(
+        'name = "fake"\n', f'name = "fake"\napi_key = "{secret}"\n'
+    )
+    proxy = ProxyProcess(tmp_path, toml)
+    await proxy.start()
+    assert proxy.proc is not None
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for broken, why in (
+                (toml.replace('"key-old"', '"key-new"') + "[server\n", "ocrproxy.toml"),
+                (toml.replace("[ocr]\n", "[ocr]\nmax_concurrency = 0\n"), "max_concurrency"),
+                (toml.replace(f"port = {port}", f"port = {port + 1}"), "needs a restart"),
+            ):
+                proxy.config.write_text(broken)
+                before = len(_events(proxy))
+                proxy.proc.send_signal(signal.SIGHUP)
+                entry = await _wait_log(proxy, why)
+                assert entry["level"] == "error" and "keeping the running" in entry["msg"]
+                assert len(_events(proxy)) == before + 1  # one line, no traceback
+                async with session.post(url, json=chat("m", "x"), headers=_auth("key-old")) as r:
+                    assert r.status == 200
+                async with session.post(url, json=chat("m", "x"), headers=_auth("key-new")) as r:
+                    assert r.status == 401
+            assert proxy.proc.returncode is None
+    finally:
+        code = await proxy.stop()
+    assert code == 0
+    assert secret not in proxy.log
