@@ -42,6 +42,7 @@ MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
 BACKLOG = 1024
 STOP_MARGIN_S = 1.5  # a worker not gone this long after shutdown_timeout is killed
+RELOAD_START_S = 60.0  # new workers of a reload must all listen within this
 
 
 class CannotListen(Exception):
@@ -282,11 +283,19 @@ async def _serve(
             log.info("reloaded the configuration; the previous one drains its requests")
         stopping()
         log.info("shutting down: draining requests for up to %g s", server.shutdown_timeout)
+        # Ours go first, so that the drain's stopping of the sites closes the listening sockets
+        # for good (with SO_REUSEPORT, a socket left open would go on queueing connections
+        # nobody accepts).
+        _close(listeners)
         await asyncio.gather(current.drain(), *draining)
     finally:
-        for socks in listeners:
-            for sock in socks:
-                sock.close()
+        _close(listeners)
+
+
+def _close(listeners: list[list[socket.socket]]) -> None:
+    for socks in listeners:
+        for sock in socks:
+            sock.close()
 
 
 def _run_worker(
@@ -373,7 +382,13 @@ def serve(cfg: config.Config, reload: Callable[[], config.Config] | None = None)
 
 
 class Supervisor:
-    """Starts, watches and stops the worker processes."""
+    """Starts, watches, reloads and stops the worker processes.
+
+    A reload (SIGHUP) starts a new generation of workers with the new config beside the running
+    ones (they share the port with ``SO_REUSEPORT``); once every new worker listens, the old ones
+    get SIGTERM and drain as on a shutdown ("retiring"). If a new worker fails to start, the new
+    generation is stopped and the old one keeps serving.
+    """
 
     def __init__(
         self, cfg: config.Config, reload: Callable[[], config.Config] | None = None
@@ -383,8 +398,11 @@ class Supervisor:
         self.ctx = multiprocessing.get_context("spawn")
         self.ready: Any = self.ctx.Queue()
         self.workers: list[Any] = []
+        self.starting: list[Any] = []  # a reload's new generation, until it listens
+        self.retiring: list[tuple[Any, float]] = []  # (worker, kill deadline) after a reload
         self.terminated: set[int] = set()  # pids sent SIGTERM
         self.stopping = False
+        self.reload_asked = False
         self.metrics_dir = ""
         self.own_metrics_dir = False
 
@@ -402,10 +420,10 @@ class Supervisor:
             self.own_metrics_dir = True
             os.environ[MULTIPROC_ENV] = self.metrics_dir
 
-    def _start(self) -> Any:
+    def _start(self, cfg: config.Config) -> Any:
         proc = self.ctx.Process(
             target=_worker_main,
-            args=(self.cfg, self.ready, os.getpid()),
+            args=(cfg, self.ready, os.getpid()),
             name="ocrproxy-worker",
             daemon=False,
         )
@@ -414,10 +432,16 @@ class Supervisor:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True
-        self._terminate_workers()  # now, not when the watch loop next wakes up
+        self._terminate(self._all())  # now, not when the watch loop next wakes up
 
-    def _terminate_workers(self) -> None:
-        for proc in self.workers:
+    def _on_hup(self, signum: int, frame: object) -> None:
+        self.reload_asked = True
+
+    def _all(self) -> list[Any]:
+        return self.workers + self.starting + [proc for proc, _ in self.retiring]
+
+    def _terminate(self, procs: list[Any]) -> None:
+        for proc in procs:
             if proc.exitcode is None and proc.pid not in self.terminated:
                 self.terminated.add(proc.pid)  # twice could kill one that is exiting
                 os.kill(proc.pid, signal.SIGTERM)
@@ -426,40 +450,100 @@ class Supervisor:
         self._prepare_metrics_dir()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
         try:
-            self.workers = [self._start() for _ in range(self.cfg.server.workers)]
-            self._wait_ready()
+            self.workers = [self._start(self.cfg) for _ in range(self.cfg.server.workers)]
+            if not self._wait_ready(self.workers):
+                raise SystemExit("ocrproxy: a worker failed to start (see its log above)")
+            if not self.stopping:
+                sd_notify("READY=1")
+                log.info("all %d workers are listening", len(self.workers))
             self._watch()
         finally:
             self._stop_all()
             if self.own_metrics_dir:
                 shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
-    def _wait_ready(self) -> None:
-        pending = {p.pid for p in self.workers}
+    def _wait_ready(self, procs: list[Any], timeout: float | None = None) -> bool:
+        """Until each of ``procs`` listens (True), one of them exits or the time is up (False),
+        or we are stopping."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = {p.pid for p in procs}
         while pending and not self.stopping:
             try:
                 pending.discard(self.ready.get(timeout=0.2))
             except queue.Empty:
                 pass
-            if any(p.exitcode is not None for p in self.workers):
-                raise SystemExit("ocrproxy: a worker failed to start (see its log above)")
-        if not self.stopping:
-            sd_notify("READY=1")
-            log.info("all %d workers are listening", len(self.workers))
+            if any(p.exitcode is not None for p in procs):
+                return False
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+        return True
 
-    def _watch(self) -> None:
+    def _reload(self) -> None:
+        self.reload_asked = False
+        cfg = _load_for_reload(self.reload, self.cfg)
+        if cfg is None:
+            return
+        self.starting = [self._start(cfg) for _ in range(cfg.server.workers)]
+        ready = self._wait_ready(self.starting, RELOAD_START_S)
+        fresh, self.starting = self.starting, []
+        if self.stopping:
+            self.workers += fresh  # stopped with the others
+            return
+        if not ready:
+            log.error(
+                "reload failed, keeping the running configuration: a new worker did not "
+                "start (see its log above)"
+            )
+            self._terminate(fresh)
+            for proc in fresh:
+                proc.join(cfg.server.shutdown_timeout + STOP_MARGIN_S)
+                if proc.exitcode is None:
+                    proc.kill()
+                    proc.join()
+            self._forget(fresh)
+            return
+        deadline = time.monotonic() + self.cfg.server.shutdown_timeout + STOP_MARGIN_S
+        old, self.workers, self.cfg = self.workers, fresh, cfg
+        self._terminate(old)
+        self.retiring += [(proc, deadline) for proc in old]
+        log.info(
+            "reloaded the configuration: %d new worker(s) listen; the previous ones drain",
+            len(fresh),
+        )
+
+    def _forget(self, procs: list[Any]) -> None:
         from prometheus_client import multiprocess
 
+        for proc in procs:
+            multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
+
+    def _reap_retiring(self) -> None:
+        now = time.monotonic()
+        for proc, deadline in list(self.retiring):
+            if proc.exitcode is None and now > deadline:
+                log.warning("worker %d did not stop in time; killing it", proc.pid)
+                proc.kill()
+                proc.join()
+            if proc.exitcode is not None:
+                self.retiring.remove((proc, deadline))
+                self._forget([proc])
+
+    def _watch(self) -> None:
         last_restart = 0.0
         restarts: list[float] = []
         while not self.stopping:
-            multiprocessing.connection.wait([p.sentinel for p in self.workers], timeout=0.5)
+            sentinels = [p.sentinel for p in self.workers + [p for p, _ in self.retiring]]
+            multiprocessing.connection.wait(sentinels, timeout=0.5)
+            if self.reload_asked and not self.stopping:
+                self._reload()
+            self._reap_retiring()
             for i, proc in enumerate(self.workers):
                 if proc.exitcode is None or self.stopping:
                     continue
                 log.error("worker %d exited with %s; starting another", proc.pid, proc.exitcode)
-                multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
+                self._forget([proc])
                 now = time.monotonic()
                 restarts = [t for t in restarts if t > now - RESTART_WINDOW_S] + [now]
                 if len(restarts) > MAX_RESTARTS:
@@ -469,15 +553,16 @@ class Supervisor:
                     )
                 time.sleep(max(0.0, last_restart + 1.0 - time.monotonic()))
                 last_restart = time.monotonic()
-                self.workers[i] = self._start()
+                self.workers[i] = self._start(self.cfg)
 
     def _stop_all(self) -> None:
         sd_notify("STOPPING=1")
-        self._terminate_workers()
+        procs = self._all()
+        self._terminate(procs)
         # A worker's drain ends within shutdown_timeout and a fraction of a second; past that
         # it is stuck, and the whole service must be gone within shutdown_timeout + 2 s.
         deadline = time.monotonic() + self.cfg.server.shutdown_timeout + STOP_MARGIN_S
-        for proc in self.workers:
+        for proc in procs:
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.exitcode is None:
                 log.warning("worker %d did not stop in time; killing it", proc.pid)

@@ -108,7 +108,7 @@ async def test_sigterm_ends_every_stream_with_an_error_event_and_exits_on_time(
     for body in bodies[relayed:]:
         assert body.startswith(b": keep-alive")  # committed early, waiting for its image
         assert _last_event(body)["error"]["code"] == SHUTDOWN_EVENT_CODE
-    access = [e for e in proxy.log_lines() if e["logger"] == "ocrproxy.access"]
+    access = [e for e in proxy.log_lines() if e["logger"] == "ocrproxy.access" and "status" in e]
     chats = [e for e in access if e["route"] == "/v1/chat/completions"]
     assert len(chats) == relayed + waiting, access
     assert all(e["status"] == 200 and e["bytes_out"] > 0 for e in chats), chats
@@ -149,7 +149,7 @@ async def test_sigterm_lets_requests_that_finish_in_time_finish_and_cuts_the_res
     assert code == 0, proxy.log
     assert took < EXIT_BOUND, took
     assert body.endswith(b"data: [DONE]\n\n")
-    access = [e for e in proxy.log_lines() if e["logger"] == "ocrproxy.access"]
+    access = [e for e in proxy.log_lines() if e["logger"] == "ocrproxy.access" and "status" in e]
     statuses = sorted(e["status"] for e in access if e["route"] == "/v1/chat/completions")
     assert statuses == [200, 499], access
 
@@ -160,7 +160,7 @@ def _auth(key: str) -> dict[str, str]:
 
 def _events(proxy: ProxyProcess) -> list[dict[str, Any]]:
     """The log's lines but the access lines (those are written up to 50 ms late)."""
-    return [e for e in proxy.log_lines() if e["logger"] != "ocrproxy.access"]
+    return [e for e in proxy.log_lines() if "status" not in e]
 
 
 async def _wait_log(proxy: ProxyProcess, text: str, timeout: float = 20) -> dict[str, Any]:
@@ -172,23 +172,26 @@ async def _wait_log(proxy: ProxyProcess, text: str, timeout: float = 20) -> dict
             await asyncio.sleep(0.05)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_sighup_reloads_the_config_and_the_old_app_finishes_its_requests(
-    fake: FakeOpenAI, tmp_path: Path
+    fake: FakeOpenAI, tmp_path: Path, workers: int
 ) -> None:
     """Guards against this: SIGHUP killed the service at once (no drain, no log line), and
     systemd's Restart=on-failure does not restart a process killed by SIGHUP."""
-    fake.chunks, fake.chunk_delay = 6, 0.5  # 3 s: outlives the reload
+    # The stream outlives the reload: starting new workers takes seconds on a busy machine.
+    fake.chunks, fake.chunk_delay = (6 if workers == 1 else 30), 0.5
     port = free_port()
-    server = "shutdown_timeout = 10\n"
+    server = "shutdown_timeout = 20\n"
     toml = _toml(fake, port, auth='[auth]\nkeys = ["key-old"]\n').replace(
         f"shutdown_timeout = {SHUTDOWN_TIMEOUT}\n", server
     )
-    proxy = ProxyProcess(tmp_path, toml)
+    proxy = ProxyProcess(tmp_path, toml, "--workers", str(workers))
     await proxy.start()
     assert proxy.proc is not None
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     try:
-        async with aiohttp.ClientSession() as session:
+        connector = aiohttp.TCPConnector(force_close=True)  # no connection kept to old workers
+        async with aiohttp.ClientSession(connector=connector) as session:
             old_stream = session.post(
                 url, json=chat("m", "hi", stream=True), headers=_auth("key-old")
             )
@@ -198,6 +201,11 @@ async def test_sighup_reloads_the_config_and_the_old_app_finishes_its_requests(
                 proxy.config.write_text(toml.replace('"key-old"', '"key-new"'))
                 proxy.proc.send_signal(signal.SIGHUP)
                 await _wait_log(proxy, "reloaded")
+                if workers > 1:  # the old workers closed their listening sockets
+                    async with asyncio.timeout(20):
+                        while sum("shutting down" in e["msg"] for e in _events(proxy)) < workers:
+                            await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.2)
                 async with session.post(url, json=chat("m", "x"), headers=_auth("key-new")) as r2:
                     assert r2.status == 200
                 async with session.post(url, json=chat("m", "x"), headers=_auth("key-old")) as r2:
@@ -205,9 +213,14 @@ async def test_sighup_reloads_the_config_and_the_old_app_finishes_its_requests(
                 rest = await r.read()  # the old app let it finish
             assert rest.endswith(b"data: [DONE]\n\n")
             assert proxy.proc.returncode is None
+            await asyncio.sleep(0.2)  # its access line is written
     finally:
         code = await proxy.stop()
     assert code == 0, proxy.log
+    reloaded = next(e["ts"] for e in _events(proxy) if "reloaded" in e["msg"])
+    access = [e for e in proxy.log_lines() if e["logger"] == "ocrproxy.access" and "status" in e]
+    streamed = [e for e in access if e["status"] == 200 and e["total_ms"] > 2000]
+    assert len(streamed) == 1 and streamed[0]["ts"] > reloaded, access
 
 
 async def test_sighup_with_an_invalid_file_changes_nothing_and_says_why(
