@@ -1,4 +1,4 @@
-"""Run the app: listening sockets, readiness for systemd, several workers, graceful drain.
+"""Run the app: listening sockets, readiness for systemd, several workers, drain and reload.
 
 Theory of operation: with one worker, this process listens and serves. With ``workers = N`` it
 becomes a small supervisor: it starts N worker processes (spawned, so each has a fresh
@@ -6,8 +6,20 @@ interpreter) that all bind the same port with ``SO_REUSEPORT``, and the kernel s
 connections across them. Workers share the sqlite/redis cache tier; their metrics go to files in
 a directory the supervisor creates (``PROMETHEUS_MULTIPROC_DIR``) so any worker can answer a
 scrape for all. A worker that dies is replaced. ``READY=1`` goes to systemd (``sd_notify``,
-Type=notify) only once every worker listens. On SIGTERM or SIGINT every worker stops accepting,
-drains its requests for ``shutdown_timeout`` seconds and exits; the supervisor waits for them.
+Type=notify) only once every worker listens.
+
+A connection must deliver complete request headers within ``header_timeout_s`` of opening, and
+of its previous response, or it is closed (aiohttp's keep-alive timer: one per connection).
+
+On SIGTERM or SIGINT every worker stops accepting and drains (``Generation.drain``): requests
+in flight have ``shutdown_timeout`` seconds; then each SSE stream still open ends with a
+``server_shutting_down`` error event and the end of its chunked body, the other requests are
+cut, and the process exits, within ``shutdown_timeout`` + 2 s in all.
+
+On SIGHUP the config file is read again. If it is valid, a new generation takes over and the old
+one drains as above: with one worker a new app on the same listening sockets (this process owns
+them and gives each generation a duplicate), with N the supervisor's new workers. If it is not,
+one log line says why and nothing changes.
 """
 
 from __future__ import annotations
