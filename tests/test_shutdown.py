@@ -114,6 +114,37 @@ async def test_sigterm_ends_every_stream_with_an_error_event_and_exits_on_time(
     assert all(e["status"] == 200 and e["bytes_out"] > 0 for e in chats), chats
 
 
+async def test_sigterm_ends_an_early_committed_stream_that_relays_its_upstream(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """An OCR stream committed early (keep-alive while its image was described) that is now
+    relaying the upstream's stream ends like the others."""
+    fake.chunks, fake.chunk_delay = 30, 1.0
+    fake.ocr_delay = 1.0  # past keepalive_after_s: committed early, then relayed
+    port = free_port()
+    proxy = ProxyProcess(tmp_path, _toml(fake, port))
+    await proxy.start()
+    assert proxy.proc is not None
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        async with aiohttp.ClientSession() as session:
+            body = chat("m-ocr", image_part(data_url("late")), stream=True)
+            task = asyncio.ensure_future(_stream(session, url, body))
+            try:
+                await _started(fake, 1, 1)
+                proxy.proc.send_signal(signal.SIGTERM)
+                code = await proxy.exited(timeout=30)
+                got = await asyncio.wait_for(task, 10)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await proxy.stop()
+    assert code == 0, proxy.log
+    assert got.startswith(b": keep-alive") and b"t0 " in got
+    assert _last_event(got)["error"]["code"] == SHUTDOWN_EVENT_CODE
+
+
 async def test_sigterm_lets_requests_that_finish_in_time_finish_and_cuts_the_rest(
     fake: FakeOpenAI, tmp_path: Path
 ) -> None:
