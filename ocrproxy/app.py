@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from . import config, handlers, local, logs, metrics, relay, tiers, upstream
+from . import body, config, handlers, local, logs, metrics, relay, tiers, upstream
 from .cache import DescriptionCache, MemoryLRU
 from .describe import Describer
 from .errors import MethodNotAllowed, NotFound, ProxyError, Unauthorized
@@ -114,7 +114,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             stamp(request, exc)
             raise
     except (ConnectionResetError, asyncio.CancelledError):
-        status = 499  # the client went away
+        status = 499  # the client went away (or a shutdown cut the request)
+        response = relay.ended_by_shutdown(request)  # a stream a shutdown ended: logged as sent
         raise
     except Exception:
         log.exception("unhandled error")
@@ -124,6 +125,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             status = response.status
             if not response.prepared:
                 stamp(request, response)
+        body.release(request)
         counters.finished(request, trace, status, error)
         _access_log(request, trace, status, response)
         logs.request_id.reset(token)
@@ -334,6 +336,8 @@ def create_app(cfg: config.Config) -> web.Application:
     if cfg.server.stall_warning_ms > 0:
         app.cleanup_ctx.append(_watchdog)
     app[relay.STAMP] = _commit
+    app[body.BUDGET] = body.Budget(cfg.server)
+    app[relay.STREAMS] = relay.Streams()
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_route("*", "/v1/{tail:.*}", handlers.passthrough)

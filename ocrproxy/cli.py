@@ -122,5 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config.ConfigError as exc:
         sys.stderr.write(f"ocrproxy: invalid configuration: {exc}\n")
         return 2
-    server.serve(cfg)
+    server.serve(
+        cfg,
+        reload=lambda: config.load(
+            args.config, host=args.host, port=args.port, workers=args.workers
+        ),
+    )
     return 0

@@ -8,7 +8,9 @@ The tree is deliberately shallow::
     ├── Unauthorized                401 invalid_request_error / invalid_api_key
     ├── NotFound                    404 invalid_request_error
     ├── MethodNotAllowed            405 invalid_request_error
+    ├── BodyTimeout                 408 invalid_request_error / body_timeout
     ├── PayloadTooLarge             413 invalid_request_error / payload_too_large
+    ├── Overloaded                  503 server_error / overloaded (+ Retry-After)
     ├── UpstreamError               502 upstream_error / bad_gateway
     │   └── UpstreamTimeout         504 upstream_error / gateway_timeout
     └── OcrFailed                   502 upstream_error / ocr_failed
@@ -88,10 +90,27 @@ class MethodNotAllowed(ProxyError):
     code = "method_not_allowed"
 
 
+class BodyTimeout(ProxyError):
+    status = 408
+    type = "invalid_request_error"
+    code = "body_timeout"
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class Overloaded(ProxyError):
+    """The process holds as many request bytes as it may: the client should retry shortly."""
+
+    status = 503
+    code = "overloaded"
+    retry_after_s = 1
+
+    def to_response(self, headers: dict[str, str] | None = None) -> web.Response:
+        return super().to_response({"Retry-After": str(self.retry_after_s), **(headers or {})})
 
 
 class UpstreamError(ProxyError):

@@ -21,9 +21,10 @@ import msgspec
 from aiohttp import web
 
 from . import config, images, relay, upstream
+from .body import read_body
 from .cache import DescriptionCache
 from .describe import Describer, OcrReport, Outcome
-from .errors import BadRequest, PayloadTooLarge, ProxyError, UpstreamError
+from .errors import BadRequest, ProxyError, UpstreamError
 from .fetch import Fetcher
 from .rewrite import placeholder_block, reference_block, rewrite
 from .schema import RawObject, encoder, is_json, models_decoder, object_decoder
@@ -67,28 +68,6 @@ class Trace:
 TRACE = web.RequestKey("trace", Trace)
 
 _str_decoder = msgspec.json.Decoder(str)
-
-
-async def read_body(request: web.Request) -> bytes | bytearray:
-    """The whole request body, refused with 413 past ``max_body_bytes`` before it is read."""
-    limit = request.app[CONFIG].server.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes")
-    content = request.content
-    if content.is_eof():  # it all came with the headers (a small request): take it, no wait
-        whole = content.read_nowait()
-        if len(whole) > limit:
-            raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes")
-        return whole
-    # Appended piece by piece as it arrives (a large buffer grows in place): joining pieces at
-    # the end blocked the event loop for milliseconds and held the body twice, and a buffer
-    # made at its announced length up front would cost a slow client nothing and us all of it.
-    body = bytearray()
-    async for piece in content.iter_any():
-        body += piece
-        if len(body) > limit:
-            raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes")
-    return body
 
 
 def _field(obj: RawObject, name: str) -> Any:

@@ -20,6 +20,8 @@ waits on it is dropped and the upstream response closed: one timer per stream, n
 
 Once a stream's headers are committed (early, as keep-alive, while OCR runs) an error can no
 longer change the status: it is sent as a ``data: {"error": ...}`` event and the stream ends.
+A shutdown that outlasts its grace period ends every SSE stream still open the same way, with
+code ``server_shutting_down`` (``Streams``).
 """
 
 from __future__ import annotations
@@ -327,10 +329,76 @@ def error_event(error: ProxyError | bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
+class Streams:
+    """The SSE streams an application has open, each with the task of the request serving it.
+
+    A stream is added when its headers are sent and leaves when its request's task ends, however
+    it ends. ``end_all`` is for a shutdown whose grace period ran out: it gives each client an
+    error event and a proper end of the chunked body, then cancels the request's task (which
+    stops the upstream read or the OCR wait); the request middleware still writes its access
+    line, with the status the client got (``ended_by_shutdown``).
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[asyncio.Task[Any], tuple[web.Request, web.StreamResponse]] = {}
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def add(self, request: web.Request, response: web.StreamResponse) -> None:
+        task = asyncio.current_task()
+        if task is None or task in self._open:
+            return
+        self._open[task] = (request, response)
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        self._open.pop(task, None)
+
+    async def end_all(self) -> int:
+        """End every open stream now; the number that got the error event."""
+        ended = 0
+        for task, (request, response) in list(self._open.items()):
+            if task.done():
+                continue
+            protocol = request.protocol
+            # A client that stopped reading would make this write wait: it is cut instead.
+            if request.transport is not None and not protocol.writing_paused:
+                try:
+                    # One write, with the end of the chunked body: nothing can come between.
+                    await response.write_eof(SHUTDOWN_EVENT)
+                except (ConnectionError, RuntimeError):  # gone, or it had just ended
+                    pass
+                else:
+                    request[_ENDED] = response
+                    ended += 1
+            task.cancel()
+        return ended
+
+
+STREAMS: web.AppKey[Streams] = web.AppKey("streams", Streams)
+_ENDED: web.RequestKey[web.StreamResponse] = web.RequestKey("ended_by_shutdown", web.StreamResponse)
+SHUTDOWN_EVENT = error_event(
+    ProxyError("The server is shutting down; retry the request", code="server_shutting_down")
+)
+
+
+def ended_by_shutdown(request: web.Request) -> web.StreamResponse | None:
+    """The stream of ``request`` if a shutdown ended it (its task was then cancelled)."""
+    return request.get(_ENDED)
+
+
+def _register(request: web.Request, response: web.StreamResponse) -> None:
+    streams = request.app.get(STREAMS)
+    if streams is not None:
+        streams.add(request, response)
+
+
 async def start_sse(request: web.Request, headers: Mapping[str, str]) -> web.StreamResponse:
     """Commit a 200 SSE response now (before the upstream answered)."""
     response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
     await commit(request, response)
+    _register(request, response)
     return response
 
 
@@ -516,6 +584,7 @@ async def relay(
             status=source.status, reason=source.reason, headers=out_headers
         )
         await commit(request, response)
+        _register(request, response)
         editor = UsageEditor(ocr_usage) if ocr_usage is not None and edit_stream else None
         redactor = Redactor(secrets) if secrets else None
         await _pump_sse(

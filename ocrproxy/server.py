@@ -1,4 +1,4 @@
-"""Run the app: listening sockets, readiness for systemd, several workers, graceful drain.
+"""Run the app: listening sockets, readiness for systemd, several workers, drain and reload.
 
 Theory of operation: with one worker, this process listens and serves. With ``workers = N`` it
 becomes a small supervisor: it starts N worker processes (spawned, so each has a fresh
@@ -6,8 +6,20 @@ interpreter) that all bind the same port with ``SO_REUSEPORT``, and the kernel s
 connections across them. Workers share the sqlite/redis cache tier; their metrics go to files in
 a directory the supervisor creates (``PROMETHEUS_MULTIPROC_DIR``) so any worker can answer a
 scrape for all. A worker that dies is replaced. ``READY=1`` goes to systemd (``sd_notify``,
-Type=notify) only once every worker listens. On SIGTERM or SIGINT every worker stops accepting,
-drains its requests for ``shutdown_timeout`` seconds and exits; the supervisor waits for them.
+Type=notify) only once every worker listens.
+
+A connection must deliver complete request headers within ``header_timeout_s`` of opening, and
+of its previous response, or it is closed (aiohttp's keep-alive timer: one per connection).
+
+On SIGTERM or SIGINT every worker stops accepting and drains (``Generation.drain``): requests
+in flight have ``shutdown_timeout`` seconds; then each SSE stream still open ends with a
+``server_shutting_down`` error event and the end of its chunked body, the other requests are
+cut, and the process exits, within ``shutdown_timeout`` + 2 s in all.
+
+On SIGHUP the config file is read again. If it is valid, a new generation takes over and the old
+one drains as above: with one worker a new app on the same listening sockets (this process owns
+them and gives each generation a duplicate), with N the supervisor's new workers. If it is not,
+one log line says why and nothing changes.
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from aiohttp import web
 
@@ -40,6 +52,9 @@ PR_SET_PDEATHSIG = 1
 # leaves the decision to systemd's Restart= and its start limit.
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
+BACKLOG = 1024
+STOP_MARGIN_S = 1.5  # a worker not gone this long after shutdown_timeout is killed
+RELOAD_START_S = 60.0  # new workers of a reload must all listen within this
 
 
 class CannotListen(Exception):
@@ -72,48 +87,227 @@ def _event_loop_policy() -> str:
     return "uvloop"
 
 
+def _listen(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
+    """Bind the listening sockets of ``host:port`` (one per address it resolves to).
+
+    They are this process's for its whole life: every generation of the app serves a duplicate
+    of them, so a reload never closes the listening socket and never drops a waiting connection.
+    """
+    socks: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+    except OSError as exc:
+        for sock in socks:
+            sock.close()
+        reason = (exc.strerror or str(exc)).lower()  # "address already in use"
+        raise CannotListen(f"{host}:{port}: {reason}") from None
+    return socks
+
+
+def _carry_over(old: web.Application, new: web.Application) -> None:
+    """What stays with the process across a reload: the metrics (counters must not restart
+    from zero) and the budget of buffered request bytes (it is the process's), with the new
+    limits."""
+    from . import body, metrics
+
+    shared = old[metrics.METRICS]
+    shared.models = new[metrics.METRICS].models
+    new[metrics.METRICS] = shared
+    budget, limits = old[body.BUDGET], new[body.BUDGET]
+    budget.limit, budget.max_body = limits.limit, limits.max_body
+    budget.timeout_s = limits.timeout_s
+    new[body.BUDGET] = budget
+
+
+class Generation:
+    """One config's app (and its metrics app), serving duplicates of the listening sockets.
+
+    ``drain`` is the whole shutdown of a generation, and the only one: sites stop (no new
+    connections), idle keep-alive connections close, requests in flight have ``shutdown_timeout``
+    to finish. Then each SSE stream still open gets the ``server_shutting_down`` error event and
+    the end of its chunked body, every other request is cut, and the app's cleanup runs.
+    aiohttp's own shutdown would wait ``shutdown_timeout`` twice and cut streams mid-body.
+    """
+
+    def __init__(self, cfg: config.Config, previous: Generation | None = None) -> None:
+        from .app import create_app
+        from .metrics import create_metrics_app
+
+        self.cfg = cfg
+        server = cfg.server
+        self.app = create_app(cfg)
+        if previous is not None:
+            _carry_over(previous.app, self.app)
+        # aiohttp's keep-alive timer is the header timeout: it is armed when a connection opens
+        # and again after each response, and closes the connection if no complete request
+        # headers have arrived by then (however slowly bytes drip in). One timer per
+        # connection; a request being served is never cut by it.
+        common: dict[str, Any] = {
+            "access_log": None,
+            "handler_cancellation": True,
+            "keepalive_timeout": server.header_timeout_s,
+            "shutdown_timeout": 1.0,  # what is left after drain(): nothing, normally
+        }
+        self.runners = [web.AppRunner(self.app, **common)]
+        if server.metrics_port:
+            self.runners.append(web.AppRunner(create_metrics_app(self.app), **common))
+
+    async def start(self, listeners: list[list[socket.socket]]) -> None:
+        """Start the apps (their cleanup contexts run now); serve ``listeners``, one list of
+        sockets per runner."""
+        try:
+            for runner, socks in zip(self.runners, listeners, strict=True):
+                await runner.setup()
+                for sock in socks:
+                    await web.SockSite(runner, sock.dup(), backlog=BACKLOG).start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        for runner in reversed(self.runners):
+            await runner.cleanup()
+
+    async def drain(self) -> None:
+        from .relay import STREAMS
+
+        timeout = self.cfg.server.shutdown_timeout
+        servers = [r.server for r in self.runners if r.server is not None]
+        for runner in self.runners:
+            for site in list(runner.sites):
+                await site.stop()
+        await asyncio.sleep(0)  # connections accepted just now start their request first
+        for server in servers:
+            server.pre_shutdown()  # idle ones close; busy ones close after their response
+        # aiohttp's per-connection shutdown waits for the request in flight; it is given the
+        # full timeout but is made to end at ours, below.
+        waiting = asyncio.ensure_future(
+            asyncio.gather(*(server.shutdown(timeout) for server in servers))
+        )
+        done, _ = await asyncio.wait({waiting}, timeout=timeout)
+        if not done:
+            streams = self.app[STREAMS]
+            left = sum(len(server.connections) for server in servers)
+            ended = await streams.end_all()
+            log.info(
+                "shutdown: %d stream(s) ended with an error event; cutting %d other request(s)",
+                ended,
+                max(0, left - ended),
+            )
+            for server in servers:
+                for conn in server.connections:
+                    conn.force_close()
+            done, _ = await asyncio.wait({waiting}, timeout=1.0)
+            if not done:
+                waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        await self.close()
+
+
+_RESTART_ONLY = ("host", "port", "workers", "metrics_port", "metrics_host")
+
+
+def reload_problem(old: config.Config, new: config.Config) -> str | None:
+    """Why ``new`` cannot replace ``old`` in a running process (None: it can)."""
+    changed = [k for k in _RESTART_ONLY if getattr(old.server, k) != getattr(new.server, k)]
+    if changed:
+        keys = ", ".join(f"[server] {k}" for k in changed)
+        return f"{keys} changed: that needs a restart"
+    return None
+
+
+def _load_for_reload(
+    reload: Callable[[], config.Config] | None, running: config.Config
+) -> config.Config | None:
+    """The config to reload to, or None (and one log line saying why) to keep the running one."""
+    if reload is None:  # a worker: its supervisor reloads
+        log.warning("SIGHUP ignored: send it to the supervisor, which reloads the workers")
+        return None
+    try:
+        new = reload()
+    except config.ConfigError as exc:
+        log.error("reload failed, keeping the running configuration: %s", exc)
+        return None
+    problem = reload_problem(running, new)
+    if problem is not None:
+        log.error("reload refused, keeping the running configuration: %s", problem)
+        return None
+    return new
+
+
 async def _serve(
     cfg: config.Config,
     reuse_port: bool,
     ready: Callable[[], object],
     stopping: Callable[[], object],
+    reload: Callable[[], config.Config] | None = None,
 ) -> None:
-    from .app import create_app
-    from .metrics import create_metrics_app
-
     server = cfg.server
-    app = create_app(cfg)
-    runners = [
-        web.AppRunner(
-            app,
-            access_log=None,
-            shutdown_timeout=server.shutdown_timeout,
-            handler_cancellation=True,
-        )
-    ]
-    addresses = [(server.host, server.port)]
+    listeners = [_listen(server.host, server.port, reuse_port)]
     if server.metrics_port:
-        runners.append(web.AppRunner(create_metrics_app(app), access_log=None, shutdown_timeout=1))
-        addresses.append((server.metrics_host, server.metrics_port))
+        listeners.append(_listen(server.metrics_host, server.metrics_port, reuse_port))
     stop = asyncio.Event()
+    hup = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, hup.set)  # never the default: it would kill us
+    draining: set[asyncio.Task[None]] = set()
     try:
-        for runner, (host, port) in zip(runners, addresses, strict=True):
-            await runner.setup()
-            site = web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=1024)
-            try:
-                await site.start()
-            except OSError as exc:
-                raise CannotListen(str(exc)) from None
+        current = Generation(cfg)
+        await current.start(listeners)
         ready()
-        await stop.wait()
+        while True:
+            stopped = loop.create_task(stop.wait())
+            hupped = loop.create_task(hup.wait())
+            await asyncio.wait({stopped, hupped}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            hupped.cancel()
+            if stop.is_set():
+                break
+            hup.clear()
+            new_cfg = _load_for_reload(reload, current.cfg)
+            if new_cfg is None:
+                continue
+            try:
+                successor = Generation(new_cfg, current)
+                await successor.start(listeners)
+            except Exception as exc:  # a cache file it cannot open...
+                log.error("reload failed, keeping the running configuration: %s", exc)
+                continue
+            old, current = current, successor
+            task = loop.create_task(old.drain())
+            draining.add(task)
+            task.add_done_callback(draining.discard)
+            log.info("reloaded the configuration; the previous one drains its requests")
         stopping()
         log.info("shutting down: draining requests for up to %g s", server.shutdown_timeout)
+        # Ours go first, so that the drain's stopping of the sites closes the listening sockets
+        # for good (with SO_REUSEPORT, a socket left open would go on queueing connections
+        # nobody accepts).
+        _close(listeners)
+        await asyncio.gather(current.drain(), *draining)
     finally:
-        for runner in reversed(runners):
-            await runner.cleanup()
+        _close(listeners)
+
+
+def _close(listeners: list[list[socket.socket]]) -> None:
+    for socks in listeners:
+        for sock in socks:
+            sock.close()
 
 
 def _run_worker(
@@ -121,6 +315,7 @@ def _run_worker(
     reuse_port: bool,
     ready: Callable[[], object],
     stopping: Callable[[], object] = lambda: None,
+    reload: Callable[[], config.Config] | None = None,
 ) -> None:
     logs.setup(cfg.server.log_level)
     _event_loop_policy()
@@ -128,15 +323,27 @@ def _run_worker(
     # the GIL while the event loop waits for it (Python's default: 5 ms).
     sys.setswitchinterval(0.001)
     try:
-        asyncio.run(_serve(cfg, reuse_port, ready, stopping))
+        asyncio.run(_serve(cfg, reuse_port, ready, stopping, reload))
     except CannotListen as exc:
         log.error("cannot listen: %s", exc)
         raise SystemExit(1) from None
     except OSError as exc:  # the cache directory, a file the config names...
         log.error("cannot start: %s", exc)
         raise SystemExit(1) from None
-    # Drained and about to exit: a repeated SIGTERM must not turn a clean exit into a kill.
+    # Drained and about to exit: a repeated SIGTERM (or a SIGHUP, whose handler went with the
+    # event loop) must not turn a clean exit into a kill.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def _exit_now() -> NoReturn:
+    """Exit 0 without the interpreter's teardown of its ~400 modules, everything being closed
+    already: that teardown took 0.4 s of CPU on an idle machine and over 1 s on a busy one, out
+    of the 2 s a drained process has to be gone in."""
+    logging.shutdown()  # the access lines still queued
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -151,12 +358,22 @@ def _die_with_parent(parent: int) -> None:
 
 def _worker_main(cfg: config.Config, ready: Any, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; SIGTERM drains
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # and reloads
     _die_with_parent(parent)
     _run_worker(cfg, True, lambda: ready.put(os.getpid()))
+    ready.close()
+    ready.join_thread()  # our pid reached the supervisor long ago; the feeder thread is idle
+    _exit_now()
 
 
-def serve(cfg: config.Config) -> None:
-    """Run until SIGTERM/SIGINT, with ``cfg.server.workers`` processes."""
+def serve(cfg: config.Config, reload: Callable[[], config.Config] | None = None) -> None:
+    """Run until SIGTERM/SIGINT, with ``cfg.server.workers`` processes.
+
+    On SIGHUP, ``reload()`` gives the new config (it re-reads the file; ConfigError if the file
+    is invalid, and then nothing changes). A valid one gets a new app (one worker) or new
+    workers, which take over while the old ones drain.
+    """
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the handlers are in place
     logs.setup(cfg.server.log_level)
     log.info(
         "ocrproxy %s starting on http://%s:%d (%s, %d worker(s), %d upstream(s), OCR model %s)",
@@ -169,20 +386,35 @@ def serve(cfg: config.Config) -> None:
         cfg.ocr.model,
     )
     if cfg.server.workers == 1:
-        _run_worker(cfg, False, lambda: sd_notify("READY=1"), lambda: sd_notify("STOPPING=1"))
-        return
-    Supervisor(cfg).run()
+        _run_worker(
+            cfg, False, lambda: sd_notify("READY=1"), lambda: sd_notify("STOPPING=1"), reload
+        )
+        _exit_now()
+    Supervisor(cfg, reload).run()
 
 
 class Supervisor:
-    """Starts, watches and stops the worker processes."""
+    """Starts, watches, reloads and stops the worker processes.
 
-    def __init__(self, cfg: config.Config) -> None:
+    A reload (SIGHUP) starts a new generation of workers with the new config beside the running
+    ones (they share the port with ``SO_REUSEPORT``); once every new worker listens, the old ones
+    get SIGTERM and drain as on a shutdown ("retiring"). If a new worker fails to start, the new
+    generation is stopped and the old one keeps serving.
+    """
+
+    def __init__(
+        self, cfg: config.Config, reload: Callable[[], config.Config] | None = None
+    ) -> None:
         self.cfg = cfg
+        self.reload = reload
         self.ctx = multiprocessing.get_context("spawn")
         self.ready: Any = self.ctx.Queue()
         self.workers: list[Any] = []
+        self.starting: list[Any] = []  # a reload's new generation, until it listens
+        self.retiring: list[tuple[Any, float]] = []  # (worker, kill deadline) after a reload
+        self.terminated: set[int] = set()  # pids sent SIGTERM
         self.stopping = False
+        self.reload_asked = False
         self.metrics_dir = ""
         self.own_metrics_dir = False
 
@@ -200,10 +432,10 @@ class Supervisor:
             self.own_metrics_dir = True
             os.environ[MULTIPROC_ENV] = self.metrics_dir
 
-    def _start(self) -> Any:
+    def _start(self, cfg: config.Config) -> Any:
         proc = self.ctx.Process(
             target=_worker_main,
-            args=(self.cfg, self.ready, os.getpid()),
+            args=(cfg, self.ready, os.getpid()),
             name="ocrproxy-worker",
             daemon=False,
         )
@@ -212,45 +444,118 @@ class Supervisor:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True
+        self._terminate(self._all())  # now, not when the watch loop next wakes up
+
+    def _on_hup(self, signum: int, frame: object) -> None:
+        self.reload_asked = True
+
+    def _all(self) -> list[Any]:
+        return self.workers + self.starting + [proc for proc, _ in self.retiring]
+
+    def _terminate(self, procs: list[Any]) -> None:
+        for proc in procs:
+            if proc.exitcode is None and proc.pid not in self.terminated:
+                self.terminated.add(proc.pid)  # twice could kill one that is exiting
+                os.kill(proc.pid, signal.SIGTERM)
 
     def run(self) -> None:
         self._prepare_metrics_dir()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
         try:
-            self.workers = [self._start() for _ in range(self.cfg.server.workers)]
-            self._wait_ready()
+            self.workers = [self._start(self.cfg) for _ in range(self.cfg.server.workers)]
+            if not self._wait_ready(self.workers):
+                raise SystemExit("ocrproxy: a worker failed to start (see its log above)")
+            if not self.stopping:
+                sd_notify("READY=1")
+                log.info("all %d workers are listening", len(self.workers))
             self._watch()
         finally:
             self._stop_all()
             if self.own_metrics_dir:
                 shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
-    def _wait_ready(self) -> None:
-        pending = {p.pid for p in self.workers}
+    def _wait_ready(self, procs: list[Any], timeout: float | None = None) -> bool:
+        """Until each of ``procs`` listens (True), one of them exits or the time is up (False),
+        or we are stopping."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = {p.pid for p in procs}
         while pending and not self.stopping:
             try:
                 pending.discard(self.ready.get(timeout=0.2))
             except queue.Empty:
                 pass
-            if any(p.exitcode is not None for p in self.workers):
-                raise SystemExit("ocrproxy: a worker failed to start (see its log above)")
-        if not self.stopping:
-            sd_notify("READY=1")
-            log.info("all %d workers are listening", len(self.workers))
+            if any(p.exitcode is not None for p in procs):
+                return False
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+        return True
 
-    def _watch(self) -> None:
+    def _reload(self) -> None:
+        self.reload_asked = False
+        cfg = _load_for_reload(self.reload, self.cfg)
+        if cfg is None:
+            return
+        self.starting = [self._start(cfg) for _ in range(cfg.server.workers)]
+        ready = self._wait_ready(self.starting, RELOAD_START_S)
+        fresh, self.starting = self.starting, []
+        if self.stopping:
+            self.workers += fresh  # stopped with the others
+            return
+        if not ready:
+            log.error(
+                "reload failed, keeping the running configuration: a new worker did not "
+                "start (see its log above)"
+            )
+            self._terminate(fresh)
+            for proc in fresh:
+                proc.join(cfg.server.shutdown_timeout + STOP_MARGIN_S)
+                if proc.exitcode is None:
+                    proc.kill()
+                    proc.join()
+            self._forget(fresh)
+            return
+        deadline = time.monotonic() + self.cfg.server.shutdown_timeout + STOP_MARGIN_S
+        old, self.workers, self.cfg = self.workers, fresh, cfg
+        self._terminate(old)
+        self.retiring += [(proc, deadline) for proc in old]
+        log.info(
+            "reloaded the configuration: %d new worker(s) listen; the previous ones drain",
+            len(fresh),
+        )
+
+    def _forget(self, procs: list[Any]) -> None:
         from prometheus_client import multiprocess
 
+        for proc in procs:
+            multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
+
+    def _reap_retiring(self) -> None:
+        now = time.monotonic()
+        for proc, deadline in list(self.retiring):
+            if proc.exitcode is None and now > deadline:
+                log.warning("worker %d did not stop in time; killing it", proc.pid)
+                proc.kill()
+                proc.join()
+            if proc.exitcode is not None:
+                self.retiring.remove((proc, deadline))
+                self._forget([proc])
+
+    def _watch(self) -> None:
         last_restart = 0.0
         restarts: list[float] = []
         while not self.stopping:
-            multiprocessing.connection.wait([p.sentinel for p in self.workers], timeout=0.5)
+            sentinels = [p.sentinel for p in self.workers + [p for p, _ in self.retiring]]
+            multiprocessing.connection.wait(sentinels, timeout=0.5)
+            if self.reload_asked and not self.stopping:
+                self._reload()
+            self._reap_retiring()
             for i, proc in enumerate(self.workers):
                 if proc.exitcode is None or self.stopping:
                     continue
                 log.error("worker %d exited with %s; starting another", proc.pid, proc.exitcode)
-                multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
+                self._forget([proc])
                 now = time.monotonic()
                 restarts = [t for t in restarts if t > now - RESTART_WINDOW_S] + [now]
                 if len(restarts) > MAX_RESTARTS:
@@ -260,15 +565,16 @@ class Supervisor:
                     )
                 time.sleep(max(0.0, last_restart + 1.0 - time.monotonic()))
                 last_restart = time.monotonic()
-                self.workers[i] = self._start()
+                self.workers[i] = self._start(self.cfg)
 
     def _stop_all(self) -> None:
         sd_notify("STOPPING=1")
-        for proc in self.workers:
-            if proc.exitcode is None:
-                os.kill(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.cfg.server.shutdown_timeout + 5
-        for proc in self.workers:
+        procs = self._all()
+        self._terminate(procs)
+        # A worker's drain ends within shutdown_timeout and a fraction of a second; past that
+        # it is stuck, and the whole service must be gone within shutdown_timeout + 2 s.
+        deadline = time.monotonic() + self.cfg.server.shutdown_timeout + STOP_MARGIN_S
+        for proc in procs:
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.exitcode is None:
                 log.warning("worker %d did not stop in time; killing it", proc.pid)

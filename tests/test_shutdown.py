@@ -1,0 +1,292 @@
+"""SIGTERM and SIGHUP on a real `ocrproxy serve` (one worker, and a supervisor with two): streams
+end with an error event and a complete body, on time; a reload swaps the config in place."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.conftest import chat
+from tests.fakes import FakeOpenAI, data_url, image_part
+from tests.servers import ProxyProcess, free_port
+
+SHUTDOWN_TIMEOUT = 2.0
+# The promise is shutdown_timeout + 2 s; a loaded 2-core machine gets some slack on top.
+EXIT_BOUND = SHUTDOWN_TIMEOUT + 2 + 3
+SHUTDOWN_EVENT_CODE = "server_shutting_down"
+
+
+def _toml(fake: FakeOpenAI, port: int, server: str = "", auth: str = "") -> str:
+    return (
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\nshutdown_timeout = {SHUTDOWN_TIMEOUT}\n'
+        f"{server}\n{auth}\n"
+        '[ocr]\nmodel = "vision-1"\nkeepalive_after_s = 0.3\nkeepalive_interval_s = 0.5\n'
+        f'[[upstreams]]\nname = "fake"\nbase_url = "{fake.url}"\n'
+    )
+
+
+async def _stream(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> bytes:
+    """POST and read the whole body; a truncated chunked body raises ClientPayloadError."""
+    async with session.post(url, json=body) as r:
+        assert r.status == 200
+        return await r.read()
+
+
+def _last_event(body: bytes) -> Any:
+    events = [e for e in body.split(b"\n\n") if e.startswith(b"data: ")]
+    return orjson.loads(events[-1][len(b"data: ") :])
+
+
+async def _started(fake: FakeOpenAI, streams: int, ocr: int) -> None:
+    """Until the fake upstream has begun every stream and every OCR call."""
+    async with asyncio.timeout(20):
+        while len(fake.chat_requests) < streams or len(fake.ocr_calls) < ocr:
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(1.0)  # the relayed streams have sent a chunk or so
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sigterm_ends_every_stream_with_an_error_event_and_exits_on_time(
+    fake: FakeOpenAI, tmp_path: Path, workers: int
+) -> None:
+    """Guards against this: on SIGTERM one worker drained for ~2x shutdown_timeout and then cut
+    every stream mid-body (no error event, no end of the chunked body, logged as 499); with
+    workers the supervisor SIGKILLed them at shutdown_timeout + 5 s and their access lines were
+    lost."""
+    fake.chunks, fake.chunk_delay = 30, 1.0  # 1 chunk a second for 30 s
+    fake.ocr_delay = 30.0  # an OCR stream still waiting for its image
+    port = free_port()
+    proxy = ProxyProcess(tmp_path, _toml(fake, port), "--workers", str(workers))
+    await proxy.start()
+    assert proxy.proc is not None
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    relayed, waiting = 6, 2
+    try:
+        connector = aiohttp.TCPConnector(force_close=True)  # spread over the workers
+        async with aiohttp.ClientSession(connector=connector) as session:
+            tasks = [
+                asyncio.ensure_future(_stream(session, url, chat("m", "hi", stream=True)))
+                for _ in range(relayed)
+            ]
+            tasks += [
+                asyncio.ensure_future(
+                    _stream(
+                        session,
+                        url,
+                        chat("m-ocr", image_part(data_url(f"img-{i}")), stream=True),
+                    )
+                )
+                for i in range(waiting)
+            ]
+            try:
+                await _started(fake, relayed, waiting)
+                signalled = time.monotonic()
+                proxy.proc.send_signal(signal.SIGTERM)
+                code = await proxy.exited(timeout=30)
+                took = time.monotonic() - signalled
+                bodies = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await proxy.stop()
+    print(f"workers={workers}: exited {took:.2f} s after SIGTERM (shutdown_timeout 2 s)")
+    assert code == 0, proxy.log
+    assert took < EXIT_BOUND, took
+    assert took > SHUTDOWN_TIMEOUT - 0.5, "the live streams were not given their grace period"
+    for body in bodies[:relayed]:
+        assert b"t0 " in body  # it was relaying
+        assert _last_event(body)["error"]["code"] == SHUTDOWN_EVENT_CODE
+    for body in bodies[relayed:]:
+        assert body.startswith(b": keep-alive")  # committed early, waiting for its image
+        assert _last_event(body)["error"]["code"] == SHUTDOWN_EVENT_CODE
+    access = [e for e in proxy.log_lines() if e["logger"] == "ocrproxy.access" and "status" in e]
+    chats = [e for e in access if e["route"] == "/v1/chat/completions"]
+    assert len(chats) == relayed + waiting, access
+    assert all(e["status"] == 200 and e["bytes_out"] > 0 for e in chats), chats
+
+
+async def test_sigterm_ends_an_early_committed_stream_that_relays_its_upstream(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """An OCR stream committed early (keep-alive while its image was described) that is now
+    relaying the upstream's stream ends like the others."""
+    fake.chunks, fake.chunk_delay = 30, 1.0
+    fake.ocr_delay = 1.0  # past keepalive_after_s: committed early, then relayed
+    port = free_port()
+    proxy = ProxyProcess(tmp_path, _toml(fake, port))
+    await proxy.start()
+    assert proxy.proc is not None
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        async with aiohttp.ClientSession() as session:
+            body = chat("m-ocr", image_part(data_url("late")), stream=True)
+            task = asyncio.ensure_future(_stream(session, url, body))
+            try:
+                await _started(fake, 1, 1)
+                proxy.proc.send_signal(signal.SIGTERM)
+                code = await proxy.exited(timeout=30)
+                got = await asyncio.wait_for(task, 10)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await proxy.stop()
+    assert code == 0, proxy.log
+    assert got.startswith(b": keep-alive") and b"t0 " in got
+    assert _last_event(got)["error"]["code"] == SHUTDOWN_EVENT_CODE
+
+
+async def test_sigterm_lets_requests_that_finish_in_time_finish_and_cuts_the_rest(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """A stream that ends within shutdown_timeout ends normally; a plain request still waiting
+    for its upstream at the deadline is cut, and still logged."""
+    fake.chunks, fake.chunk_delay = 3, 0.4  # ends 1.2 s after it started: within the grace
+    port = free_port()
+    proxy = ProxyProcess(tmp_path, _toml(fake, port))
+    await proxy.start()
+    assert proxy.proc is not None
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        async with aiohttp.ClientSession() as session:
+            short = asyncio.ensure_future(_stream(session, url, chat("m", "hi", stream=True)))
+            hung = asyncio.ensure_future(session.post(url, json=chat("hang", "hi")))
+            try:
+                async with asyncio.timeout(20):
+                    while len(fake.chat_requests) < 2:
+                        await asyncio.sleep(0.05)
+                signalled = time.monotonic()
+                proxy.proc.send_signal(signal.SIGTERM)
+                code = await proxy.exited(timeout=30)
+                took = time.monotonic() - signalled
+                body = await asyncio.wait_for(short, 10)
+                with pytest.raises(aiohttp.ClientConnectionError):
+                    await asyncio.wait_for(hung, 10)
+            finally:
+                for task in (short, hung):
+                    task.cancel()
+                await asyncio.gather(short, hung, return_exceptions=True)
+    finally:
+        await proxy.stop()
+    assert code == 0, proxy.log
+    assert took < EXIT_BOUND, took
+    assert body.endswith(b"data: [DONE]\n\n")
+    access = [e for e in proxy.log_lines() if e["logger"] == "ocrproxy.access" and "status" in e]
+    statuses = sorted(e["status"] for e in access if e["route"] == "/v1/chat/completions")
+    assert statuses == [200, 499], access
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _events(proxy: ProxyProcess) -> list[dict[str, Any]]:
+    """The log's lines but the access lines (those are written up to 50 ms late)."""
+    return [e for e in proxy.log_lines() if "status" not in e]
+
+
+async def _wait_log(proxy: ProxyProcess, text: str, timeout: float = 20) -> dict[str, Any]:
+    async with asyncio.timeout(timeout):
+        while True:
+            for entry in proxy.log_lines():
+                if text in entry["msg"]:
+                    return entry
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sighup_reloads_the_config_and_the_old_app_finishes_its_requests(
+    fake: FakeOpenAI, tmp_path: Path, workers: int
+) -> None:
+    """Guards against this: SIGHUP killed the service at once (no drain, no log line), and
+    systemd's Restart=on-failure does not restart a process killed by SIGHUP."""
+    # The stream outlives the reload: starting new workers takes seconds on a busy machine.
+    fake.chunks, fake.chunk_delay = (6 if workers == 1 else 30), 0.5
+    port = free_port()
+    server = "shutdown_timeout = 20\n"
+    toml = _toml(fake, port, auth='[auth]\nkeys = ["key-old"]\n').replace(
+        f"shutdown_timeout = {SHUTDOWN_TIMEOUT}\n", server
+    )
+    proxy = ProxyProcess(tmp_path, toml, "--workers", str(workers))
+    await proxy.start()
+    assert proxy.proc is not None
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        connector = aiohttp.TCPConnector(force_close=True)  # no connection kept to old workers
+        async with aiohttp.ClientSession(connector=connector) as session:
+            old_stream = session.post(
+                url, json=chat("m", "hi", stream=True), headers=_auth("key-old")
+            )
+            async with old_stream as r:
+                assert r.status == 200
+                await r.content.readuntil(b"\n\n")  # the old app is serving it
+                proxy.config.write_text(toml.replace('"key-old"', '"key-new"'))
+                proxy.proc.send_signal(signal.SIGHUP)
+                await _wait_log(proxy, "reloaded")
+                if workers > 1:  # the old workers closed their listening sockets
+                    async with asyncio.timeout(20):
+                        while sum("shutting down" in e["msg"] for e in _events(proxy)) < workers:
+                            await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.2)
+                async with session.post(url, json=chat("m", "x"), headers=_auth("key-new")) as r2:
+                    assert r2.status == 200
+                async with session.post(url, json=chat("m", "x"), headers=_auth("key-old")) as r2:
+                    assert r2.status == 401
+                rest = await r.read()  # the old app let it finish
+            assert rest.endswith(b"data: [DONE]\n\n")
+            assert proxy.proc.returncode is None
+            await asyncio.sleep(0.2)  # its access line is written
+    finally:
+        code = await proxy.stop()
+    assert code == 0, proxy.log
+    reloaded = next(e["ts"] for e in _events(proxy) if "reloaded" in e["msg"])
+    access = [e for e in proxy.log_lines() if e["logger"] == "ocrproxy.access" and "status" in e]
+    streamed = [e for e in access if e["status"] == 200 and e["total_ms"] > 2000]
+    assert len(streamed) == 1 and streamed[0]["ts"] > reloaded, access
+
+
+async def test_sighup_with_an_invalid_file_changes_nothing_and_says_why(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """An invalid file on reload: one log line saying why (no secret in it), the old config
+    keeps serving."""
+    port = free_port()
+    secret = "sk-upstream-SECRET-0123456789"
+    toml = _toml(fake, port, auth='[auth]\nkeys = ["key-old"]\n').replace(
+        'name = "fake"\n', f'name = "fake"\napi_key = "{secret}"\n'
+    )
+    proxy = ProxyProcess(tmp_path, toml)
+    await proxy.start()
+    assert proxy.proc is not None
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for broken, why in (
+                (toml.replace('"key-old"', '"key-new"') + "[server\n", "ocrproxy.toml"),
+                (toml.replace("[ocr]\n", "[ocr]\nmax_concurrency = 0\n"), "max_concurrency"),
+                (toml.replace(f"port = {port}", f"port = {port + 1}"), "needs a restart"),
+            ):
+                proxy.config.write_text(broken)
+                before = len(_events(proxy))
+                proxy.proc.send_signal(signal.SIGHUP)
+                entry = await _wait_log(proxy, why)
+                assert entry["level"] == "error" and "keeping the running" in entry["msg"]
+                assert len(_events(proxy)) == before + 1  # one line, no traceback
+                async with session.post(url, json=chat("m", "x"), headers=_auth("key-old")) as r:
+                    assert r.status == 200
+                async with session.post(url, json=chat("m", "x"), headers=_auth("key-new")) as r:
+                    assert r.status == 401
+            assert proxy.proc.returncode is None
+    finally:
+        code = await proxy.stop()
+    assert code == 0
+    assert secret not in proxy.log
