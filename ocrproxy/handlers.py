@@ -6,12 +6,23 @@ byte. If so: images → identities → descriptions (cache, OCR model) → rewri
 upstream → relay with ``usage.ocr``. A streaming request whose OCR step outlasts
 ``keepalive_after_s`` gets its 200 and SSE headers early, then keep-alive comments, so that
 nginx and chat frontends do not give up while the images are being described.
+
+Every body the proxy reads is judged before any upstream call: JSON nested deeper than
+``MAX_DEPTH`` levels, a number out of msgspec's range in a field the proxy decodes, a ``model``
+or ``ocr_model`` with control characters or longer than ``MAX_NAME`` characters, or a field that
+would redirect the request (``REDIRECTING_FIELDS``) is a 400, on the chat route and on the
+pass-through alike. The pass-through relays only the routes of ``[server] passthrough_routes``
+(404 for the others), and streams only uploads (multipart, octet-stream, media types); a
+compressed upload is inflated by aiohttp, so its inflated size is capped at ``max_body_bytes``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
+import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +33,7 @@ from aiohttp import web
 from . import config, images, relay, upstream
 from .cache import DescriptionCache
 from .describe import Describer, OcrReport, Outcome
-from .errors import BadRequest, PayloadTooLarge, ProxyError, UpstreamError
+from .errors import BadRequest, NotFound, PayloadTooLarge, ProxyError, UpstreamError
 from .fetch import Fetcher
 from .rewrite import placeholder_block, reference_block, rewrite
 from .schema import RawObject, encoder, is_json, models_decoder, object_decoder
@@ -34,10 +45,14 @@ CACHE = web.AppKey("cache", DescriptionCache)
 DESCRIBER = web.AppKey("describer", Describer)
 FETCHER = web.AppKey("fetcher", Fetcher)  # present only when `[ocr] fetch_images` is on
 SECRETS = web.AppKey("secrets", tuple[bytes, ...])  # redacted from relayed error bodies
+PASSTHROUGH = web.AppKey("passthrough", re.Pattern[str])  # `routes_pattern` of the config
 
 # Body fields that would let a client choose where the proxy sends requests (or with which key)
 # in other gateways. ocrproxy's upstreams are fixed by its operator: such a request is refused.
 REDIRECTING_FIELDS = ("api_base", "base_url", "api_key", "azure_endpoint", "api_version")
+MAX_DEPTH = 64  # nesting levels of a JSON body the proxy reads
+MAX_NAME = 256  # characters of `model` and `ocr_model`
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(slots=True)
@@ -92,17 +107,96 @@ async def read_body(request: web.Request) -> bytes | bytearray:
 
 def _field(obj: RawObject, name: str) -> Any:
     raw = obj.get(name)
-    return None if raw is None else msgspec.json.decode(raw)
+    if raw is None:
+        return None
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError:  # the only failure of a Raw slice: a number out of range
+        raise BadRequest(
+            f"`{name}` holds a number out of range (64-bit integers and doubles only)", param=name
+        ) from None
+
+
+_BRACKETS = bytes.maketrans(b"[{]}", b"(())")
+_NOT_STRUCTURE = bytes(set(range(256)) - set(b'[]{}"'))
+
+
+def too_deep(body: bytes | bytearray) -> bool:
+    """Whether JSON ``body`` nests deeper than ``MAX_DEPTH`` levels (brackets in strings aside).
+
+    A few passes of bytes methods, no Python loop over the body: escaped backslashes and quotes
+    go first (so that every quote left opens or closes a string), then all but brackets and
+    quotes; bracket-free strings (``""`` by then) and strings with brackets go; then each pass
+    removes the innermost ``()`` pairs, one level per pass. Unbalanced input answers False
+    and is left to the decoder, whose RecursionError the callers turn into a 400 as well.
+    """
+    if len(body) >= 65536 and not _brackets_over(body, MAX_DEPTH):
+        return False  # a large body is mostly base64: memchr finds its few brackets fastest
+    structure = body.translate(_BRACKETS, _NOT_STRUCTURE)
+    if structure.count(b"(") <= MAX_DEPTH:
+        return False
+    if body.find(b"\\") >= 0 and b'\\"' in body:  # only an escaped quote can mislead
+        body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+        structure = body.translate(_BRACKETS, _NOT_STRUCTURE)
+    structure = structure.replace(b'""', b"")
+    if b'"' in structure:
+        structure = b"".join(structure.split(b'"')[::2])
+    for _ in range(MAX_DEPTH):
+        if not structure:
+            return False
+        inner = structure.replace(b"()", b"")
+        if len(inner) == len(structure):
+            return False
+        structure = inner
+    return bool(structure)
+
+
+def _brackets_over(body: bytes | bytearray, limit: int) -> bool:
+    count = 0
+    for opening in b"[{":
+        at = body.find(opening)
+        while at >= 0:
+            count += 1
+            if count > limit:
+                return True
+            at = body.find(opening, at + 1)
+    return False
+
+
+def _check_depth(body: bytes | bytearray) -> None:
+    if too_deep(body):
+        raise BadRequest(f"The request body nests JSON deeper than {MAX_DEPTH} levels")
+
+
+def check_name(value: str, param: str) -> None:
+    """A model name goes into headers, logs and cache keys: bounded, no control characters."""
+    if len(value) > MAX_NAME or _CONTROL.search(value):
+        raise BadRequest(
+            f"`{param}` must be at most {MAX_NAME} characters, without control characters",
+            param=param,
+        )
+
+
+def _check_redirecting(obj: RawObject) -> None:
+    for name in REDIRECTING_FIELDS:
+        if name in obj:
+            raise BadRequest(
+                f"`{name}` is not accepted: this proxy's upstreams are set by its operator",
+                param=name,
+            )
 
 
 def parse_chat(body: bytes | bytearray) -> tuple[RawObject, str, Any]:
     """Decode the top level of a chat request: (fields as raw JSON, model, ocr_model)."""
+    _check_depth(body)
     try:
         obj = object_decoder.decode(body)
     except msgspec.ValidationError:
         raise BadRequest("The request body must be a JSON object") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"The request body is not valid JSON: {exc}") from None
+    except RecursionError:  # unbalanced brackets that too_deep left to the decoder
+        raise BadRequest(f"The request body nests JSON deeper than {MAX_DEPTH} levels") from None
     raw_model = obj.get("model")
     try:
         model = _str_decoder.decode(raw_model) if raw_model is not None else ""
@@ -110,20 +204,18 @@ def parse_chat(body: bytes | bytearray) -> tuple[RawObject, str, Any]:
         model = ""
     if not model:
         raise BadRequest("`model` is required and must be a non-empty string", param="model")
+    check_name(model, "model")
     messages = obj.get("messages")
     if messages is None:
         raise BadRequest("`messages` is required", param="messages")
     if not is_json(messages, b"["):
         raise BadRequest("`messages` must be an array", param="messages")
-    for name in REDIRECTING_FIELDS:
-        if name in obj:
-            raise BadRequest(
-                f"`{name}` is not accepted: this proxy's upstreams are set by its operator",
-                param=name,
-            )
+    _check_redirecting(obj)
     ocr_model = _field(obj, "ocr_model")
     if ocr_model is not None and (not isinstance(ocr_model, str) or not ocr_model):
         raise BadRequest("`ocr_model` must be a non-empty string", param="ocr_model")
+    if ocr_model is not None:
+        check_name(ocr_model, "ocr_model")
     return obj, model, ocr_model
 
 
@@ -152,13 +244,16 @@ async def forward(
     headers = upstream.request_headers(
         request.headers, up, keep_length=streamed, relay_auth=not request.app[CONFIG].auth.keys
     )
-    target = upstream.url(up, path)
-    if request.rel_url.raw_query_string:
-        target += "?" + request.rel_url.raw_query_string
+    target = upstream.url(up, path, request.rel_url.raw_query_string)
     data = upstream.payload(body, headers) if isinstance(body, bytes | bytearray) else body
-    source = await upstream.open_request(
-        request.app[SESSION], up, request.method, target, headers=headers, data=data
-    )
+    try:
+        source = await upstream.open_request(
+            request.app[SESSION], up, request.method, target, headers=headers, data=data
+        )
+    except UpstreamError:
+        if isinstance(body, _Inflated) and body.over:
+            raise body.too_large() from None  # the upload was cut at the limit: say why
+        raise
     request[TRACE].upstream_answered(up, source.status)
     async with source:
         return await relay.relay(request, source, {}, secrets=request.app[SECRETS])
@@ -174,10 +269,7 @@ def _ocr_headers(report: OcrReport | None, model: str) -> dict[str, str]:
 
 
 def _wants_usage(obj: RawObject) -> bool:
-    try:
-        options = _field(obj, "stream_options")
-    except msgspec.DecodeError:
-        return False
+    options = _field(obj, "stream_options")
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
@@ -191,12 +283,13 @@ async def ocr_chat(
     up = request.app[ROUTER].route(real_model)
     describer = request.app[DESCRIBER]
     describer.check_model(ocr_model)  # 404 unknown, 400 unavailable: before work
+    stream = _field(obj, "stream") is True
+    edit_stream = stream and _wants_usage(obj)
     scan = await images.scan_and_identify(obj["messages"], cfg.ocr)
     # Images described in memory need nothing more; every other one is decoded and checked
     # now, so that a bad image is a 400 before any OCR call and before a stream is committed.
     hits = describer.memory_hits(scan.images, ocr_model)
     await images.validate([im for im in scan.images if im.digest not in hits], cfg.ocr)
-    stream = _field(obj, "stream") is True
 
     loop = asyncio.get_running_loop()
     response: web.StreamResponse | None = None
@@ -236,7 +329,6 @@ async def ocr_chat(
     headers = upstream.request_headers(request.headers, up, relay_auth=not cfg.auth.keys)
     headers["Content-Type"] = "application/json"
     usage = report.usage()
-    edit_stream = stream and _wants_usage(obj)
     send = upstream.open_request(
         request.app[SESSION],
         up,
@@ -358,21 +450,82 @@ async def models(request: web.Request) -> web.StreamResponse:
     )
 
 
+def routes_pattern(globs: tuple[str, ...]) -> re.Pattern[str]:
+    """One regex for the ``[server] passthrough_routes`` globs (none: one that matches nothing)."""
+    if not globs:
+        return re.compile(r"(?!)")
+    return re.compile("|".join(fnmatch.translate(glob) for glob in globs))
+
+
+# Content types the pass-through streams to the upstream unread: uploads, which can be large
+# and are not JSON. Every other body is read whole (so `max_body_bytes` applies) and, if it is
+# a JSON object, routed by `model` and checked like a chat request: gateways behind the proxy
+# may parse a body as JSON whatever its declared type.
+_STREAMED = ("multipart/", "application/octet-stream", "audio/", "image/", "video/")
+
+
+class _Inflated:
+    """A compressed upload as aiohttp inflates it, cut off past ``limit`` inflated bytes.
+
+    Its pieces go upstream as they come; the piece that would pass the limit is not sent and
+    the send fails instead, so the upstream never gets more than ``limit`` bytes.
+    """
+
+    def __init__(self, request: web.Request, limit: int) -> None:
+        self.request, self.limit, self.over = request, limit, False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        sent = 0
+        async for piece in self.request.content.iter_any():
+            sent += len(piece)
+            if sent > self.limit:
+                self.over = True
+                raise self.too_large()
+            yield piece
+
+    def too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"The request body is larger than the limit of {self.limit} bytes once inflated"
+        )
+
+
+def _json_model(body: bytes | bytearray) -> str | None:
+    """The ``model`` of a pass-through JSON body, after the checks a chat body gets; None when
+    the body is no JSON object (it is forwarded as it is: the upstream judges it)."""
+    _check_depth(body)
+    try:
+        obj = object_decoder.decode(body)
+    except RecursionError:
+        raise BadRequest(f"The request body nests JSON deeper than {MAX_DEPTH} levels") from None
+    except msgspec.DecodeError:
+        return None
+    _check_redirecting(obj)
+    model = _field(obj, "model")
+    if not isinstance(model, str) or not model:
+        return None
+    check_name(model, "model")
+    return model
+
+
 async def passthrough(request: web.Request) -> web.StreamResponse:
-    """Any other ``/v1/*`` request: relayed both ways untouched, routed by ``model`` if JSON."""
+    """Any other listed ``/v1/*`` route: relayed both ways, routed by ``model`` if JSON."""
+    # The middleware refused every raw path that is not `/v1/` plus canonical segments.
+    path = request.rel_url.raw_path[len("/v1/") :]
+    if not request.app[PASSTHROUGH].match(path):
+        raise NotFound(f"Unknown route {request.method} {request.path}")
     router = request.app[ROUTER]
-    path = request.rel_url.raw_path.removeprefix("/v1")
     up = router.default
     body: Any = None
     if request.body_exists:
-        body = request.content
-        if request.content_type == "application/json":
+        declared = request.headers.get("Content-Type")
+        if declared is not None and request.content_type.startswith(_STREAMED):
+            body = request.content
+            if "Content-Encoding" in request.headers:
+                body = _Inflated(request, request.app[CONFIG].server.max_body_bytes)
+        else:
             body = await read_body(request)
-            try:
-                model = _field(object_decoder.decode(body), "model")
-            except (msgspec.DecodeError, TypeError):
-                model = None
-            if isinstance(model, str) and model:
+            model = _json_model(body)
+            if model is not None:
                 up = router.route(model)
     return await forward(request, up, path, body)
 
