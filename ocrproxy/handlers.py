@@ -121,14 +121,28 @@ _BRACKETS = bytes.maketrans(b"[{]}", b"(())")
 _NOT_STRUCTURE = bytes(set(range(256)) - set(b'[]{}"'))
 
 
-def too_deep(body: bytes | bytearray) -> bool:
-    """Whether JSON ``body`` nests deeper than ``MAX_DEPTH`` levels (brackets in strings aside).
+def _within(levels: int) -> re.Pattern[bytes]:
+    # Containers at most `levels` deep, as a regex over `(` and `)` alone: one container of
+    # depth <= k is `(` + any number of containers of depth <= k-1 + `)`. Possessive: no
+    # backtracking, one linear pass whatever the input.
+    container = rb"\(\)"
+    for _ in range(levels - 1):
+        container = rb"\((?:" + container + rb")*+\)"
+    return re.compile(rb"(?:" + container + rb")*+")
 
-    A few passes of bytes methods, no Python loop over the body: escaped backslashes and quotes
-    go first (so that every quote left opens or closes a string), then all but brackets and
-    quotes; bracket-free strings (``""`` by then) and strings with brackets go; then each pass
-    removes the innermost ``()`` pairs, one level per pass. Unbalanced input answers False
-    and is left to the decoder, whose RecursionError the callers turn into a 400 as well.
+
+_WITHIN_DEPTH = _within(MAX_DEPTH)
+
+
+def too_deep(body: bytes | bytearray) -> bool:
+    """Whether ``body``, valid JSON, nests deeper than ``MAX_DEPTH`` levels.
+
+    Bytes methods and one regex, no Python loop over the body: a body with at most MAX_DEPTH
+    brackets cannot be deeper. Otherwise escaped backslashes and quotes go first (so that
+    every quote left opens or closes a string), then all but brackets and quotes; bracket-free
+    strings (``""`` by then) and then strings with brackets go; the brackets left are checked
+    by ``_WITHIN_DEPTH`` in one linear pass. Call it after the body decoded: on invalid JSON
+    (unbalanced brackets) the answer means nothing.
     """
     if len(body) >= 65536 and not _brackets_over(body, MAX_DEPTH):
         return False  # a large body is mostly base64: memchr finds its few brackets fastest
@@ -141,14 +155,7 @@ def too_deep(body: bytes | bytearray) -> bool:
     structure = structure.replace(b'""', b"")
     if b'"' in structure:
         structure = b"".join(structure.split(b'"')[::2])
-    for _ in range(MAX_DEPTH):
-        if not structure:
-            return False
-        inner = structure.replace(b"()", b"")
-        if len(inner) == len(structure):
-            return False
-        structure = inner
-    return bool(structure)
+    return _WITHIN_DEPTH.fullmatch(structure) is None
 
 
 def _brackets_over(body: bytes | bytearray, limit: int) -> bool:
@@ -163,9 +170,13 @@ def _brackets_over(body: bytes | bytearray, limit: int) -> bool:
     return False
 
 
+def _deep() -> BadRequest:
+    return BadRequest(f"The request body nests JSON deeper than {MAX_DEPTH} levels")
+
+
 def _check_depth(body: bytes | bytearray) -> None:
     if too_deep(body):
-        raise BadRequest(f"The request body nests JSON deeper than {MAX_DEPTH} levels")
+        raise _deep()
 
 
 def check_name(value: str, param: str) -> None:
@@ -188,15 +199,15 @@ def _check_redirecting(obj: RawObject) -> None:
 
 def parse_chat(body: bytes | bytearray) -> tuple[RawObject, str, Any]:
     """Decode the top level of a chat request: (fields as raw JSON, model, ocr_model)."""
-    _check_depth(body)
     try:
         obj = object_decoder.decode(body)
     except msgspec.ValidationError:
         raise BadRequest("The request body must be a JSON object") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"The request body is not valid JSON: {exc}") from None
-    except RecursionError:  # unbalanced brackets that too_deep left to the decoder
-        raise BadRequest(f"The request body nests JSON deeper than {MAX_DEPTH} levels") from None
+    except RecursionError:  # past ~1000 levels: msgspec's own limit
+        raise _deep() from None
+    _check_depth(body)
     raw_model = obj.get("model")
     try:
         model = _str_decoder.decode(raw_model) if raw_model is not None else ""
@@ -492,13 +503,13 @@ class _Inflated:
 def _json_model(body: bytes | bytearray) -> str | None:
     """The ``model`` of a pass-through JSON body, after the checks a chat body gets; None when
     the body is no JSON object (it is forwarded as it is: the upstream judges it)."""
-    _check_depth(body)
     try:
         obj = object_decoder.decode(body)
     except RecursionError:
-        raise BadRequest(f"The request body nests JSON deeper than {MAX_DEPTH} levels") from None
+        raise _deep() from None
     except msgspec.DecodeError:
         return None
+    _check_depth(body)
     _check_redirecting(obj)
     model = _field(obj, "model")
     if not isinstance(model, str) or not model:
