@@ -7,13 +7,12 @@ upstream → relay with ``usage.ocr``. A streaming request whose OCR step outlas
 ``keepalive_after_s`` gets its 200 and SSE headers early, then keep-alive comments, so that
 nginx and chat frontends do not give up while the images are being described.
 
-Every body the proxy reads is judged before any upstream call: JSON nested deeper than
-``MAX_DEPTH`` levels, a number out of msgspec's range in a field the proxy decodes, a ``model``
-or ``ocr_model`` with control characters or longer than ``MAX_NAME`` characters, or a field that
-would redirect the request (``REDIRECTING_FIELDS``) is a 400, on the chat route and on the
-pass-through alike. The pass-through relays only the routes of ``[server] passthrough_routes``
-(404 for the others), and streams only uploads (multipart, octet-stream, media types); a
-compressed upload is inflated by aiohttp, so its inflated size is capped at ``max_body_bytes``.
+Every body the proxy reads is judged by ``guard`` before any upstream call (depth, names,
+redirecting fields), and a number out of msgspec's range in a field the proxy decodes is a 400,
+on the chat route and on the pass-through alike. The pass-through relays only the routes of
+``[server] passthrough_routes`` (404 for the others), and streams only uploads (multipart,
+octet-stream, media types); a compressed upload is inflated by aiohttp, so its inflated size
+is capped at ``max_body_bytes``.
 """
 
 from __future__ import annotations
@@ -35,6 +34,8 @@ from .cache import DescriptionCache
 from .describe import Describer, OcrReport, Outcome
 from .errors import BadRequest, NotFound, PayloadTooLarge, ProxyError, UpstreamError
 from .fetch import Fetcher
+from .guard import REDIRECTING_FIELDS as REDIRECTING_FIELDS  # where it was first defined
+from .guard import check_depth, check_name, check_redirecting, deep
 from .rewrite import placeholder_block, reference_block, rewrite
 from .schema import RawObject, encoder, is_json, models_decoder, object_decoder
 
@@ -46,13 +47,6 @@ DESCRIBER = web.AppKey("describer", Describer)
 FETCHER = web.AppKey("fetcher", Fetcher)  # present only when `[ocr] fetch_images` is on
 SECRETS = web.AppKey("secrets", tuple[bytes, ...])  # redacted from relayed error bodies
 PASSTHROUGH = web.AppKey("passthrough", re.Pattern[str])  # `routes_pattern` of the config
-
-# Body fields that would let a client choose where the proxy sends requests (or with which key)
-# in other gateways. ocrproxy's upstreams are fixed by its operator: such a request is refused.
-REDIRECTING_FIELDS = ("api_base", "base_url", "api_key", "azure_endpoint", "api_version")
-MAX_DEPTH = 64  # nesting levels of a JSON body the proxy reads
-MAX_NAME = 256  # characters of `model` and `ocr_model`
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(slots=True)
@@ -117,86 +111,6 @@ def _field(obj: RawObject, name: str) -> Any:
         ) from None
 
 
-_BRACKETS = bytes.maketrans(b"[{]}", b"(())")
-_NOT_STRUCTURE = bytes(set(range(256)) - set(b'[]{}"'))
-
-
-def _within(levels: int) -> re.Pattern[bytes]:
-    # Containers at most `levels` deep, as a regex over `(` and `)` alone: one container of
-    # depth <= k is `(` + any number of containers of depth <= k-1 + `)`. Possessive: no
-    # backtracking, one linear pass whatever the input.
-    container = rb"\(\)"
-    for _ in range(levels - 1):
-        container = rb"\((?:" + container + rb")*+\)"
-    return re.compile(rb"(?:" + container + rb")*+")
-
-
-_WITHIN_DEPTH = _within(MAX_DEPTH)
-
-
-def too_deep(body: bytes | bytearray) -> bool:
-    """Whether ``body``, valid JSON, nests deeper than ``MAX_DEPTH`` levels.
-
-    Bytes methods and one regex, no Python loop over the body: a body with at most MAX_DEPTH
-    brackets cannot be deeper. Otherwise escaped backslashes and quotes go first (so that
-    every quote left opens or closes a string), then all but brackets and quotes; bracket-free
-    strings (``""`` by then) and then strings with brackets go; the brackets left are checked
-    by ``_WITHIN_DEPTH`` in one linear pass. Call it after the body decoded: on invalid JSON
-    (unbalanced brackets) the answer means nothing.
-    """
-    if len(body) >= 65536 and not _brackets_over(body, MAX_DEPTH):
-        return False  # a large body is mostly base64: memchr finds its few brackets fastest
-    structure = body.translate(_BRACKETS, _NOT_STRUCTURE)
-    if structure.count(b"(") <= MAX_DEPTH:
-        return False
-    if body.find(b"\\") >= 0 and b'\\"' in body:  # only an escaped quote can mislead
-        body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
-        structure = body.translate(_BRACKETS, _NOT_STRUCTURE)
-    structure = structure.replace(b'""', b"")
-    if b'"' in structure:
-        structure = b"".join(structure.split(b'"')[::2])
-    return _WITHIN_DEPTH.fullmatch(structure) is None
-
-
-def _brackets_over(body: bytes | bytearray, limit: int) -> bool:
-    count = 0
-    for opening in b"[{":
-        at = body.find(opening)
-        while at >= 0:
-            count += 1
-            if count > limit:
-                return True
-            at = body.find(opening, at + 1)
-    return False
-
-
-def _deep() -> BadRequest:
-    return BadRequest(f"The request body nests JSON deeper than {MAX_DEPTH} levels")
-
-
-def _check_depth(body: bytes | bytearray) -> None:
-    if too_deep(body):
-        raise _deep()
-
-
-def check_name(value: str, param: str) -> None:
-    """A model name goes into headers, logs and cache keys: bounded, no control characters."""
-    if len(value) > MAX_NAME or _CONTROL.search(value):
-        raise BadRequest(
-            f"`{param}` must be at most {MAX_NAME} characters, without control characters",
-            param=param,
-        )
-
-
-def _check_redirecting(obj: RawObject) -> None:
-    for name in REDIRECTING_FIELDS:
-        if name in obj:
-            raise BadRequest(
-                f"`{name}` is not accepted: this proxy's upstreams are set by its operator",
-                param=name,
-            )
-
-
 def parse_chat(body: bytes | bytearray) -> tuple[RawObject, str, Any]:
     """Decode the top level of a chat request: (fields as raw JSON, model, ocr_model)."""
     try:
@@ -206,8 +120,8 @@ def parse_chat(body: bytes | bytearray) -> tuple[RawObject, str, Any]:
     except msgspec.DecodeError as exc:
         raise BadRequest(f"The request body is not valid JSON: {exc}") from None
     except RecursionError:  # past ~1000 levels: msgspec's own limit
-        raise _deep() from None
-    _check_depth(body)
+        raise deep() from None
+    check_depth(body)
     raw_model = obj.get("model")
     try:
         model = _str_decoder.decode(raw_model) if raw_model is not None else ""
@@ -221,7 +135,7 @@ def parse_chat(body: bytes | bytearray) -> tuple[RawObject, str, Any]:
         raise BadRequest("`messages` is required", param="messages")
     if not is_json(messages, b"["):
         raise BadRequest("`messages` must be an array", param="messages")
-    _check_redirecting(obj)
+    check_redirecting(obj)
     ocr_model = _field(obj, "ocr_model")
     if ocr_model is not None and (not isinstance(ocr_model, str) or not ocr_model):
         raise BadRequest("`ocr_model` must be a non-empty string", param="ocr_model")
@@ -506,11 +420,11 @@ def _json_model(body: bytes | bytearray) -> str | None:
     try:
         obj = object_decoder.decode(body)
     except RecursionError:
-        raise _deep() from None
+        raise deep() from None
     except msgspec.DecodeError:
         return None
-    _check_depth(body)
-    _check_redirecting(obj)
+    check_depth(body)
+    check_redirecting(obj)
     model = _field(obj, "model")
     if not isinstance(model, str) or not model:
         return None

@@ -478,7 +478,7 @@ async def test_non_ascii_authorization_is_400(
 def test_depth_scan_agrees_with_a_parser() -> None:
     import random
 
-    from ocrproxy.handlers import MAX_DEPTH, too_deep
+    from ocrproxy.guard import MAX_DEPTH, too_deep
 
     def depth(value: Any) -> int:
         if isinstance(value, list):
