@@ -171,14 +171,9 @@ async def forward(
     )
     target = upstream.url(up, path, request.rel_url.raw_query_string)
     data = upstream.payload(body, headers) if isinstance(body, bytes | bytearray) else body
-    try:
-        source = await upstream.open_request(
-            request.app[SESSION], up, request.method, target, headers=headers, data=data
-        )
-    except UpstreamError:
-        if isinstance(body, _Inflated) and body.over:
-            raise body.too_large() from None  # the upload was cut at the limit: say why
-        raise
+    source = await upstream.open_request(
+        request.app[SESSION], up, request.method, target, headers=headers, data=data
+    )
     request[TRACE].upstream_answered(up, source.status)
     async with source:
         return await relay.relay(request, source, {}, secrets=request.app[SECRETS])
@@ -389,29 +384,22 @@ def routes_pattern(globs: tuple[str, ...]) -> re.Pattern[str]:
 _STREAMED = ("multipart/", "application/octet-stream", "audio/", "image/", "video/")
 
 
-class _Inflated:
+async def _inflated(request: web.Request, limit: int) -> AsyncIterator[bytes]:
     """A compressed upload as aiohttp inflates it, cut off past ``limit`` inflated bytes.
 
-    Its pieces go upstream as they come; the piece that would pass the limit is not sent and
-    the send fails instead, so the upstream never gets more than ``limit`` bytes.
+    Its pieces go upstream as they come; the piece that would pass the limit is not sent: the
+    send fails instead (``open_request`` raises this refusal, 413), so the upstream never gets
+    more than ``limit`` bytes. Uncompressed uploads are not wrapped: they cost the client
+    what they cost the proxy.
     """
-
-    def __init__(self, request: web.Request, limit: int) -> None:
-        self.request, self.limit, self.over = request, limit, False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        sent = 0
-        async for piece in self.request.content.iter_any():
-            sent += len(piece)
-            if sent > self.limit:
-                self.over = True
-                raise self.too_large()
-            yield piece
-
-    def too_large(self) -> PayloadTooLarge:
-        return PayloadTooLarge(
-            f"The request body is larger than the limit of {self.limit} bytes once inflated"
-        )
+    sent = 0
+    async for piece in request.content.iter_any():
+        sent += len(piece)
+        if sent > limit:
+            raise PayloadTooLarge(
+                f"The request body is larger than the limit of {limit} bytes once inflated"
+            )
+        yield piece
 
 
 def _json_model(body: bytes | bytearray) -> str | None:
@@ -446,7 +434,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         if declared is not None and request.content_type.startswith(_STREAMED):
             body = request.content
             if "Content-Encoding" in request.headers:
-                body = _Inflated(request, request.app[CONFIG].server.max_body_bytes)
+                body = _inflated(request, request.app[CONFIG].server.max_body_bytes)
         else:
             body = await read_body(request)
             model = _json_model(body)

@@ -25,7 +25,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from . import config
-from .errors import NotFound, UpstreamError, UpstreamTimeout
+from .errors import NotFound, ProxyError, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("ocrproxy.upstream")
 
@@ -242,5 +242,7 @@ async def open_request(
         log.warning("upstream %s timed out: %s", up.name, type(exc).__name__)
         raise UpstreamTimeout(f"The upstream `{up.name}` did not answer in time") from None
     except aiohttp.ClientError as exc:
+        if isinstance(exc.__cause__, ProxyError):  # the body refused itself (cut at its limit)
+            raise exc.__cause__ from None
         log.warning("upstream %s failed: %s", up.name, type(exc).__name__)
         raise UpstreamError(f"The upstream `{up.name}` is unreachable") from None
