@@ -7,9 +7,12 @@ upstream → relay with ``usage.ocr``. A streaming request whose OCR step outlas
 ``keepalive_after_s`` gets its 200 and SSE headers early, then keep-alive comments, so that
 nginx and chat frontends do not give up while the images are being described.
 
-Every body the proxy reads is judged by ``guard`` before any upstream call (depth, names,
-redirecting fields), and a number out of msgspec's range in a field the proxy decodes is a 400,
-on the chat route and on the pass-through alike. The pass-through relays only the routes of
+Every body the proxy reads is judged by ``guard`` before any upstream call (names, redirecting
+fields), and a number out of msgspec's range in a field the proxy decodes is a 400, on the chat
+route and on the pass-through alike. A body the proxy forwards byte for byte (no OCR) is decoded
+at its top level only, so its depth is the upstream's to judge, but past msgspec's own recursion
+limit (~1000 levels) it is a 400 too; an OCR request, whose messages the proxy walks and
+rebuilds, is refused past ``guard.MAX_DEPTH`` levels. The pass-through relays only the routes of
 ``[server] passthrough_routes`` (404 for the others), and streams only uploads (multipart,
 octet-stream, media types); a compressed upload is inflated by aiohttp, so its inflated size
 is capped at ``max_body_bytes``.
@@ -121,7 +124,6 @@ def parse_chat(body: bytes | bytearray) -> tuple[RawObject, str, Any]:
         raise BadRequest(f"The request body is not valid JSON: {exc}") from None
     except RecursionError:  # past ~1000 levels: msgspec's own limit
         raise deep() from None
-    check_depth(body)
     raw_model = obj.get("model")
     try:
         model = _str_decoder.decode(raw_model) if raw_model is not None else ""
@@ -157,6 +159,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if not has_suffix and ocr_model is None:
         trace.real_model = model
         return await forward(request, request.app[ROUTER].route(model), "chat/completions", body)
+    check_depth(body)  # the OCR step walks and rebuilds the body: bounded depth first
     real_model = model[: -len(suffix)] if has_suffix else model
     return await ocr_chat(request, obj, real_model, ocr_model or cfg.ocr.model)
 
@@ -411,7 +414,6 @@ def _json_model(body: bytes | bytearray) -> str | None:
         raise deep() from None
     except msgspec.DecodeError:
         return None
-    check_depth(body)
     check_redirecting(obj)
     model = _field(obj, "model")
     if not isinstance(model, str) or not model:
