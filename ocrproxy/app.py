@@ -1,11 +1,20 @@
 """Build the aiohttp application: shared state under typed keys, middleware, routes.
 
 One middleware wraps every request: it assigns the request id (kept from a sane incoming
-``X-Request-Id``, else new), checks the client key on ``/v1`` routes, renders every ``ProxyError``
+``X-Request-Id``, else new), refuses a path that is not spelled canonically, checks the client
+key on ``/v1`` routes, renders every ``ProxyError``
 as an OpenAI error, turns anything unexpected into a 500 without leaking internals, counts the
 request in the metrics and writes the one access-log line (one layer: each middleware is a
 wrapper and a coroutine more on every request). The client session, cache and describer are
 opened and closed in a ``cleanup_ctx``.
+
+Paths are judged as the client sent them (``rel_url.raw_path``), not as aiohttp decoded them:
+the pass-through forwards the raw path, so a dot segment (``..``, ``%2e%2e``, ``.%2E``), an
+encoded slash or backslash, a raw backslash, an empty segment (``//``, a trailing ``/``) or an
+encoded control character would reach the upstream outside its base URL, or give one route
+several spellings that skip the chat route's rules. Such a path is a 400 ``invalid_path``
+before any key check or routing work, and is never forwarded. Normal paths pay four substring
+tests; only a path with ``%``, ``/.``, ``//``, a backslash or a trailing slash runs the regex.
 """
 
 from __future__ import annotations
@@ -25,13 +34,18 @@ from aiohttp import web
 from . import body, config, handlers, local, logs, metrics, relay, tiers, upstream
 from .cache import DescriptionCache, MemoryLRU
 from .describe import Describer
-from .errors import MethodNotAllowed, NotFound, ProxyError, Unauthorized
+from .errors import BadRequest, MethodNotAllowed, NotFound, ProxyError, Unauthorized
 from .fetch import Fetcher
 
 log = logging.getLogger("ocrproxy.access")
 
 _QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})  # probes: debug, not info
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+# A path with one of these is refused (case-insensitive): an encoded dot, slash, backslash or
+# control character; a raw backslash; an empty segment; a `.` or `..` segment (also `..;x`,
+# which Java servers read as `..`); a trailing slash.
+_BAD_PATH = re.compile(r"%(?:2e|2f|5c|[01][0-9a-f]|7f)|\\|//|/\.\.?(?:/|;|$)|./$", re.I)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -66,9 +80,33 @@ def _request_id(request: web.Request) -> str:
     return incoming if _REQUEST_ID.match(incoming) else _ids.new()
 
 
+def _check_path(request: web.Request) -> None:
+    """Refuse a path that is not the one canonical spelling of itself (see the module doc)."""
+    raw = request.rel_url.raw_path
+    if not ("%" in raw or "/." in raw or "//" in raw or "\\" in raw or raw[-1:] == "/"):
+        return  # the common case: nothing that could be a dot segment, an escape or a `//`
+    if _BAD_PATH.search(raw) or (
+        # `/%76%31/...` is routed as `/v1/...` but would not be forwarded below /v1
+        not raw.startswith("/v1/") and request.path.startswith("/v1")
+    ):
+        raise BadRequest(
+            "The request path must not contain `.` or `..` segments, empty segments, a "
+            "trailing slash, backslashes or percent-encoded dots, slashes or control characters",
+            code="invalid_path",
+        )
+
+
+def _check_authorization(request: web.Request) -> None:
+    # aiohttp decodes header bytes that are not UTF-8 as surrogates: such a value cannot be
+    # compared as bytes, nor sent on upstream in relay mode.
+    value = request.headers.get("Authorization")
+    if value is not None and not value.isascii():
+        raise BadRequest("The Authorization header must be ASCII", code="invalid_header")
+
+
 def _check_key(request: web.Request, keys: tuple[str, ...]) -> None:
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    token = value.strip().encode()
+    token = value.strip().encode("utf-8", "surrogateescape")
     valid = scheme.lower() == "bearer" and token != b""
     matched = False
     for key in keys:
@@ -93,11 +131,14 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     error: BaseException | None = None
     status = 500
     try:
+        _check_path(request)
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             response = _preflight(request, cfg.server.cors_origins)
             return response
-        if cfg.auth.keys and request.path.startswith("/v1"):
-            _check_key(request, cfg.auth.keys)
+        if request.path.startswith("/v1"):
+            _check_authorization(request)
+            if cfg.auth.keys:
+                _check_key(request, cfg.auth.keys)
         response = await handler(request)
     except ProxyError as exc:
         error = exc
@@ -224,9 +265,18 @@ def _commit(request: web.Request, response: web.StreamResponse) -> None:
     request.app[metrics.METRICS].prepared(request, response)
 
 
+_CREDENTIAL_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "proxy-authorization"})
+
+
 def _secrets(cfg: config.Config) -> tuple[str, ...]:
     """Every configured credential: none may reach a client or a log line."""
     found = cfg.auth.keys + tuple(up.api_key for up in cfg.upstreams if up.api_key)
+    found += tuple(  # an upstream's `headers` may carry its credentials (Azure's api-key)
+        value
+        for up in cfg.upstreams
+        for name, value in up.headers.items()
+        if name.lower() in _CREDENTIAL_HEADERS and value
+    )
     return found + _url_passwords(cfg.cache.redis_url)
 
 
@@ -331,6 +381,7 @@ def create_app(cfg: config.Config) -> web.Application:
     app[handlers.ROUTER] = upstream.Router(cfg.upstreams)
     app[handlers.SECRETS] = relay.secrets_of(_secrets(cfg))
     app[relay.WRITE_TIMEOUT] = cfg.server.write_timeout_s
+    app[handlers.PASSTHROUGH] = handlers.routes_pattern(cfg.server.passthrough_routes)
     app.cleanup_ctx.append(_state)
     app.cleanup_ctx.append(_fetcher)
     if cfg.server.stall_warning_ms > 0:

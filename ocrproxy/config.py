@@ -411,12 +411,26 @@ def _mask(secret: str) -> str:
 
 
 def _mask_url(url: str) -> str:
-    """``redis://user:password@host`` with the password hidden."""
+    """``url`` with its credentials hidden: the user info (``user:password@`` keeps the user,
+    a bare ``token@`` goes whole), every query value (``?token=...``) and any fragment.
+
+    The user info ends at the last ``@`` before the query, even past a ``/``: a password with
+    an unescaped ``/`` is hidden too (an ``@`` in the path is masked with it, harmlessly).
+    """
     scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    return f"{scheme}{sep}{userinfo.split(':')[0]}:****@{host}"
+    rest, hashed, fragment = rest.partition("#")
+    rest, asked, query = rest.partition("?")
+    userinfo, at, rest = rest.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        rest = f"{user}:****@{rest}" if colon and "/" not in user else f"****@{rest}"
+    if query:
+        query = "&".join(
+            f"{name}=****" if eq else name
+            for name, eq, _ in (item.partition("=") for item in query.split("&"))
+        )
+    fragment = "****" if fragment else ""
+    return f"{scheme}{sep}{rest}{asked}{query}{hashed}{fragment}"
 
 
 def masked(cfg: Config) -> dict[str, Any]:
@@ -425,5 +439,7 @@ def masked(cfg: Config) -> dict[str, Any]:
     data["auth"]["keys"] = [_mask(k) for k in cfg.auth.keys]
     for up in data["upstreams"]:
         up["api_key"] = _mask(up["api_key"])
+        up["base_url"] = _mask_url(up["base_url"])
+        up["headers"] = {name: _mask(value) for name, value in up["headers"].items()}
     data["cache"]["redis_url"] = _mask_url(cfg.cache.redis_url)
     return data

@@ -410,9 +410,7 @@ class Describer:
     async def _request(
         self, image: Image, model: str, up: config.Upstream, auth: str | None
     ) -> Description:
-        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
-        if auth:
-            headers["Authorization"] = auth
+        headers = upstream.call_headers(up, auth)
         body = self._body(image, model)
         if isinstance(body, _Pieces):
             headers["Content-Length"] = str(body.size)

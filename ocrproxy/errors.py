@@ -3,7 +3,9 @@
 The tree is deliberately shallow::
 
     ProxyError                      500 server_error
-    ├── BadRequest                  400 invalid_request_error
+    ├── BadRequest                  400 invalid_request_error (code: invalid_path for a
+    │   │                               non-canonical path, invalid_header for a non-ASCII
+    │   │                               Authorization)
     │   └── InvalidImage            400 invalid_request_error / invalid_image
     ├── Unauthorized                401 invalid_request_error / invalid_api_key
     ├── NotFound                    404 invalid_request_error

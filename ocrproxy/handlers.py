@@ -6,12 +6,25 @@ byte. If so: images → identities → descriptions (cache, OCR model) → rewri
 upstream → relay with ``usage.ocr``. A streaming request whose OCR step outlasts
 ``keepalive_after_s`` gets its 200 and SSE headers early, then keep-alive comments, so that
 nginx and chat frontends do not give up while the images are being described.
+
+Every body the proxy reads is judged by ``guard`` before any upstream call (names, redirecting
+fields), and a number out of msgspec's range in a field the proxy decodes is a 400, on the chat
+route and on the pass-through alike. A body the proxy forwards byte for byte (no OCR) is decoded
+at its top level only, so its depth is the upstream's to judge, but past msgspec's own recursion
+limit (~1000 levels) it is a 400 too; an OCR request, whose messages the proxy walks and
+rebuilds, is refused past ``guard.MAX_DEPTH`` levels. The pass-through relays only the routes of
+``[server] passthrough_routes`` (404 for the others), and streams only uploads (multipart,
+octet-stream, media types); a compressed upload is inflated by aiohttp, so its inflated size
+is capped at ``max_body_bytes``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
+import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from secrets import token_hex
 from typing import Any
@@ -24,8 +37,10 @@ from . import config, images, relay, upstream
 from .body import read_body
 from .cache import DescriptionCache
 from .describe import Describer, OcrReport, Outcome
-from .errors import BadRequest, ProxyError, UpstreamError
+from .errors import BadRequest, NotFound, PayloadTooLarge, ProxyError, UpstreamError
 from .fetch import Fetcher
+from .guard import REDIRECTING_FIELDS as REDIRECTING_FIELDS  # where it was first defined
+from .guard import check_depth, check_name, check_redirecting, deep
 from .rewrite import placeholder_block, reference_block, rewrite
 from .schema import RawObject, encoder, is_json, models_decoder, object_decoder
 
@@ -36,10 +51,7 @@ CACHE = web.AppKey("cache", DescriptionCache)
 DESCRIBER = web.AppKey("describer", Describer)
 FETCHER = web.AppKey("fetcher", Fetcher)  # present only when `[ocr] fetch_images` is on
 SECRETS = web.AppKey("secrets", tuple[bytes, ...])  # masked in everything relayed to clients
-
-# Body fields that would let a client choose where the proxy sends requests (or with which key)
-# in other gateways. ocrproxy's upstreams are fixed by its operator: such a request is refused.
-REDIRECTING_FIELDS = ("api_base", "base_url", "api_key", "azure_endpoint", "api_version")
+PASSTHROUGH = web.AppKey("passthrough", re.Pattern[str])  # `routes_pattern` of the config
 
 
 @dataclass(slots=True)
@@ -72,7 +84,14 @@ _str_decoder = msgspec.json.Decoder(str)
 
 def _field(obj: RawObject, name: str) -> Any:
     raw = obj.get(name)
-    return None if raw is None else msgspec.json.decode(raw)
+    if raw is None:
+        return None
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError:  # the only failure of a Raw slice: a number out of range
+        raise BadRequest(
+            f"`{name}` holds a number out of range (64-bit integers and doubles only)", param=name
+        ) from None
 
 
 def parse_chat(body: bytes | bytearray) -> tuple[RawObject, str, Any]:
@@ -83,6 +102,8 @@ def parse_chat(body: bytes | bytearray) -> tuple[RawObject, str, Any]:
         raise BadRequest("The request body must be a JSON object") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"The request body is not valid JSON: {exc}") from None
+    except RecursionError:  # past ~1000 levels: msgspec's own limit
+        raise deep() from None
     raw_model = obj.get("model")
     try:
         model = _str_decoder.decode(raw_model) if raw_model is not None else ""
@@ -90,20 +111,18 @@ def parse_chat(body: bytes | bytearray) -> tuple[RawObject, str, Any]:
         model = ""
     if not model:
         raise BadRequest("`model` is required and must be a non-empty string", param="model")
+    check_name(model, "model")
     messages = obj.get("messages")
     if messages is None:
         raise BadRequest("`messages` is required", param="messages")
     if not is_json(messages, b"["):
         raise BadRequest("`messages` must be an array", param="messages")
-    for name in REDIRECTING_FIELDS:
-        if name in obj:
-            raise BadRequest(
-                f"`{name}` is not accepted: this proxy's upstreams are set by its operator",
-                param=name,
-            )
+    check_redirecting(obj)
     ocr_model = _field(obj, "ocr_model")
     if ocr_model is not None and (not isinstance(ocr_model, str) or not ocr_model):
         raise BadRequest("`ocr_model` must be a non-empty string", param="ocr_model")
+    if ocr_model is not None:
+        check_name(ocr_model, "ocr_model")
     return obj, model, ocr_model
 
 
@@ -120,6 +139,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if not has_suffix and ocr_model is None:
         trace.real_model = model
         return await forward(request, request.app[ROUTER].route(model), "chat/completions", body)
+    check_depth(body)  # the OCR step walks and rebuilds the body: bounded depth first
     real_model = model[: -len(suffix)] if has_suffix else model
     return await ocr_chat(request, obj, real_model, ocr_model or cfg.ocr.model)
 
@@ -132,9 +152,7 @@ async def forward(
     headers = upstream.request_headers(
         request.headers, up, keep_length=streamed, relay_auth=not request.app[CONFIG].auth.keys
     )
-    target = upstream.url(up, path)
-    if request.rel_url.raw_query_string:
-        target += "?" + request.rel_url.raw_query_string
+    target = upstream.url(up, path, request.rel_url.raw_query_string)
     data = upstream.payload(body, headers) if isinstance(body, bytes | bytearray) else body
     source = await upstream.open_request(
         request.app[SESSION], up, request.method, target, headers=headers, data=data
@@ -154,10 +172,7 @@ def _ocr_headers(report: OcrReport | None, model: str) -> dict[str, str]:
 
 
 def _wants_usage(obj: RawObject) -> bool:
-    try:
-        options = _field(obj, "stream_options")
-    except msgspec.DecodeError:
-        return False
+    options = _field(obj, "stream_options")
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
@@ -171,12 +186,13 @@ async def ocr_chat(
     up = request.app[ROUTER].route(real_model)
     describer = request.app[DESCRIBER]
     describer.check_model(ocr_model)  # 404 unknown, 400 unavailable: before work
+    stream = _field(obj, "stream") is True
+    edit_stream = stream and _wants_usage(obj)
     scan = await images.scan_and_identify(obj["messages"], cfg.ocr)
     # Images described in memory need nothing more; every other one is decoded and checked
     # now, so that a bad image is a 400 before any OCR call and before a stream is committed.
     hits = describer.memory_hits(scan.images, ocr_model, request.headers)
     await images.validate([im for im in scan.images if im.digest not in hits], cfg.ocr)
-    stream = _field(obj, "stream") is True
 
     loop = asyncio.get_running_loop()
     response: web.StreamResponse | None = None
@@ -217,7 +233,6 @@ async def ocr_chat(
     headers = upstream.request_headers(request.headers, up, relay_auth=not cfg.auth.keys)
     headers["Content-Type"] = "application/json"
     usage = report.usage()
-    edit_stream = stream and _wants_usage(obj)
     send = upstream.open_request(
         request.app[SESSION],
         up,
@@ -340,21 +355,74 @@ async def models(request: web.Request) -> web.StreamResponse:
     return web.Response(body=body, content_type="application/json")
 
 
+def routes_pattern(globs: tuple[str, ...]) -> re.Pattern[str]:
+    """One regex for the ``[server] passthrough_routes`` globs (none: one that matches nothing)."""
+    if not globs:
+        return re.compile(r"(?!)")
+    return re.compile("|".join(fnmatch.translate(glob) for glob in globs))
+
+
+# Content types the pass-through streams to the upstream unread: uploads, which can be large
+# and are not JSON. Every other body is read whole (so `max_body_bytes` applies) and, if it is
+# a JSON object, routed by `model` and checked like a chat request: gateways behind the proxy
+# may parse a body as JSON whatever its declared type.
+_STREAMED = ("multipart/", "application/octet-stream", "audio/", "image/", "video/")
+
+
+async def _inflated(request: web.Request, limit: int) -> AsyncIterator[bytes]:
+    """A compressed upload as aiohttp inflates it, cut off past ``limit`` inflated bytes.
+
+    Its pieces go upstream as they come; the piece that would pass the limit is not sent: the
+    send fails instead (``open_request`` raises this refusal, 413), so the upstream never gets
+    more than ``limit`` bytes. Uncompressed uploads are not wrapped: they cost the client
+    what they cost the proxy.
+    """
+    sent = 0
+    async for piece in request.content.iter_any():
+        sent += len(piece)
+        if sent > limit:
+            raise PayloadTooLarge(
+                f"The request body is larger than the limit of {limit} bytes once inflated"
+            )
+        yield piece
+
+
+def _json_model(body: bytes | bytearray) -> str | None:
+    """The ``model`` of a pass-through JSON body, after the checks a chat body gets; None when
+    the body is no JSON object (it is forwarded as it is: the upstream judges it)."""
+    try:
+        obj = object_decoder.decode(body)
+    except RecursionError:
+        raise deep() from None
+    except msgspec.DecodeError:
+        return None
+    check_redirecting(obj)
+    model = _field(obj, "model")
+    if not isinstance(model, str) or not model:
+        return None
+    check_name(model, "model")
+    return model
+
+
 async def passthrough(request: web.Request) -> web.StreamResponse:
-    """Any other ``/v1/*`` request: relayed both ways untouched, routed by ``model`` if JSON."""
+    """Any other listed ``/v1/*`` route: relayed both ways, routed by ``model`` if JSON."""
+    # The middleware refused every raw path that is not `/v1/` plus canonical segments.
+    path = request.rel_url.raw_path[len("/v1/") :]
+    if not request.app[PASSTHROUGH].match(path):
+        raise NotFound(f"Unknown route {request.method} {request.path}")
     router = request.app[ROUTER]
-    path = request.rel_url.raw_path.removeprefix("/v1")
     up = router.default
     body: Any = None
     if request.body_exists:
-        body = request.content
-        if request.content_type == "application/json":
+        declared = request.headers.get("Content-Type")
+        if declared is not None and request.content_type.startswith(_STREAMED):
+            body = request.content
+            if "Content-Encoding" in request.headers:
+                body = _inflated(request, request.app[CONFIG].server.max_body_bytes)
+        else:
             body = await read_body(request)
-            try:
-                model = _field(object_decoder.decode(body), "model")
-            except (msgspec.DecodeError, TypeError):
-                model = None
-            if isinstance(model, str) and model:
+            model = _json_model(body)
+            if model is not None:
                 up = router.route(model)
     return await forward(request, up, path, body)
 

@@ -4,8 +4,12 @@ Theory of operation: upstreams are tried in config order and the first whose ``m
 matches the model wins (the OCR model is routed the same way). Headers are copied from the
 client minus hop-by-hop headers, the client's address, and its credentials: when the upstream
 has its own ``api_key`` that key is sent; when it has none, the client's ``Authorization`` is
-relayed (pure relay mode). Connection errors become 502 and a missing answer 504, rendered by
-the error middleware; an upstream's own error statuses are relayed untouched by the caller.
+relayed (pure relay mode). Account headers (``OpenAI-Organization``, ``OpenAI-Project``,
+``Cookie``) go with the client's own key only: with the operator's key they would let a client
+pick which of the operator's organisations or projects it uses. An upstream's ``headers`` are
+set on every request to it (chat, pass-through, models and OCR calls), over the client's.
+Connection errors become 502 and a missing answer 504, rendered by the error middleware; an
+upstream's own error statuses are relayed untouched by the caller.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from . import config
-from .errors import NotFound, UpstreamError, UpstreamTimeout
+from .errors import NotFound, ProxyError, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("ocrproxy.upstream")
 
@@ -55,6 +59,8 @@ _DROP_REQUEST = HOP_BY_HOP | {
     "x-request-id",
     "expect",
 }
+# Sent on only with the client's own credentials (relay mode): they choose whose account is used.
+_ACCOUNT = frozenset({"openai-organization", "openai-project", "cookie"})
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length", "x-request-id", "server", "date"}
 
 
@@ -85,9 +91,16 @@ class Router:
         )
 
 
-def url(up: config.Upstream, path: str) -> str:
-    """Join an upstream's base URL (``…/v1``) and a path below ``/v1``."""
-    return up.base_url.rstrip("/") + "/" + path.lstrip("/")
+def url(up: config.Upstream, path: str, query: str = "") -> str:
+    """Join an upstream's base URL (``…/v1``, perhaps with a query such as
+    ``?api-version=...``), a path below ``/v1`` and the client's raw query string."""
+    base, _, fixed = up.base_url.partition("?")
+    target = base.rstrip("/") + "/" + path.lstrip("/")
+    if fixed and query:
+        return f"{target}?{fixed}&{query}"
+    if fixed or query:
+        return f"{target}?{fixed or query}"
+    return target
 
 
 def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
@@ -106,10 +119,11 @@ def request_headers(
     extra = _connection_tokens(incoming)
     # aiohttp hands the handler a decompressed body: its encoding and length no longer apply.
     keep_length = keep_length and "Content-Encoding" not in incoming
+    clients_own_key = relay_auth and not up.api_key
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         low = name.lower()
-        if low in _DROP_REQUEST or low in extra:
+        if low in _DROP_REQUEST or low in extra or (low in _ACCOUNT and not clients_own_key):
             if keep_length and low == "content-length":
                 out[name] = value
             continue
@@ -118,7 +132,19 @@ def request_headers(
     auth = auth_header(incoming, up, relay_auth=relay_auth)
     if auth:
         out["Authorization"] = auth
+    for name, value in up.headers.items():
+        out[name] = value
     return out
+
+
+def call_headers(up: config.Upstream, auth: str | None) -> dict[str, str]:
+    """The headers of a request the proxy makes itself (an OCR call): JSON, uncompressed
+    answers, the credentials ``auth_header`` chose and the upstream's own ``headers``."""
+    headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+    if auth:
+        headers["Authorization"] = auth
+    headers.update(up.headers)
+    return headers
 
 
 def auth_header(
@@ -216,5 +242,7 @@ async def open_request(
         log.warning("upstream %s timed out: %s", up.name, type(exc).__name__)
         raise UpstreamTimeout(f"The upstream `{up.name}` did not answer in time") from None
     except aiohttp.ClientError as exc:
+        if isinstance(exc.__cause__, ProxyError):  # the body refused itself (cut at its limit)
+            raise exc.__cause__ from None
         log.warning("upstream %s failed: %s", up.name, type(exc).__name__)
         raise UpstreamError(f"The upstream `{up.name}` is unreachable") from None
