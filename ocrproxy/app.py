@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from . import body, config, handlers, local, logs, metrics, relay, tiers, upstream
+from . import body, config, handlers, local, logs, metrics, relay, rewrite, tiers, upstream
 from .cache import DescriptionCache, MemoryLRU
 from .describe import Describer
 from .errors import BadRequest, MethodNotAllowed, NotFound, ProxyError, Unauthorized
@@ -380,6 +380,7 @@ def create_app(cfg: config.Config) -> web.Application:
     app[handlers.CONFIG] = cfg
     app[handlers.ROUTER] = upstream.Router(cfg.upstreams)
     app[handlers.SECRETS] = relay.secrets_of(_secrets(cfg))
+    app[handlers.DELIMITER_KEY] = rewrite.delimiter_key(_secrets(cfg))
     app[relay.WRITE_TIMEOUT] = cfg.server.write_timeout_s
     app[handlers.PASSTHROUGH] = handlers.routes_pattern(cfg.server.passthrough_routes)
     app.cleanup_ctx.append(_state)

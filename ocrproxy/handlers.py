@@ -26,7 +26,6 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from secrets import token_hex
 from typing import Any
 
 import aiohttp
@@ -41,7 +40,7 @@ from .errors import BadRequest, NotFound, PayloadTooLarge, ProxyError, UpstreamE
 from .fetch import Fetcher
 from .guard import REDIRECTING_FIELDS as REDIRECTING_FIELDS  # where it was first defined
 from .guard import check_depth, check_name, check_redirecting, deep
-from .rewrite import placeholder_block, reference_block, rewrite
+from .rewrite import delimiter_tag, placeholder_block, reference_block, rewrite
 from .schema import RawObject, encoder, is_json, models_decoder, object_decoder
 
 CONFIG = web.AppKey("config", config.Config)
@@ -52,6 +51,7 @@ DESCRIBER = web.AppKey("describer", Describer)
 FETCHER = web.AppKey("fetcher", Fetcher)  # present only when `[ocr] fetch_images` is on
 SECRETS = web.AppKey("secrets", tuple[bytes, ...])  # masked in everything relayed to clients
 PASSTHROUGH = web.AppKey("passthrough", re.Pattern[str])  # `routes_pattern` of the config
+DELIMITER_KEY = web.AppKey("delimiter_key", bytes)  # `rewrite.delimiter_key` of the secrets
 
 
 @dataclass(slots=True)
@@ -221,9 +221,10 @@ async def ocr_chat(
     trace.images, trace.cache_hits = report.images, report.cache_hits
     trace.ocr_failures, trace.ocr_ms = report.failures, round(report.ms, 1)
     blocks = []
-    nonce = token_hex(4)  # the request's delimiters, unknown to whoever wrote the text
+    key = request.app[DELIMITER_KEY]
     for number, image in enumerate(scan.images, 1):
         described = report.outcomes[image.digest].description
+        nonce = delimiter_tag(key, image.digest)  # unknown to whoever wrote the text
         blocks.append(
             reference_block(number, ocr_model, described.text, nonce)
             if described

@@ -4,13 +4,14 @@ Rules:
 - Each image part is replaced *in place* by a text part holding a delimited reference block,
   numbered by order of appearance across the whole request (an image sent twice gets two
   numbers and the same description).
-- The delimiters cannot be forged. Both carry the request's nonce (``#`` and random hex chosen
-  by the caller per request: ``[Image 1 #a1b2c3d4 (described by ...)]`` ...
-  ``[End of image 1 #a1b2c3d4]``), which neither the client nor the OCR model knows when it
-  writes its text, so a text part imitating a block lacks it; and inside a description every
-  ``[Image``/``[End of image`` is escaped to ``\\[Image``/``\\[End of image``, so the text of an
-  image (which can say anything) never holds a delimiter at all. The client's own text parts
-  are left byte for byte as they are.
+- The delimiters cannot be forged. Both carry the image's tag (``#`` and 8 hex digits:
+  ``[Image 1 #a1b2c3d4 (described by ...)]`` ... ``[End of image 1 #a1b2c3d4]``), an HMAC of
+  the image's identity under a key only the proxy knows (``delimiter_key``), so a text part
+  imitating a block lacks it; and inside a description every ``[Image``/``[End of image`` is
+  escaped to ``\\[Image``/``\\[End of image``, so the text of an image (which can say anything)
+  never holds a delimiter at all. The client's own text parts are left byte for byte as they
+  are. The tag depends on the image alone, not on the request: the same history is rewritten
+  to the same text every turn, so the upstream's prompt (prefix) cache keeps working.
 - A content array that then holds only plain text parts (``{"type": "text", "text": ...}`` and
   nothing else) is flattened into one string, parts joined by a blank line: many text-only
   upstreams reject content arrays. An array with any other part stays an array.
@@ -22,7 +23,10 @@ Rules:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import hashlib
+import hmac
+import os
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .images import Scan
@@ -30,6 +34,25 @@ from .schema import RawObject, encoder
 
 # The opening bracket of anything a delimiter could be mistaken for, in any case and spacing.
 _DELIMITER = re.compile(r"\[(?=\s*(?:image|end\s+of\s+image)\b)", re.IGNORECASE)
+
+
+def delimiter_key(secrets: Iterable[str]) -> bytes:
+    """The key of the delimiter tags: derived from the configured secrets, so that every worker
+    and every instance of one deployment tags an image alike (and no client can); random per
+    process when there is no secret (a pure relay), which only costs prefix-cache hits across
+    processes."""
+    h = hashlib.sha256(b"ocrproxy/delimiters\0")
+    found = False
+    for secret in sorted(secrets):
+        data = secret.encode()
+        h.update(len(data).to_bytes(4, "big") + data)
+        found = True
+    return h.digest() if found else os.urandom(32)
+
+
+def delimiter_tag(key: bytes, image_digest: bytes) -> str:
+    """The tag the delimiters of one image carry."""
+    return hmac.new(key, image_digest, hashlib.sha256).hexdigest()[:8]
 
 
 def escape(text: str) -> str:
@@ -42,8 +65,8 @@ def _tag(number: int, nonce: str) -> str:
 
 
 def reference_block(number: int, model: str, text: str, nonce: str = "") -> str:
-    """The text that stands in for image ``number`` once described; ``nonce`` is the request's
-    (``""``: none, for output no client text sits next to)."""
+    """The text that stands in for image ``number`` once described; ``nonce`` is its
+    ``delimiter_tag`` (``""``: none, for output no client text sits next to)."""
     tag = _tag(number, nonce)
     return (
         f"[Image {tag} (described by {escape(model)}; you cannot see the image itself, "
