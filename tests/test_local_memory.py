@@ -112,12 +112,12 @@ threads = {threads}
     async with spawn_proxy(folder, cfg) as (proc, base, session, _):
         before = _status(proc.pid)
 
-        async def send(url: str) -> None:
+        async def send(url: str) -> tuple[int, str]:
             body = chat("text-1", "What is in it?", image_part(url), ocr_model="local")
             async with session.post(base + "/v1/chat/completions", json=body) as r:
-                assert r.status == 200, await r.text()
+                return r.status, await r.text()
 
-        await asyncio.gather(*(send(u) for u in bombs))
+        answers = await asyncio.gather(*(send(u) for u in bombs))
         after = _status(proc.pid)
     peak = after["VmHWM"]
     report = (
@@ -125,6 +125,8 @@ threads = {threads}
         f"peak {peak / 1e6:.0f} MB, {after['VmRSS'] / 1e6:.0f} MB after"
     )
     assert peak < LIMIT, f"the proxy peaked past 1 GB: {report}"
+    for status, text in answers:
+        assert status == 200, text
     return report
 
 
