@@ -48,6 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import config, sniff
@@ -68,7 +69,7 @@ SYSTEM_TESSDATA = (
     "/usr/share/tesseract-ocr/4.00/tessdata",
     "/usr/share/tessdata",
 )
-# Larger images are refused before decoding: ~300 MB of greyscale at most.
+# Larger images are refused before decoding, whatever the budget of decoded bytes allows.
 MAX_PIXELS = 80_000_000
 # Tesseract reads lines about this tall (in pixels) best. Screenshots at 1x have 13-20 px lines,
 # which it misreads; a quick layout pass measures the median line, and smaller text is scaled up
@@ -187,53 +188,69 @@ def _check_pixels(width: int, height: int) -> None:
         )
 
 
-def _open(data: bytes, max_side: int, formats: tuple[str, ...] = FORMATS) -> PILImage.Image:
-    """The image with its header read and nothing decoded; a JPEG set to decode in greyscale
-    at the smallest scale (1/2, 1/4, 1/8) that still covers ``max_side``."""
+def _open(data: bytes, formats: tuple[str, ...] = FORMATS) -> PILImage.Image:
+    """The image with its header read and nothing decoded; RecognitionError if too large."""
     from PIL import Image
 
     image: PILImage.Image = Image.open(io.BytesIO(data), formats=formats)
     _check_pixels(*image.size)
-    image.draft("L", _fit(image.size, max_side))  # a no-op for the other formats
     return image
 
 
-def decoded_bytes(data: bytes, max_side: int) -> int:
-    """The most bytes of pixels ``prepare`` and the recognition after it hold at once for this
-    image, from its header alone: nothing is decoded, no pixel buffer allocated.
+def _draft(image: PILImage.Image, mode: str, max_side: int) -> None:
+    """Set a JPEG to decode in ``mode`` at the smallest scale (1/2, 1/4, 1/8) that still covers
+    ``max_side``; a no-op for the other formats."""
+    image.draft(mode, _fit(image.size, max_side))
 
-    Reading happens in two phases that do not overlap. Decoding: the whole decoded image
-    (unavoidable with Pillow, which decodes PNG, GIF and WebP at full size), the greyscale
-    canvas its rows are shrunk into, and one strip's copies. Recognition: the scaled image,
-    perhaps enlarged for small text, and Tesseract's own copies of it.
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """What an image's header says it costs to decode, before a pixel is decoded."""
+
+    width: int  # as decoded: a JPEG's reduced scale applied
+    height: int
+    decoder_bytes: int  # the decoded image, and what the decoder holds beside it
+
+
+def read_header(data: bytes, max_side: int, mode: str = "L") -> Header:
+    """The decoded size of an image and what decoding it holds, for a reader that scales it to
+    ``max_side`` (and a JPEG decoded in ``mode``). Allocates no pixel buffer.
+
+    Pillow decodes PNG, GIF and WebP at full size, so the decoded image is the floor.
     """
-    from PIL import Image
-
     found = sniff.sniff(data)
-    extra = 0
     if found is not None and found.media_type == "image/webp":
         # Pillow's WebP decoder allocates its canvas when the file is opened, so the header
         # is read here instead; a WebP costs four full copies (libwebp's two canvases, the
         # bytes it hands over, Pillow's image).
         if found.width is None or found.height is None:
             raise RecognitionError("the image is damaged (its WebP header is cut short)")
-        width, height = found.width, found.height
-        _check_pixels(width, height)
-        mode, copies = "RGBA", 4
-    else:
-        with _decoding():
-            image = Image.open(io.BytesIO(data), formats=("PNG", "JPEG", "GIF"))
-            _check_pixels(*image.size)
-            if image.format == "JPEG":
-                extra = _jpeg_coefficients(image)
-            image.draft("L", _fit(image.size, max_side))
-            mode, (width, height), copies = image.mode, image.size, 1
-            image.close()
+        _check_pixels(found.width, found.height)
+        return Header(found.width, found.height, found.width * found.height * 4 * 4)
+    with _decoding():
+        image = _open(data, formats=("PNG", "JPEG", "GIF"))
+        coefficients = _jpeg_coefficients(image) if image.format == "JPEG" else 0
+        _draft(image, mode, max_side)
+        width, height = image.size
+        decoded = width * height * pixel_bytes(image.mode)
+        image.close()
+    return Header(width, height, decoded + coefficients)
+
+
+def decoded_bytes(data: bytes, max_side: int) -> int:
+    """The most bytes of pixels ``prepare`` and the recognition after it hold at once for this
+    image, from its header alone.
+
+    Reading happens in two phases that do not overlap. Decoding: what the decoder holds
+    (``read_header``), the greyscale canvas the rows are shrunk into, and one strip's copies.
+    Recognition: the scaled image, perhaps enlarged for small text, and Tesseract's copies.
+    """
+    header = read_header(data, max_side)
+    width, height = header.width, header.height
     target = _fit((width, height), max_side)
     rows = min(height, _strip_rows(width))
     decoding = (
-        width * height * pixel_bytes(mode) * copies  # the decoded image
-        + extra  # a JPEG's coefficients
+        header.decoder_bytes
         + target[0] * height  # the canvas of greyscale rows
         + rows * width * STRIP_COPIES  # one strip: its crop, RGBA and greyscale copies
     )
@@ -292,11 +309,12 @@ def _grey_rows(image: PILImage.Image, width: int) -> PILImage.Image:
     """
     from PIL import Image
 
-    if image.mode == "L" and "transparency" not in image.info:
-        if width == image.width:
-            return image
-        return image.resize((width, image.height), Image.Resampling.LANCZOS)
     rows = _strip_rows(image.width)
+    if image.height <= rows or (image.mode == "L" and "transparency" not in image.info):
+        grey = _grey(image)  # small, or greyscale already: no other full-size copy to avoid
+        if width == grey.width:
+            return grey
+        return grey.resize((width, grey.height), Image.Resampling.LANCZOS)
     canvas = Image.new("L", (width, image.height))
     for top in range(0, image.height, rows):
         piece = _grey(image.crop((0, top, image.width, min(image.height, top + rows))))
@@ -316,7 +334,8 @@ def prepare(data: bytes, max_side: int) -> PILImage.Image:
     from PIL import Image, ImageOps, ImageStat
 
     with _decoding():
-        image = _open(data, max_side)
+        image = _open(data)
+        _draft(image, "L", max_side)
         image.load()
         orientation = image.getexif().get(ORIENTATION, 1)
         width, height = _fit(image.size, max_side)
