@@ -7,7 +7,7 @@ decoding, Pillow decoding and resizing, recognition) runs in a thread pool sized
 API object must never be shared between threads, so each pool thread lazily builds its own and
 keeps it for the life of the thread (loading the language data once per thread, not per image).
 
-Work is admitted by threads and by memory (``Workers``): a slot per thread, and a ``Budget`` of
+Work is admitted by threads and by memory (``workers.py``): a slot per thread, and a ``Budget`` of
 decoded bytes in flight (``max_decoded_bytes``) shared by every engine thread, because a small
 file can decode to hundreds of megabytes (a 190 KB PNG of 7000x7000 transparent pixels is 196 MB
 in Pillow). First a short job reads the image's header and works out, without decoding a pixel,
@@ -36,8 +36,6 @@ used, and ``Engine.problem`` says, in words an operator can act on, why the engi
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import contextlib
 import functools
 import io
@@ -47,11 +45,11 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from . import config, sniff
+from .workers import Budget, MiB, OverBudget, Workers
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -101,7 +99,6 @@ _TRANSPOSE = {
     7: "TRANSVERSE",
     8: "ROTATE_90",
 }
-MiB = 1024 * 1024
 PILLOW_BLOCK_BYTES = 64 * MiB
 
 
@@ -379,138 +376,6 @@ def as_description(engine_name: str, text: str) -> str:
     )
 
 
-class Budget:
-    """A number of bytes that work may hold at once, shared by every thread of the engines.
-
-    ``acquire`` waits on the event loop until the bytes are free; ``release`` (on the loop)
-    gives them back. First come, first served: a large reservation at the head of the queue
-    is not overtaken by smaller ones, so it cannot starve.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.free = limit
-        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
-
-    async def acquire(self, size: int) -> None:
-        if size > self.limit:
-            raise ValueError(f"{size} bytes is more than the whole budget ({self.limit})")
-        if not self._waiters and size <= self.free:
-            self.free -= size
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append((size, waiter))
-        try:
-            await waiter
-        except BaseException:
-            if waiter.done() and not waiter.cancelled():  # granted, but its caller is gone
-                self.release(size)
-            else:  # still queued: let the ones behind it move up
-                waiter.cancel()
-                self._grant()
-            raise
-
-    def release(self, size: int) -> None:
-        self.free += size
-        self._grant()
-
-    def _grant(self) -> None:
-        while self._waiters:
-            size, waiter = self._waiters[0]
-            if waiter.done():  # cancelled while waiting
-                self._waiters.popleft()
-                continue
-            if size > self.free:
-                return
-            self._waiters.popleft()
-            self.free -= size
-            waiter.set_result(None)
-
-
-_T = TypeVar("_T")
-
-
-class Workers:
-    """A thread pool whose jobs are admitted by threads and by bytes of pixels.
-
-    ``call`` runs a short job that holds no bitmap (reading an image's header) once a thread is
-    free. ``run`` first takes the bytes its job will hold from the shared ``Budget``, then a
-    thread: the threads counted as busy are all at work, so a job waiting for bytes never holds
-    a thread idle, and whoever holds bytes waits only for work that is running, so nothing
-    deadlocks. Both are given back when the *thread* finishes, not when the caller stops
-    waiting: decoding or recognition cannot be cancelled once started, so a client that went
-    away must not let more work pile onto busy threads or more bitmaps into memory. Waiting,
-    for either, holds no decoded bitmap and ends with its caller, so it counts against the
-    caller's deadline.
-    """
-
-    def __init__(self, threads: int, budget: Budget, name: str) -> None:
-        self.threads = threads
-        self.budget = budget
-        self._name = name
-        self._slots = asyncio.Semaphore(threads)
-        self._pool: ThreadPoolExecutor | None = None
-
-    async def call(self, work: Callable[[], _T]) -> _T:
-        """``work()`` in a pool thread once one is free; for work that holds no bitmap."""
-        await self._slots.acquire()
-        return await self._submit(work, 0)
-
-    async def run(self, size: int, work: Callable[[], _T]) -> _T:
-        """``work()`` in a pool thread once ``size`` bytes of the budget and a thread are free.
-
-        RecognitionError if ``size`` is more than the whole budget: refused, not clamped, so
-        that the budget is a bound the operator can rely on.
-        """
-        if size > self.budget.limit:
-            raise RecognitionError(
-                f"the image would take about {-(-size // MiB)} MiB of memory to decode and "
-                f"read, more than the engine may use at once ([ocr.local] max_decoded_bytes, "
-                f"{self.budget.limit // MiB} MiB)"
-            )
-        await self.budget.acquire(size)
-        try:
-            await self._slots.acquire()
-        except BaseException:
-            self.budget.release(size)
-            raise
-        return await self._submit(work, size)
-
-    async def _submit(self, work: Callable[[], _T], size: int) -> _T:
-        """Submit ``work``, holding a slot and ``size`` bytes until its thread finishes."""
-        loop = asyncio.get_running_loop()
-        try:
-            job: Future[_T] = self._executor().submit(work)
-        except BaseException:
-            self._give_back(size)
-            raise
-        job.add_done_callback(functools.partial(self._finished, loop, size))
-        return await asyncio.wrap_future(job)
-
-    def _finished(self, loop: asyncio.AbstractEventLoop, size: int, _: object) -> None:
-        """In the pool thread: give the thread and the bytes back, on the event loop."""
-        try:
-            loop.call_soon_threadsafe(self._give_back, size)
-        except RuntimeError:  # the loop is closed: nobody is left to admit
-            pass
-
-    def _give_back(self, size: int) -> None:
-        self._slots.release()
-        if size:
-            self.budget.release(size)
-
-    def _executor(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix=self._name)
-        return self._pool
-
-    def close(self) -> None:
-        """Stop taking work; a job already running ends by its own deadline."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-
-
 def _set_image(api: Any, image: PILImage.Image) -> bytes:
     """Hand a greyscale image to Tesseract as raw pixels, which it reads without a copy.
 
@@ -594,7 +459,10 @@ class Engine:
         if problem is not None:
             raise Unavailable(problem)
         size = await self.workers.call(functools.partial(self._measure, load))
-        return await self.workers.run(size, functools.partial(self._work, load))
+        try:
+            return await self.workers.run(size, functools.partial(self._work, load))
+        except OverBudget as exc:
+            raise RecognitionError(str(exc)) from None
 
     def _measure(self, load: Callable[[], bytes]) -> int:
         """In a pool thread: the bytes reading this image will hold (its bytes are dropped: a

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from ocrproxy import config, handlers, local
+from ocrproxy import config, handlers, local, workers
 from tests.conftest import ProxyFactory, chat, missing, spawn_proxy
 from tests.fakes import FakeOpenAI, image_part
 
@@ -234,7 +234,7 @@ def test_estimate_reads_only_the_header() -> None:
 
 
 async def test_budget_is_first_come_first_served() -> None:
-    budget = local.Budget(100)
+    budget = workers.Budget(100)
     await budget.acquire(60)
     big = asyncio.ensure_future(budget.acquire(80))
     small = asyncio.ensure_future(budget.acquire(10))
@@ -246,12 +246,12 @@ async def test_budget_is_first_come_first_served() -> None:
     assert budget.free == 10
     budget.release(90)
     assert budget.free == 100
-    with pytest.raises(ValueError):
+    with pytest.raises(workers.OverBudget, match="max_decoded_bytes"):
         await budget.acquire(101)
 
 
 async def test_budget_survives_cancelled_waiters() -> None:
-    budget = local.Budget(100)
+    budget = workers.Budget(100)
     await budget.acquire(100)
     queued = asyncio.ensure_future(budget.acquire(50))
     behind = asyncio.ensure_future(budget.acquire(30))
@@ -276,26 +276,26 @@ async def test_budget_survives_cancelled_waiters() -> None:
 
 async def test_bytes_are_held_until_the_thread_finishes() -> None:
     """A caller that gives up does not free its bytes: a free thread is not enough to start."""
-    workers = local.Workers(2, local.Budget(100), "ocrproxy-test")
+    pool = workers.Workers(2, workers.Budget(100), "ocrproxy-test")
     release = threading.Event()
     second_started = threading.Event()
     try:
-        first = asyncio.ensure_future(workers.run(80, lambda: release.wait(10)))
+        first = asyncio.ensure_future(pool.run(80, lambda: release.wait(10)))
         await asyncio.sleep(0.05)
         first.cancel()
-        second = asyncio.ensure_future(workers.run(80, second_started.set))
+        second = asyncio.ensure_future(pool.run(80, second_started.set))
         await asyncio.sleep(0.3)
         assert not second_started.is_set()
         release.set()
         await asyncio.wait_for(second, 10)
         assert first.cancelled()
         await asyncio.sleep(0.05)  # the second thread's give-back runs on the loop
-        assert workers.budget.free == 100
-        with pytest.raises(local.RecognitionError, match="max_decoded_bytes"):
-            await workers.run(101, lambda: None)
+        assert pool.budget.free == 100
+        with pytest.raises(workers.OverBudget, match="max_decoded_bytes"):
+            await pool.run(101, lambda: None)
     finally:
         release.set()
-        workers.close()
+        pool.close()
 
 
 async def test_image_larger_than_the_budget_is_refused(make_proxy: ProxyFactory) -> None:
