@@ -22,10 +22,10 @@ Rules:
 
 from __future__ import annotations
 
-import re
 import hashlib
 import hmac
 import os
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
