@@ -5,11 +5,13 @@ Theory of operation: a handler that must see the whole body (to parse its JSON) 
 
 - ``max_body_bytes``: a larger body is a 413, refused on its Content-Length before any of it is
   read, or as soon as it grows past the limit.
-- ``buffered_bytes_limit``: the request bytes the whole process holds at once. A body with a
-  Content-Length reserves that length before it is read; one without reserves as it grows. A
-  request that would go past the budget is a 503 with ``Retry-After``. What a request reserved
-  stays reserved until the request ends (the middleware calls ``release``): its body lives that
-  long. The streamed pass-through never comes here (its body goes upstream as it arrives).
+- ``buffered_bytes_limit``: the request bytes the whole process holds at once. A body
+  reserves its bytes as they arrive, never its announced Content-Length up front (connections
+  that announce large bodies and send nothing would otherwise hold the whole budget for
+  nothing). A request that would go past the budget is a 503 with ``Retry-After``. What a
+  request reserved stays reserved until the request ends (the middleware calls ``release``):
+  its body lives that long. The streamed pass-through never comes here (its body goes
+  upstream as it arrives).
 - ``body_timeout_s``: a body that has not fully arrived this long after the read began is a 408.
 
 Whatever the error, the bytes read so far are dropped at once. A body that came with the
@@ -78,8 +80,7 @@ async def read_body(request: web.Request) -> bytes | bytearray:
             raise _too_large(limit)
         budget.take(request, len(whole))
         return whole
-    reserved = length or 0
-    budget.take(request, reserved)
+    reserved = 0
     # Appended piece by piece as it arrives (a large buffer grows in place): joining pieces at
     # the end blocked the event loop for milliseconds and held the body twice, and a buffer
     # made at its announced length up front would cost a slow client nothing and us all of it.

@@ -195,10 +195,17 @@ async def test_the_buffered_bytes_budget_gives_503_with_retry_after_and_recovers
     server = "max_body_bytes = 100000\nmax_buffered_bytes = 250000\nbody_timeout_s = 30"
     async with spawn_proxy(tmp_path, _toml(fake, server)) as served:
         _, base, session, _ = served
-        stalled = [await _send_head(base, _post(100_000, b"{")) for _ in range(2)]
+        # Announcing a body reserves nothing: only bytes that arrived are held.
+        announced = [await _send_head(base, _post(100_000, b"{")) for _ in range(4)]
+        await asyncio.sleep(0.3)
+        async with session.post(base + "/v1/chat/completions", json=chat("m", "x" * 60_000)) as r:
+            assert r.status == 200, await r.text()
+        for _, writer in announced:
+            writer.close()
+        stalled = [await _send_head(base, _post(100_000, b"{" + b" " * 99_000)) for _ in range(2)]
         try:
-            await asyncio.sleep(0.3)  # both reserved their 100 000 bytes
-            third = await _send_head(base, _post(100_000, b"{"))
+            await asyncio.sleep(0.3)  # both hold their 99 001 bytes
+            third = await _send_head(base, _post(100_000, b"{" + b" " * 60_000))
             status, headers, body = await _response(third[0], 10)
             third[1].close()
             assert status == 503, body
