@@ -89,7 +89,7 @@ class Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # A connection that has not sent complete request headers this long after it opened (or
     # after its previous response) is closed.
     header_timeout_s: float = 10.0
-    body_timeout_s: float = 60.0  # a request body not fully arrived by then: 408
+    body_timeout_s: float = 60.0  # a request body (buffered or streamed) not all there by then: 408
     # Request bytes buffered by the whole process at once; past it, new requests get 503.
     # 0: 4 x max_body_bytes.
     max_buffered_bytes: int = 0

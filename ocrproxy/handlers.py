@@ -36,7 +36,14 @@ from . import config, images, relay, upstream
 from .body import read_body
 from .cache import DescriptionCache
 from .describe import Describer, OcrReport, Outcome
-from .errors import BadRequest, NotFound, PayloadTooLarge, ProxyError, UpstreamError
+from .errors import (
+    BadRequest,
+    BodyTimeout,
+    NotFound,
+    PayloadTooLarge,
+    ProxyError,
+    UpstreamError,
+)
 from .fetch import Fetcher
 from .guard import REDIRECTING_FIELDS as REDIRECTING_FIELDS  # where it was first defined
 from .guard import check_depth, check_name, check_redirecting, deep
@@ -148,7 +155,7 @@ async def forward(
     request: web.Request, up: config.Upstream, path: str, body: Any
 ) -> web.StreamResponse:
     """Send the client's request to ``up`` unchanged (but for headers) and relay the answer."""
-    streamed = body is request.content
+    streamed = body is not None and not isinstance(body, bytes | bytearray)  # an upload
     headers = upstream.request_headers(
         request.headers, up, keep_length=streamed, relay_auth=not request.app[CONFIG].auth.keys
     )
@@ -370,18 +377,31 @@ def routes_pattern(globs: tuple[str, ...]) -> re.Pattern[str]:
 _STREAMED = ("multipart/", "application/octet-stream", "audio/", "image/", "video/")
 
 
-async def _inflated(request: web.Request, limit: int) -> AsyncIterator[bytes]:
-    """A compressed upload as aiohttp inflates it, cut off past ``limit`` inflated bytes.
+async def _upload(request: web.Request, server: config.Server) -> AsyncIterator[bytes]:
+    """A streamed upload, its pieces sent upstream as they come, within the limits of a
+    buffered body: all of it within ``body_timeout_s`` (else 408), and a compressed one (which
+    aiohttp inflates) within ``max_body_bytes`` once inflated (else 413).
 
-    Its pieces go upstream as they come; the piece that would pass the limit is not sent: the
-    send fails instead (``open_request`` raises this refusal, 413), so the upstream never gets
-    more than ``limit`` bytes. Uncompressed uploads are not wrapped: they cost the client
-    what they cost the proxy.
+    The piece past a limit is not sent: the send fails instead (``open_request`` raises this
+    refusal), so the upstream never gets more. A clock read per piece, no task.
     """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + server.body_timeout_s
+    limit = server.max_body_bytes if "Content-Encoding" in request.headers else None
+    content = request.content
     sent = 0
-    async for piece in request.content.iter_any():
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                piece = await content.readany()
+        except TimeoutError:
+            raise BodyTimeout(
+                f"The request body did not arrive within {server.body_timeout_s:g} s"
+            ) from None
+        if not piece:
+            return
         sent += len(piece)
-        if sent > limit:
+        if limit is not None and sent > limit:
             raise PayloadTooLarge(
                 f"The request body is larger than the limit of {limit} bytes once inflated"
             )
@@ -417,9 +437,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     if request.body_exists:
         declared = request.headers.get("Content-Type")
         if declared is not None and request.content_type.startswith(_STREAMED):
-            body = request.content
-            if "Content-Encoding" in request.headers:
-                body = _inflated(request, request.app[CONFIG].server.max_body_bytes)
+            body = _upload(request, request.app[CONFIG].server)
         else:
             body = await read_body(request)
             model = _json_model(body)

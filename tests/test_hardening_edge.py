@@ -585,6 +585,44 @@ async def test_compressed_upload_is_cut_at_max_body_bytes_inflated(
     assert r.status == 200 and (await r.json())["length"] == 10_000
 
 
+async def test_a_streamed_upload_that_stalls_gets_408_after_the_body_timeout(
+    make_proxy: ProxyFactory, aiohttp_server: Any
+) -> None:
+    """A streamed upload (audio, multipart) is bounded in time like a buffered body: a client
+    dripping it no longer holds a connection to the upstream as long as the upstream allows."""
+    counting = CountingUpstream()
+    server = await aiohttp_server(counting.app())
+    proxy = await make_proxy(
+        server={"body_timeout_s": 1.0},
+        upstreams=[{"name": "count", "base_url": str(server.make_url("/v1")), "api_key": "sk-x"}],
+    )
+    reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    try:
+        writer.write(
+            b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\n"
+            + b"a"
+            * 1000
+        )
+        await writer.drain()
+        started = asyncio.get_running_loop().time()
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert asyncio.get_running_loop().time() - started < 5
+        await asyncio.wait_for(counting.done.wait(), 10)  # the upstream's request ended
+        assert counting.received == [1000]
+    finally:
+        writer.close()
+    # An upload that arrives in time still goes through whole, its length kept.
+    r = await proxy.post(
+        "/v1/audio/transcriptions",
+        data=b"b" * 50_000,
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert r.status == 200 and (await r.json())["length"] == 50_000
+
+
 # --- I3, point 17: base URLs with a query, check-config masking, the nginx site -------------
 
 
