@@ -7,7 +7,7 @@ decoding, Pillow decoding and resizing, recognition) runs in a thread pool sized
 API object must never be shared between threads, so each pool thread lazily builds its own and
 keeps it for the life of the thread (loading the language data once per thread, not per image).
 
-Work is admitted by threads and by memory (``workers.py``): a slot per thread, and a ``Budget`` of
+Work is admitted by threads and by memory (``admission``): a slot per thread, and a ``Budget`` of
 decoded bytes in flight (``max_decoded_bytes``) shared by every engine thread, because a small
 file can decode to hundreds of megabytes (a 190 KB PNG of 7000x7000 transparent pixels is 196 MB
 in Pillow). First a short job reads the image's header and works out, without decoding a pixel,
@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import config, sniff
-from .workers import Budget, MiB, OverBudget, Workers
+from .admission import Budget, MiB, OverBudget, Workers
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from ocrproxy import config, handlers, local, workers
+from ocrproxy import admission, config, handlers, local
 from tests.conftest import ProxyFactory, chat, missing, spawn_proxy
 from tests.fakes import FakeOpenAI, image_part
 
@@ -234,7 +234,7 @@ def test_estimate_reads_only_the_header() -> None:
 
 
 async def test_budget_is_first_come_first_served() -> None:
-    budget = workers.Budget(100)
+    budget = admission.Budget(100)
     await budget.acquire(60)
     big = asyncio.ensure_future(budget.acquire(80))
     small = asyncio.ensure_future(budget.acquire(10))
@@ -246,12 +246,12 @@ async def test_budget_is_first_come_first_served() -> None:
     assert budget.free == 10
     budget.release(90)
     assert budget.free == 100
-    with pytest.raises(workers.OverBudget, match="max_decoded_bytes"):
+    with pytest.raises(admission.OverBudget, match="max_decoded_bytes"):
         await budget.acquire(101)
 
 
 async def test_budget_survives_cancelled_waiters() -> None:
-    budget = workers.Budget(100)
+    budget = admission.Budget(100)
     await budget.acquire(100)
     queued = asyncio.ensure_future(budget.acquire(50))
     behind = asyncio.ensure_future(budget.acquire(30))
@@ -276,7 +276,7 @@ async def test_budget_survives_cancelled_waiters() -> None:
 
 async def test_bytes_are_held_until_the_thread_finishes() -> None:
     """A caller that gives up does not free its bytes: a free thread is not enough to start."""
-    pool = workers.Workers(2, workers.Budget(100), "ocrproxy-test")
+    pool = admission.Workers(2, admission.Budget(100), "ocrproxy-test")
     release = threading.Event()
     second_started = threading.Event()
     try:
@@ -291,7 +291,7 @@ async def test_bytes_are_held_until_the_thread_finishes() -> None:
         assert first.cancelled()
         await asyncio.sleep(0.05)  # the second thread's give-back runs on the loop
         assert pool.budget.free == 100
-        with pytest.raises(workers.OverBudget, match="max_decoded_bytes"):
+        with pytest.raises(admission.OverBudget, match="max_decoded_bytes"):
             await pool.run(101, lambda: None)
     finally:
         release.set()
