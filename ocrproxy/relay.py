@@ -7,11 +7,10 @@ memory. Only two things are ever parsed: a plain JSON answer to an OCR request (
 carrying ``usage`` can gain ``usage.ocr``. Everything else passes through untouched.
 
 Every body and header relayed is masked (``redact``) before it is written; the usage edit itself
-is ``usage``'s. Whatever the relay must hold is bounded: a plain OCR answer
-at most MAX_EDIT bytes (past that it is streamed unedited), one SSE event at most
-``usage.MAX_EVENT`` bytes. A client that takes nothing for ``[server] write_timeout_s`` while a
-write waits on it is dropped and the upstream response closed: one timer per stream, not per
-write.
+is ``usage``'s. Whatever the relay must hold is bounded: a plain OCR answer at most MAX_EDIT
+bytes (past that it is streamed unedited), one SSE event at most ``usage.MAX_EVENT`` bytes. A
+client that takes nothing for ``[server] write_timeout_s`` while a write waits on it is dropped
+and the upstream response closed: one timer per stream, not per write.
 
 Once a stream's headers are committed (early, as keep-alive, while OCR runs) an error can no
 longer change the status: it is sent as a ``data: {"error": ...}`` event and the stream ends.
