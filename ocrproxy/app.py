@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from . import body, config, handlers, local, logs, metrics, relay, rewrite, tiers, upstream
+from . import body, config, handlers, local, logs, metrics, redact, relay, rewrite, tiers, upstream
 from .cache import DescriptionCache, MemoryLRU
 from .describe import Describer
 from .errors import BadRequest, MethodNotAllowed, NotFound, ProxyError, Unauthorized
@@ -379,7 +379,7 @@ def create_app(cfg: config.Config) -> web.Application:
     app = web.Application(client_max_size=cfg.server.max_body_bytes, middlewares=[middleware])
     app[handlers.CONFIG] = cfg
     app[handlers.ROUTER] = upstream.Router(cfg.upstreams)
-    app[handlers.SECRETS] = relay.secrets_of(_secrets(cfg))
+    app[handlers.SECRETS] = redact.secrets_of(_secrets(cfg))
     app[handlers.DELIMITER_KEY] = rewrite.delimiter_key(_secrets(cfg))
     app[relay.WRITE_TIMEOUT] = cfg.server.write_timeout_s
     app[handlers.PASSTHROUGH] = handlers.routes_pattern(cfg.server.passthrough_routes)

@@ -32,7 +32,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from . import config, images, relay, upstream
+from . import config, images, redact, relay, upstream
 from .body import read_body
 from .cache import DescriptionCache
 from .describe import Describer, OcrReport, Outcome
@@ -349,7 +349,7 @@ async def models(request: web.Request) -> web.StreamResponse:
             raise first_error
         if isinstance(first_error, tuple):
             status, payload = first_error
-            payload = relay.redact(payload, request.app[SECRETS])
+            payload = redact.redact(payload, request.app[SECRETS])
             return web.Response(status=status, body=payload, content_type="application/json")
         raise first_error
     suffix = cfg.ocr.suffix
@@ -359,7 +359,7 @@ async def models(request: web.Request) -> web.StreamResponse:
         for model_id, entry in seen.items()
         if not model_id.endswith(suffix) and model_id + suffix not in seen
     ]
-    body = relay.redact(encoder.encode({"object": "list", "data": data}), request.app[SECRETS])
+    body = redact.redact(encoder.encode({"object": "list", "data": data}), request.app[SECRETS])
     return web.Response(body=body, content_type="application/json")
 
 

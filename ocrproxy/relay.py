@@ -6,17 +6,11 @@ memory. Only two things are ever parsed: a plain JSON answer to an OCR request (
 ``usage.ocr``) and, in a stream whose client asked for usage, whole SSE events, so that the one
 carrying ``usage`` can gain ``usage.ocr``. Everything else passes through untouched.
 
-No configured secret (upstream keys, client keys, the Redis password) reaches a client: every
-body and header relayed is searched for them (one ``in`` per secret per piece, a memchr-fast
-search) and each occurrence is masked. A streamed body may split a secret across two pieces, so
-a ``Redactor`` holds back the end of a piece only when it is the start of some secret: an SSE
-event (ending in a blank line) is never delayed. A body streamed with a Content-Length gets a
-mask of the secret's own length, so that the length the client was promised stays true.
-
-Whatever the editor must hold is bounded: one SSE event at most MAX_EVENT bytes (past that the
-event goes through unedited), a plain OCR answer at most MAX_EDIT bytes (past that it is
-streamed unedited). A client that takes nothing for ``[server] write_timeout_s`` while a write
-waits on it is dropped and the upstream response closed: one timer per stream, not per write.
+Every body and header relayed is masked (``redact``) before it is written; the usage edit itself
+is ``usage``'s. Whatever the relay must hold is bounded: a plain OCR answer at most MAX_EDIT
+bytes (past that it is streamed unedited), one SSE event at most ``usage.MAX_EVENT`` bytes. A
+client that takes nothing for ``[server] write_timeout_s`` while a write waits on it is dropped
+and the upstream response closed: one timer per stream, not per write.
 
 Once a stream's headers are committed (early, as keep-alive, while OCR runs) an error can no
 longer change the status: it is sent as a ``data: {"error": ...}`` event and the stream ends.
@@ -34,11 +28,12 @@ from typing import Any
 import aiohttp
 import msgspec
 from aiohttp import web
-from multidict import CIMultiDict
 
 from . import upstream
 from .errors import ProxyError, UpstreamError, UpstreamTimeout
-from .schema import encoder, is_json, object_decoder
+from .redact import Redactor, redact, redact_headers
+from .schema import encoder, object_decoder
+from .usage import UsageEditor, with_ocr_usage
 
 # Upstream bodies at most this large (with a Content-Length) are read whole and sent in one write.
 SMALL_BODY = 256 * 1024
@@ -49,13 +44,8 @@ SSE_HEADERS = {
 }
 # Upstream error bodies are read whole (to redact echoed secrets) up to this size.
 ERROR_BODY = 1024 * 1024
-# An SSE event the usage editor holds (to find ``usage`` in it) is at most this large.
-MAX_EVENT = 1024 * 1024
 # A plain OCR answer is read whole (to add ``usage.ocr``) only up to this size.
 MAX_EDIT = 8 * 1024 * 1024
-_EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
-_SEAM = 3  # bytes of the previous piece that can begin a separator ending in the next one
-MASK = b"[redacted]"
 
 log = logging.getLogger("ocrproxy.relay")
 
@@ -106,207 +96,6 @@ async def _read_upto(source: aiohttp.ClientResponse, limit: int) -> tuple[list[b
     except aiohttp.ClientError as exc:
         raise UpstreamError(f"The upstream broke off its answer ({type(exc).__name__})") from None
     return chunks, False
-
-
-def with_ocr_usage(payload: bytes, ocr: msgspec.Raw) -> bytes | None:
-    """``payload`` (a JSON object with a ``usage`` object) with ``usage.ocr`` added, else None."""
-    try:
-        obj = object_decoder.decode(payload)
-        usage_raw = obj.get("usage")
-        if usage_raw is None or not is_json(usage_raw, b"{"):
-            return None
-        usage = object_decoder.decode(usage_raw)
-    except msgspec.DecodeError:
-        return None
-    usage["ocr"] = ocr
-    obj["usage"] = msgspec.Raw(encoder.encode(usage))
-    return encoder.encode(obj)
-
-
-def _last_end(data: bytes) -> int:
-    """Where the last complete event in ``data`` ends, or -1."""
-    end = -1
-    for sep in _EVENT_ENDS:
-        at = data.rfind(sep)
-        if at >= 0 and at + len(sep) > end:
-            end = at + len(sep)
-    return end
-
-
-def _first_end(data: bytes) -> int:
-    """Where the first complete event in ``data`` ends, or -1."""
-    end = -1
-    for sep in _EVENT_ENDS:
-        at = data.find(sep)
-        if at >= 0 and (end < 0 or at + len(sep) < end):
-            end = at + len(sep)
-    return end
-
-
-class UsageEditor:
-    """Splits an SSE byte stream into whole events and adds ``usage.ocr`` where usage appears.
-
-    A partial event is held as a list of pieces (never re-joined until it is complete) and each
-    new piece is searched alone, plus the few bytes before it where a separator could begin: the
-    work is linear in the stream. An event that grows past MAX_EVENT is let go unedited, and the
-    editor passes bytes through until the next event boundary, where it resumes.
-    """
-
-    def __init__(self, ocr_usage: Mapping[str, Any]) -> None:
-        self.ocr = msgspec.Raw(encoder.encode(ocr_usage))
-        self._pending: list[bytes] = []
-        self._size = 0
-        self._tail = b""  # the last bytes seen of the event under way (to spot a split separator)
-        self._skipping = False  # inside an over-long event: passing it through
-
-    def feed(self, data: bytes) -> bytes:
-        """Return the bytes that can be sent now; keep a partial event for later."""
-        out = b""
-        if self._skipping:
-            seam = len(self._tail)
-            end = _first_end(self._tail + data if seam else data)
-            if end < 0:
-                self._tail = data[-_SEAM:] if len(data) >= _SEAM else (self._tail + data)[-_SEAM:]
-                return data
-            end -= seam
-            self._skipping, self._tail = False, b""
-            out, data = data[:end], data[end:]
-            if not data:
-                return out
-        if self._size:
-            seam = len(self._tail)
-            end = _last_end(self._tail + data)
-            end = end - seam if end >= 0 else -1
-        else:
-            end = _last_end(data)
-        if end < 0:
-            self._hold(data)
-            return out + self._overflow()
-        if self._size:
-            ready = b"".join((*self._pending, data[:end]))
-            self._pending, self._size = [], 0
-        else:
-            ready = data[:end] if end < len(data) else data
-        if end < len(data):
-            self._hold(data[end:])
-            rest = self._overflow()
-        else:
-            rest = b""
-        if b'"usage"' in ready:
-            ready = b"".join(self._edit(line) for line in ready.splitlines(keepends=True))
-        return out + ready + rest if out or rest else ready
-
-    def _hold(self, data: bytes) -> None:
-        tail = self._tail + data if self._size and len(data) < _SEAM else data
-        self._pending.append(data)
-        self._size += len(data)
-        self._tail = tail[-_SEAM:]
-
-    def _overflow(self) -> bytes:
-        """The held event, unedited, if it outgrew MAX_EVENT (then skip to the next boundary)."""
-        if self._size <= MAX_EVENT:
-            return b""
-        held = b"".join(self._pending)
-        self._pending, self._size, self._skipping = [], 0, True
-        return held
-
-    def flush(self) -> bytes:
-        """What is still held, once the stream has ended (edited if it carries usage)."""
-        rest = b"".join(self._pending)
-        self._pending, self._size, self._tail = [], 0, b""
-        if b'"usage"' not in rest:
-            return rest
-        return b"".join(self._edit(line) for line in rest.splitlines(keepends=True))
-
-    def _edit(self, line: bytes) -> bytes:
-        if not line.startswith(b"data:") or b'"usage"' not in line:
-            return line
-        body = line[5:].strip()
-        edited = with_ocr_usage(body, self.ocr)
-        if edited is None:
-            return line
-        ending = line[len(line.rstrip(b"\r\n")) :]
-        return b"data: " + edited + ending
-
-
-def secrets_of(values: Iterable[str]) -> tuple[bytes, ...]:
-    """The configured secrets as redaction wants them: encoded, non-empty, longest first (so
-    that a secret inside another does not leave the longer one's ends unmasked)."""
-    unique = {v.encode() for v in values if v}
-    return tuple(sorted(unique, key=lambda s: (-len(s), s)))
-
-
-def redact(payload: bytes, secrets: tuple[bytes, ...]) -> bytes:
-    """``payload`` with every occurrence of every secret replaced by ``[redacted]``."""
-    for secret in secrets:
-        if secret in payload:
-            payload = payload.replace(secret, MASK)
-    return payload
-
-
-def redact_headers(headers: CIMultiDict[str], secrets: tuple[bytes, ...]) -> None:
-    """Mask secrets in header values (in place); a header whose name holds one is dropped."""
-    if not secrets or not headers:
-        return
-    blob = "\n".join((*headers.keys(), *headers.values())).encode("utf-8", "surrogateescape")
-    if not any(secret in blob for secret in secrets):
-        return
-    texts = [s.decode("utf-8", "surrogateescape") for s in secrets]
-    items = list(headers.items())
-    headers.clear()
-    for name, value in items:
-        if any(t in name for t in texts):
-            continue
-        for text in texts:
-            value = value.replace(text, MASK.decode())
-        headers.add(name, value)
-
-
-class Redactor:
-    """Masks secrets in a body relayed piece by piece, where one may straddle two pieces.
-
-    Only a tail that is the start of some secret is held back (until the next piece tells), so
-    the common piece goes out whole at once; what is held at the end of the body is sent as is
-    (it is not a whole secret). With ``same_length`` each secret is masked by as many ``*``, so
-    that a Content-Length sent beforehand stays true.
-    """
-
-    __slots__ = ("_alphabet", "_held", "_pairs", "_starts")
-
-    def __init__(self, secrets: tuple[bytes, ...], *, same_length: bool = False) -> None:
-        self._pairs = tuple((s, b"*" * len(s) if same_length else MASK) for s in secrets)
-        self._starts = tuple((s, s[0], len(s) - 1) for s in secrets if len(s) > 1)
-        # A piece whose last byte is in no secret cannot end with the start of one: an SSE
-        # event ends in a newline, a JSON body in a brace, so the tail search is skipped.
-        self._alphabet = frozenset(b"".join(secrets))
-        self._held = b""
-
-    def feed(self, piece: bytes) -> bytes:
-        """What of ``piece`` (after what was held) can be sent now, secrets masked."""
-        data = self._held + piece if self._held else piece
-        for secret, mask in self._pairs:
-            if secret in data:
-                data = data.replace(secret, mask)
-        if not data or data[-1] not in self._alphabet:
-            self._held = b""
-            return data
-        size = len(data)
-        cut = size
-        for secret, first, most in self._starts:
-            # Does the data end with the first ``most`` bytes or fewer of this secret?
-            at = data.find(first, max(size - most, 0))
-            while 0 <= at < cut:
-                if secret.startswith(data[at:]):
-                    cut = at
-                    break
-                at = data.find(first, at + 1)
-        self._held = data[cut:]
-        return data[:cut] if cut < size else data
-
-    def flush(self) -> bytes:
-        """What is still held, once the body has ended: a secret's start, not a whole one."""
-        held, self._held = self._held, b""
-        return held
 
 
 # Adds the headers every response of the app carries (and counts streams): set by the app.

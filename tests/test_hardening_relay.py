@@ -17,9 +17,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from ocrproxy import config, handlers, relay
+from ocrproxy import config, handlers, redact
 from ocrproxy.app import create_app
-from ocrproxy.relay import UsageEditor
+from ocrproxy.usage import MAX_EVENT as EDITOR_MAX_EVENT
+from ocrproxy.usage import UsageEditor
 from tests.conftest import chat
 from tests.fakes import FakeOpenAI, data_url, image_part
 
@@ -27,7 +28,7 @@ UPSTREAM_KEY = "sk-UPSTREAMSECRET-abcdef123456"
 CLIENT_KEY = "ck-client-key-0123456789"
 CLIENT = {"Authorization": f"Bearer {CLIENT_KEY}"}
 URL = "/v1/chat/completions"
-MAX_EVENT = 1024 * 1024  # relay.MAX_EVENT: what the usage editor may hold of one event
+MAX_EVENT = 1024 * 1024  # usage.MAX_EVENT: what the usage editor may hold of one event
 
 
 # -- a careless upstream that echoes what it got -------------------------------------------
@@ -324,22 +325,22 @@ def test_redis_password_is_a_secret():
     secrets = create_app(cfg)[handlers.SECRETS]
     assert b"s3cret/Redis" in secrets and b"s3cret%2FRedis" in secrets
     assert UPSTREAM_KEY.encode() in secrets and CLIENT_KEY.encode() in secrets
-    assert relay.redact(b"pw=s3cret/Redis", secrets) == b"pw=[redacted]"
+    assert redact.redact(b"pw=s3cret/Redis", secrets) == b"pw=[redacted]"
 
 
 def test_redactor_masks_a_secret_split_anywhere():
-    assert relay.MAX_EVENT == MAX_EVENT
-    secrets = relay.secrets_of([UPSTREAM_KEY, CLIENT_KEY])
+    assert EDITOR_MAX_EVENT == MAX_EVENT
+    secrets = redact.secrets_of([UPSTREAM_KEY, CLIENT_KEY])
     body = b'data: {"a":"' + UPSTREAM_KEY.encode() + b'","b":"' + CLIENT_KEY.encode() + b'"}\n\n'
     for same_length in (False, True):
         for cut in range(1, len(body)):
-            r = relay.Redactor(secrets, same_length=same_length)
+            r = redact.Redactor(secrets, same_length=same_length)
             out = r.feed(body[:cut]) + r.feed(body[cut:]) + r.flush()
             assert_clean(out)
             if same_length:
                 assert len(out) == len(body)
     # A piece that does not end with the start of a secret goes out whole, at once.
-    r = relay.Redactor(secrets)
+    r = redact.Redactor(secrets)
     assert r.feed(b'data: {"sk":"s"}\n\n') == b'data: {"sk":"s"}\n\n'
     assert r.feed(b"tail sk-UP") == b"tail " and r.flush() == b"sk-UP"
 

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from bench.local_ocr import cer
-from ocrproxy import cli, config, local
+from ocrproxy import cli, config, local, pixels
 from tests import fakes
 from tests.conftest import ProxyFactory, chat, missing
 from tests.fakes import FakeOpenAI, image_part
@@ -259,7 +259,7 @@ def dense_page(width: int, height: int, size: int) -> tuple[Any, str]:
 async def test_large_page_is_downscaled_and_read(engine: local.Engine) -> None:
     page, text = dense_page(4000, 3000, 64)
     data = encode(page)
-    prepared = local.prepare(data, 2500)
+    prepared = pixels.prepare(data, 2500)
     assert max(prepared.size) == 2500 and prepared.mode == "L"
     started = time.monotonic()
     got = await read(engine, data)
@@ -272,23 +272,23 @@ async def test_no_text_is_empty(engine: local.Engine) -> None:
 
 
 def test_prepare_inverts_dark_flattens_alpha_and_enlarges_tiny() -> None:
-    dark = local.prepare(encode(dark_screenshot()[0]), 2500)
+    dark = pixels.prepare(encode(dark_screenshot()[0]), 2500)
     assert dark.getpixel((5, 5)) > 200  # the near-black background became near-white
     clear = Image.new("RGBA", (300, 60), (0, 0, 0, 0))
     ImageDraw.Draw(clear).text((10, 10), "Hi", font=font(30), fill=(0, 0, 0, 255))
-    flat = local.prepare(encode(clear), 2500)
+    flat = pixels.prepare(encode(clear), 2500)
     assert flat.size == (300, 60)
     assert flat.getpixel((2, 2)) == 255  # transparent pixels are white, not black
 
 
 def test_prepare_refuses_garbage_and_giants() -> None:
     with pytest.raises(local.RecognitionError, match="could not be decoded"):
-        local.prepare(b"definitely not an image", 2500)
+        pixels.prepare(b"definitely not an image", 2500)
     with pytest.raises(local.RecognitionError, match="damaged"):
-        local.prepare(encode(render("x", font(20)))[:100], 2500)
+        pixels.prepare(encode(render("x", font(20)))[:100], 2500)
     giant = encode(Image.new("1", (9000, 9000)))
     with pytest.raises(local.RecognitionError, match="too large"):
-        local.prepare(giant, 2500)
+        pixels.prepare(giant, 2500)
 
 
 def test_tidy() -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from ocrproxy import config, handlers, local, workers
+from ocrproxy import admission, config, handlers, local, pixels
 from tests.conftest import ProxyFactory, chat, missing, spawn_proxy
 from tests.fakes import FakeOpenAI, image_part
 
@@ -153,7 +153,7 @@ async def test_four_decompression_bombs_stay_under_1_gb(
 _PEAK_SCRIPT = """
 import gc, io, sys
 from PIL import Image
-from ocrproxy import local
+from ocrproxy import local, pixels
 from tests.test_local_memory import bomb_png, sample
 
 local._tesserocr()
@@ -168,8 +168,8 @@ def rss(field):
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # VmHWM := VmRSS
 before = rss("VmRSS")
-need = local.decoded_bytes(data, 2500)
-image = local.prepare(data, 2500)
+need = pixels.decoded_bytes(data, 2500)
+image = pixels.prepare(data, 2500)
 print(need, rss("VmHWM") - before, image.width, image.height)
 """
 
@@ -225,16 +225,16 @@ def test_estimate_covers_the_real_peak(kind: str) -> None:
 
 def test_estimate_reads_only_the_header() -> None:
     """A 7000x7000 image that would need 196 MB is measured without a decoded pixel."""
-    need = local.decoded_bytes(bomb_png("header only", pixels=False), 2500)
+    need = pixels.decoded_bytes(bomb_png("header only", pixels=False), 2500)
     assert 200_000_000 < need < 256 * local.MiB  # accepted by the default budget, alone
     with pytest.raises(local.RecognitionError, match="could not be decoded"):
-        local.decoded_bytes(b"not an image at all", 2500)
+        pixels.decoded_bytes(b"not an image at all", 2500)
     with pytest.raises(local.RecognitionError, match="too large"):
-        local.decoded_bytes(bomb_png("giant", 9000, pixels=False), 2500)
+        pixels.decoded_bytes(bomb_png("giant", 9000, pixels=False), 2500)
 
 
 async def test_budget_is_first_come_first_served() -> None:
-    budget = workers.Budget(100)
+    budget = admission.Budget(100)
     await budget.acquire(60)
     big = asyncio.ensure_future(budget.acquire(80))
     small = asyncio.ensure_future(budget.acquire(10))
@@ -246,12 +246,12 @@ async def test_budget_is_first_come_first_served() -> None:
     assert budget.free == 10
     budget.release(90)
     assert budget.free == 100
-    with pytest.raises(workers.OverBudget, match="max_decoded_bytes"):
+    with pytest.raises(admission.OverBudget, match="max_decoded_bytes"):
         await budget.acquire(101)
 
 
 async def test_budget_survives_cancelled_waiters() -> None:
-    budget = workers.Budget(100)
+    budget = admission.Budget(100)
     await budget.acquire(100)
     queued = asyncio.ensure_future(budget.acquire(50))
     behind = asyncio.ensure_future(budget.acquire(30))
@@ -276,7 +276,7 @@ async def test_budget_survives_cancelled_waiters() -> None:
 
 async def test_bytes_are_held_until_the_thread_finishes() -> None:
     """A caller that gives up does not free its bytes: a free thread is not enough to start."""
-    pool = workers.Workers(2, workers.Budget(100), "ocrproxy-test")
+    pool = admission.Workers(2, admission.Budget(100), "ocrproxy-test")
     release = threading.Event()
     second_started = threading.Event()
     try:
@@ -291,7 +291,7 @@ async def test_bytes_are_held_until_the_thread_finishes() -> None:
         assert first.cancelled()
         await asyncio.sleep(0.05)  # the second thread's give-back runs on the loop
         assert pool.budget.free == 100
-        with pytest.raises(workers.OverBudget, match="max_decoded_bytes"):
+        with pytest.raises(admission.OverBudget, match="max_decoded_bytes"):
             await pool.run(101, lambda: None)
     finally:
         release.set()
@@ -357,7 +357,7 @@ async def test_exif_orientation_after_scaling(kind: str) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # the viewer must turn it 90 degrees clockwise
     data = _encode(stored, kind, exif=exif.tobytes())
-    prepared = local.prepare(data, 2500)
+    prepared = pixels.prepare(data, 2500)
     assert prepared.size == (2500, 625)
     engine = local.Engine(config.OcrLocal(threads=1))
     try:
@@ -377,7 +377,7 @@ def test_transparency_is_flattened_onto_white_after_scaling(mode: str) -> None:
         image.putpalette([0, 0, 0, 0, 0, 0])
         options["transparency"] = 0  # black, but transparent
     data = _encode(image, "PNG", **options)
-    prepared = local.prepare(data, 2500)
+    prepared = pixels.prepare(data, 2500)
     assert prepared.mode == "L" and prepared.size == (2500, 500)
     assert prepared.getpixel((5, 5)) == 255  # transparent black became white
     assert prepared.getextrema()[0] < 60  # the opaque black text stayed dark
@@ -387,6 +387,6 @@ def test_transparency_is_flattened_onto_white_after_scaling(mode: str) -> None:
 
 def test_dark_mode_is_still_inverted_after_strips() -> None:
     image = _text_image("RGB", (5000, 1200), (20, 22, 28), (230, 230, 230))
-    prepared = local.prepare(_encode(image, "PNG"), 2500)
+    prepared = pixels.prepare(_encode(image, "PNG"), 2500)
     assert prepared.size == (2500, 600)
     assert prepared.getpixel((5, 5)) > 200 and prepared.getextrema()[0] < 80

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import orjson
 
-from ocrproxy.relay import UsageEditor, with_ocr_usage
+from ocrproxy.usage import UsageEditor, with_ocr_usage
 
 OCR = {
     "model": "v",
