@@ -13,7 +13,7 @@ the pass-through forwards the raw path, so a dot segment (``..``, ``%2e%2e``, ``
 encoded slash or backslash, a raw backslash, an empty segment (``//``, a trailing ``/``) or an
 encoded control character would reach the upstream outside its base URL, or give one route
 several spellings that skip the chat route's rules. Such a path is a 400 ``invalid_path``
-before any key check or routing work, and is never forwarded. Normal paths pay four substring
+before any key check or routing work, and is never forwarded. Normal paths pay five substring
 tests; only a path with ``%``, ``/.``, ``//``, a backslash or a trailing slash runs the regex.
 """
 
@@ -106,7 +106,7 @@ def _check_authorization(request: web.Request) -> None:
 
 def _check_key(request: web.Request, keys: tuple[str, ...]) -> None:
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    token = value.strip().encode("utf-8", "surrogateescape")
+    token = value.strip().encode()  # ASCII: `_check_authorization` refused anything else
     valid = scheme.lower() == "bearer" and token != b""
     matched = False
     for key in keys:

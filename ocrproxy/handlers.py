@@ -45,7 +45,6 @@ from .errors import (
     UpstreamError,
 )
 from .fetch import Fetcher
-from .guard import REDIRECTING_FIELDS as REDIRECTING_FIELDS  # where it was first defined
 from .guard import check_depth, check_name, check_redirecting, deep
 from .rewrite import delimiter_tag, placeholder_block, reference_block, rewrite
 from .schema import RawObject, encoder, is_json, models_decoder, object_decoder

@@ -6,7 +6,10 @@ piece, a memchr-fast search) and each occurrence is masked. A streamed body may 
 across two pieces, so a ``Redactor`` holds back the end of a piece only when it is the start of
 some secret: an SSE event (ending in a blank line) is never delayed. A body streamed with a
 Content-Length gets a mask of the secret's own length, so that the length the client was
-promised stays true.
+promised stays true. A body the upstream sent with a ``Content-Encoding`` is relayed as it
+came, unsearched (the proxy asks upstreams for ``identity``, so only one that ignores that is
+affected). The cost is one search per secret per piece: about 0.4 µs per secret for a 200-byte
+SSE chunk, so a proxy with hundreds of client keys pays tens of µs per chunk.
 """
 
 from __future__ import annotations

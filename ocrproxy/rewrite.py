@@ -4,14 +4,16 @@ Rules:
 - Each image part is replaced *in place* by a text part holding a delimited reference block,
   numbered by order of appearance across the whole request (an image sent twice gets two
   numbers and the same description).
-- The delimiters cannot be forged. Both carry the image's tag (``#`` and 8 hex digits:
+- The delimiters cannot be guessed. Both carry the image's tag (``#`` and 8 hex digits:
   ``[Image 1 #a1b2c3d4 (described by ...)]`` ... ``[End of image 1 #a1b2c3d4]``), an HMAC of
   the image's identity under a key only the proxy knows (``delimiter_key``), so a text part
   imitating a block lacks it; and inside a description every ``[Image``/``[End of image`` is
   escaped to ``\\[Image``/``\\[End of image``, so the text of an image (which can say anything)
   never holds a delimiter at all. The client's own text parts are left byte for byte as they
   are. The tag depends on the image alone, not on the request: the same history is rewritten
-  to the same text every turn, so the upstream's prompt (prefix) cache keeps working.
+  to the same text every turn, so the upstream's prompt (prefix) cache keeps working. The
+  price: a tag the model once echoed back is known to that client for later turns; what it
+  guards against is text the client did not see the proxy's answer to (a pasted page, a file).
 - A content array that then holds only plain text parts (``{"type": "text", "text": ...}`` and
   nothing else) is flattened into one string, parts joined by a blank line: many text-only
   upstreams reject content arrays. An array with any other part stays an array.
