@@ -129,6 +129,15 @@ def missing(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+def require_local_engine() -> None:
+    """Skip (fail under CI) unless the local OCR engine can run: Pillow, tesserocr, language data."""
+    from ocrproxy import local
+
+    problem = local.Engine(config.OcrLocal()).problem()
+    if problem is not None:
+        missing(problem)
+
+
 def require_binary(name: str) -> str:
     """The path of a system program, or skip (fail under CI) when it is not installed."""
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")

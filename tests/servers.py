@@ -95,6 +95,13 @@ class ProxyProcess:
         self.states: list[str] = []
         self._log_file: Any = None
 
+    @property
+    def port(self) -> int:
+        """The port its config file gives."""
+        match = re.search(r"port = (\d+)", self.config.read_text())
+        assert match
+        return int(match.group(1))
+
     async def start(self, env: dict[str, str] | None = None, timeout: float = 20.0) -> None:
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(self.notify_path))

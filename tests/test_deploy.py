@@ -99,17 +99,11 @@ async def served(fake: FakeOpenAI, tmp_path: Path) -> AsyncIterator[ProxyProcess
         await proc.stop()
 
 
-def port_of(proc: ProxyProcess) -> int:
-    match = re.search(r"port = (\d+)", proc.config.read_text())
-    assert match
-    return int(match.group(1))
-
-
 async def test_ready_is_notified_once_listening_and_sigterm_drains(
     served: ProxyProcess, fake: FakeOpenAI
 ) -> None:
     assert "READY=1" in served.states  # ProxyProcess waited for it, then the port must answer:
-    url = f"http://127.0.0.1:{port_of(served)}"
+    url = f"http://127.0.0.1:{served.port}"
     fake.ocr_delay = 1.0
     async with aiohttp.ClientSession() as session:
         async with session.get(url + "/healthz") as resp:
@@ -162,7 +156,7 @@ async def test_workers_share_one_port_and_metrics(fake: FakeOpenAI, tmp_path: Pa
 @pytest.fixture
 async def through_nginx(served: ProxyProcess, tmp_path: Path) -> AsyncIterator[str]:
     binary = require_binary("nginx")
-    with nginx(binary, tmp_path / "nginx", [port_of(served)]) as port:
+    with nginx(binary, tmp_path / "nginx", [served.port]) as port:
         yield f"http://127.0.0.1:{port}"
 
 

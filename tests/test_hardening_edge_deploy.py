@@ -34,12 +34,6 @@ async def served(fake: FakeOpenAI, tmp_path: Path) -> AsyncIterator[ProxyProcess
         await proc.stop()
 
 
-def port_of(proc: ProxyProcess) -> int:
-    match = re.search(r"port = (\d+)", proc.config.read_text())
-    assert match
-    return int(match.group(1))
-
-
 ESCAPES = [
     "/v1/%2e%2e/admin",
     "/v1/%2E%2E/%2E%2E/internal/keys",
@@ -60,7 +54,7 @@ async def test_traversal_through_the_shipped_nginx_site_never_reaches_the_upstre
     served: ProxyProcess, fake: FakeOpenAI, tmp_path: Path
 ) -> None:
     binary = require_binary("nginx")
-    with nginx(binary, tmp_path / "nginx", [port_of(served)]) as port:
+    with nginx(binary, tmp_path / "nginx", [served.port]) as port:
         auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
         body = orjson.dumps(chat("gpt-3.5-turbo", "hi", api_base="http://attacker.example"))
         by_nginx = set()

@@ -26,7 +26,7 @@ import pytest
 from bench.local_ocr import cer
 from ocrproxy import cli, config, local, pixels
 from tests import fakes
-from tests.conftest import ProxyFactory, chat, missing
+from tests.conftest import ProxyFactory, chat, require_local_engine
 from tests.fakes import FakeOpenAI, image_part
 
 try:
@@ -47,11 +47,7 @@ PARAGRAPHS = (
 
 @pytest.fixture(autouse=True)
 def _need_engine() -> None:
-    if Image is None:
-        missing("Pillow is not installed (pip install 'ocrproxy[local]')")
-    problem = local.Engine(config.OcrLocal()).problem()
-    if problem is not None:
-        missing(problem)
+    require_local_engine()  # Pillow comes with it (the `local` extra)
 
 
 @pytest.fixture

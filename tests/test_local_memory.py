@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from ocrproxy import admission, config, handlers, local, pixels
-from tests.conftest import ProxyFactory, chat, missing, spawn_proxy
+from tests.conftest import ProxyFactory, chat, require_local_engine, spawn_proxy
 from tests.fakes import FakeOpenAI, image_part
 
 try:
@@ -43,11 +43,7 @@ LIMIT = 1_000_000_000  # bytes of peak RSS for the whole proxy process
 
 @pytest.fixture(autouse=True)
 def _need_engine() -> None:
-    if Image is None:
-        missing("Pillow is not installed (pip install 'ocrproxy[local]')")
-    problem = local.Engine(config.OcrLocal()).problem()
-    if problem is not None:
-        missing(problem)
+    require_local_engine()  # Pillow comes with it (the `local` extra)
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
