@@ -479,9 +479,12 @@ def test_a_header_past_the_prefix_is_measured_whole() -> None:
         pixels.decoded_bytes(late[: local.HEADER_BYTES], 2500, whole=False)
     need, asked, loads = _measure(photo)  # all of it is in the prefix: no second decode
     assert need == pixels.decoded_bytes(photo, 2500) and loads == 0
-    # Damaged or too large: refused from the prefix as from the whole, never measured whole.
+    # Too large: refused from the prefix (not CutShort, so never decoded whole); damaged: too.
+    giant = bomb_png("giant", 9000, pixels=False) + bytes(2 * local.HEADER_BYTES)
+    with pytest.raises(pixels.TooLarge, match="too large"):
+        pixels.decoded_bytes(giant[: local.HEADER_BYTES], 2500, whole=False)
     with pytest.raises(local.RecognitionError, match="too large"):
-        _measure(bomb_png("giant", 9000) + bytes(local.HEADER_BYTES))
+        _measure(giant)
     with pytest.raises(local.RecognitionError, match="could not be decoded"):
         _measure(b"GIF89a" + bytes(100))
 
