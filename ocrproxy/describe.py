@@ -526,12 +526,11 @@ class Describer:
                 "the local OCR engine does not fetch remote images unless [ocr] fetch_images is "
                 "enabled; send the image as a data: URL"
             )
+        load = functools.partial(decode_data_url, image.data, image.where)
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.settings.timeout_s):
-                text = await self.engine.recognize(
-                    functools.partial(decode_data_url, image.data, image.where)
-                )
+                text = await self.engine.recognize(load, head=load)  # load(n): its first n bytes
         except TimeoutError:
             limit = self.settings.timeout_s
             raise OcrError(f"the local OCR engine did not finish within {limit:g} s") from None

@@ -276,10 +276,18 @@ def _text_digest(url: bytes | memoryview, start: int) -> bytes:
     return hashlib.sha256(memoryview(url)[start:]).digest()
 
 
-def decode_data_url(url: Url, where: str) -> bytes:
-    """The decoded bytes of a base64 ``data:`` URL; InvalidImage naming ``where`` if malformed."""
+def decode_data_url(url: Url, where: str, limit: int | None = None) -> bytes:
+    """The decoded bytes of a base64 ``data:`` URL; InvalidImage naming ``where`` if malformed.
+
+    With ``limit``: only its first ``limit`` bytes or a little more (whole 4-character groups,
+    which decode alone), or all of it if it is not longer; a cut-off prefix is not checked for
+    canonical padding, which only its end could break.
+    """
     payload = _payload(_as_bytes(url), where)
-    _check_canonical_end(payload, where)
+    if limit is not None and -(-limit // 3) * 4 < len(payload):
+        payload = payload[: -(-limit // 3) * 4]
+    else:
+        _check_canonical_end(payload, where)
     try:
         data = binascii.a2b_base64(payload, strict_mode=True)
     except (binascii.Error, ValueError):

@@ -22,6 +22,11 @@ Tesseract's own deadline (``timeout_s``); layout analysis runs before that clock
 the real bound is a little longer on huge pages, which is why images are first scaled down to
 ``max_side`` pixels on their longest side.
 
+The header is read from the image's first HEADER_BYTES when the caller can give just those
+(``recognize``'s ``head``), since decoding base64 holds the GIL and the image is decoded whole
+for reading anyway; a header that goes on past them (a JPEG's large EXIF or ICC segments) is read
+from the whole image.
+
 The image it reads comes from ``pixels.prepare``: scaled down, greyscale, upright, dark text on
 light. Then a layout pass measures its text lines, and small text (a screenshot at 1x) is scaled
 up to the height Tesseract reads best before the real recognition.
@@ -43,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import config
 from .admission import Budget, MiB, OverBudget, Workers
-from .pixels import MAX_UPSCALE, decoded_bytes, prepare
+from .pixels import MAX_UPSCALE, CutShort, decoded_bytes, prepare
 from .pixels import RecognitionError as RecognitionError  # what Engine.recognize raises
 
 if TYPE_CHECKING:
@@ -67,6 +72,9 @@ SYSTEM_TESSDATA = (
 # to this height (at most MAX_UPSCALE times). Scaling everything up would not do: large letters
 # on a small photo then stop looking like text to Tesseract's page segmentation.
 LINE_HEIGHT = 44
+# An image is measured from this many of its first bytes (256 KiB of base64): every header
+# is there but a JPEG's with large EXIF or ICC segments, which is then measured whole.
+HEADER_BYTES = 192 * 1024
 PILLOW_BLOCK_BYTES = 64 * MiB
 
 
@@ -214,24 +222,39 @@ class Engine:
             f"lang {self.language}; max_side {self.settings.max_side}"
         )
 
-    async def recognize(self, load: Callable[[], bytes]) -> str:
+    async def recognize(
+        self, load: Callable[[], bytes], head: Callable[[int], bytes] | None = None
+    ) -> str:
         """The text of the image whose bytes ``load`` returns (called in a worker thread).
 
+        ``head(n)``, if given, returns at least the first ``n`` of those bytes (all of them if
+        there are no more): enough to measure most images without decoding all of them twice.
         Raises Unavailable if the engine cannot run here, RecognitionError if this image failed.
         """
         problem = self.problem()
         if problem is not None:
             raise Unavailable(problem)
-        size = await self.workers.call(functools.partial(self._measure, load))
+        size = await self.workers.call(functools.partial(self._measure, load, head))
         try:
             return await self.workers.run(size, functools.partial(self._work, load))
         except OverBudget as exc:
             raise RecognitionError(str(exc)) from None
 
-    def _measure(self, load: Callable[[], bytes]) -> int:
+    def _measure(self, load: Callable[[], bytes], head: Callable[[int], bytes] | None) -> int:
         """In a pool thread: the bytes reading this image will hold (its bytes are dropped: a
-        job waiting for budget holds only what its request already had)."""
-        return decoded_bytes(load(), self.settings.max_side)
+        job waiting for budget holds only what its request already had).
+
+        Only the image's first HEADER_BYTES are decoded when ``head`` gives them: decoding
+        base64 holds the GIL (about 150 ms for 20 MiB), and ``_work`` decodes it all anyway.
+        """
+        max_side = self.settings.max_side
+        if head is not None:
+            first = head(HEADER_BYTES)
+            try:
+                return decoded_bytes(first, max_side, whole=len(first) < HEADER_BYTES)
+            except CutShort:
+                pass  # rare: a header longer than that (large EXIF, ICC or text segments)
+        return decoded_bytes(load(), max_side)
 
     def _api(self) -> Any:
         api = getattr(self._local, "api", None)

@@ -66,6 +66,14 @@ class RecognitionError(Exception):
     """Reading one image failed; the message is safe to log and to show."""
 
 
+class TooLarge(RecognitionError):
+    """The image has more than MAX_PIXELS: refused before it is decoded."""
+
+
+class CutShort(RecognitionError):
+    """The header goes on past the first bytes given: measure the whole image instead."""
+
+
 def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
     """``size`` scaled down so that its longest side is at most ``max_side``."""
     width, height = size
@@ -96,7 +104,7 @@ def _decoding() -> Iterator[None]:
 
 def _check_pixels(width: int, height: int) -> None:
     if width * height > MAX_PIXELS:
-        raise RecognitionError(
+        raise TooLarge(
             f"the image is too large to read ({width}x{height} pixels, "
             f"at most {MAX_PIXELS // 1_000_000} megapixels)"
         )
@@ -126,40 +134,57 @@ class Header:
     decoder_bytes: int  # the decoded image, and what the decoder holds beside it
 
 
-def read_header(data: bytes, max_side: int, mode: str = "L") -> Header:
+def read_header(data: bytes, max_side: int, mode: str = "L", whole: bool = True) -> Header:
     """The decoded size of an image and what decoding it holds, for a reader that scales it to
     ``max_side`` (and a JPEG decoded in ``mode``). Allocates no pixel buffer.
+
+    ``whole=False``: ``data`` is only the image's first bytes. Pillow reads a header up to the
+    pixel data and no further (PNG: IDAT, JPEG: the start of scan, GIF: the first frame's
+    descriptor), so a header it reads from a prefix is the whole image's; one it cannot read
+    there raises ``CutShort``, since it may go on past the prefix (a JPEG's large EXIF or ICC
+    segments, a PNG's large text chunks). An image too large is refused either way.
 
     Pillow decodes PNG, GIF and WebP at full size, so the decoded image is the floor.
     """
     found = sniff.sniff(data)
+    if found is not None and found.width is not None and found.height is not None:
+        _check_pixels(found.width, found.height)  # before Pillow parses anything
     if found is not None and found.media_type == "image/webp":
         # Pillow's WebP decoder allocates its canvas when the file is opened, so the header
         # is read here instead; a WebP costs four full copies (libwebp's two canvases, the
         # bytes it hands over, Pillow's image).
         if found.width is None or found.height is None:
+            if not whole:
+                raise CutShort("the image's header is not in its first bytes")
             raise RecognitionError("the image is damaged (its WebP header is cut short)")
-        _check_pixels(found.width, found.height)
         return Header(found.width, found.height, found.width * found.height * 4 * 4 + SLACK)
-    with _decoding():
-        image = _open(data, formats=("PNG", "JPEG", "GIF"))
-        coefficients = _jpeg_coefficients(image) if image.format == "JPEG" else 0
-        _draft(image, mode, max_side)
-        width, height = image.size
-        decoded = width * height * pixel_bytes(image.mode)
-        image.close()
+    try:
+        with _decoding():
+            image = _open(data, formats=("PNG", "JPEG", "GIF"))
+            coefficients = _jpeg_coefficients(image) if image.format == "JPEG" else 0
+            _draft(image, mode, max_side)
+            width, height = image.size
+            decoded = width * height * pixel_bytes(image.mode)
+            image.close()
+    except TooLarge:
+        raise
+    except RecognitionError:
+        if whole:
+            raise
+        raise CutShort("the image's header is not in its first bytes") from None
     return Header(width, height, decoded + coefficients + SLACK)
 
 
-def decoded_bytes(data: bytes, max_side: int) -> int:
+def decoded_bytes(data: bytes, max_side: int, whole: bool = True) -> int:
     """The most bytes of pixels ``prepare`` and the recognition after it hold at once for this
-    image, from its header alone.
+    image, from its header alone (``whole=False``: ``data`` is only its first bytes, and
+    ``CutShort`` says that the header is not all in them).
 
     Reading happens in two phases that do not overlap. Decoding: what the decoder holds
     (``read_header``), the greyscale canvas the rows are shrunk into, and one strip's copies.
     Recognition: the scaled image, perhaps enlarged for small text, and Tesseract's copies.
     """
-    header = read_header(data, max_side)
+    header = read_header(data, max_side, whole=whole)
     width, height = header.width, header.height
     target = _fit((width, height), max_side)
     rows = min(height, _strip_rows(width))

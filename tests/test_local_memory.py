@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import functools
 import io
+import json
 import struct
 import subprocess
 import sys
@@ -28,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from ocrproxy import admission, config, handlers, local, pixels
+from ocrproxy import admission, config, handlers, images, local, pixels
 from tests.conftest import ProxyFactory, chat, require_local_engine, spawn_proxy
 from tests.fakes import FakeOpenAI, image_part
 
@@ -326,7 +328,11 @@ async def test_waiting_for_budget_counts_against_the_deadline(
         assert budget.free == 0 and not budget._waiters  # the waiter left with its request
     finally:
         budget.release(budget.limit)
-    resp = await proxy.post("/v1/chat/completions", json=body)
+    resp = await proxy.post(
+        "/v1/chat/completions",
+        data=io.BytesIO(json.dumps(body).encode()),
+        headers={"Content-Type": "application/json"},
+    )
     assert resp.status == 200, await resp.text()
     assert "(no text found)" in fake.chat_requests[-1].json()["messages"][0]["content"]
 
@@ -386,3 +392,122 @@ def test_dark_mode_is_still_inverted_after_strips() -> None:
     prepared = pixels.prepare(_encode(image, "PNG"), 2500)
     assert prepared.size == (2500, 600)
     assert prepared.getpixel((5, 5)) > 200 and prepared.getextrema()[0] < 80
+
+
+# --- Measuring reads only the header: the base64 of a large image is decoded once, not twice.
+
+
+def _padded_png(label: str, side: int, extra: int) -> bytes:
+    """A small white PNG made ``extra`` bytes larger by an incompressible private chunk after
+    its pixel data (which every reader skips): a large upload that is quick to recognise."""
+    small = _encode(Image.new("L", (side, side), 255), "PNG")
+    iend = small.rindex(b"IEND") - 4
+    filler = _chunk(b"prVt", label.encode() + bytes(range(256)) * (extra // 256))
+    return small[:iend] + filler + small[iend:]
+
+
+def _with_app_segments(jpeg: bytes, total: int) -> bytes:
+    """``jpeg`` with ``total`` bytes of APP15 segments before its frame header (as large EXIF
+    or ICC data would be), so its header ends past the first HEADER_BYTES."""
+    segments = b""
+    while len(segments) < total:
+        segments += b"\xff\xef" + struct.pack(">H", 65535) + bytes(65533)
+    return jpeg[:2] + segments + jpeg[2:]
+
+
+def _as_url(data: bytes) -> bytes:
+    return b"data:image/png;base64," + base64.b64encode(data)
+
+
+def _measure(data: bytes) -> tuple[int, list[int], int]:
+    """(the estimate, the prefix sizes asked of ``head``, how often the whole was loaded)."""
+    url = _as_url(data)
+    asked: list[int] = []
+    loads = 0
+
+    def head(limit: int) -> bytes:
+        asked.append(limit)
+        return images.decode_data_url(url, "w", limit)
+
+    def load() -> bytes:
+        nonlocal loads
+        loads += 1
+        return images.decode_data_url(url, "w")
+
+    engine = local.Engine(config.OcrLocal(threads=1))
+    try:
+        return engine._measure(load, head), asked, loads
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize(
+    "kind", ["png-rgba", "png-l", "gif-transparent", "jpeg-444", "jpeg-baseline", "webp"]
+)
+def test_measuring_a_prefix_gives_the_whole_estimate(kind: str) -> None:
+    """Each format of test_estimate_covers_the_real_peak, made 10 MiB large, is measured from
+    its first HEADER_BYTES alone (the whole image is never decoded), to the same estimate."""
+    data = sample(kind)
+    if kind.startswith("png"):
+        small = _encode(Image.open(io.BytesIO(data)), "PNG")
+        iend = small.rindex(b"IEND") - 4
+        data = small[:iend] + _chunk(b"prVt", bytes(range(256)) * 40_000) + small[iend:]
+    else:
+        data += bytes(range(256)) * 40_000  # trailing bytes: no reader looks past the header
+    assert len(data) > 10_000_000
+    need, asked, loads = _measure(data)
+    assert need == pixels.decoded_bytes(data, 2500)
+    assert asked == [local.HEADER_BYTES] and loads == 0  # 256 KiB of base64, not 13 MiB
+    prefix = images.decode_data_url(_as_url(data), "w", local.HEADER_BYTES)
+    assert local.HEADER_BYTES <= len(prefix) < local.HEADER_BYTES + 3
+    assert pixels.decoded_bytes(prefix, 2500, whole=False) == need
+
+
+def test_a_header_past_the_prefix_is_measured_whole() -> None:
+    """A JPEG whose frame header comes after 300 KB of APP segments: measured from its whole
+    bytes, to the estimate of the whole. A small image is measured from its bytes once."""
+    photo = _encode(Image.new("RGB", (3000, 2000), "white"), "JPEG")
+    late = _with_app_segments(photo, 300_000)
+    need, asked, loads = _measure(late)
+    assert need == pixels.decoded_bytes(late, 2500) == pixels.decoded_bytes(photo, 2500)
+    assert asked == [local.HEADER_BYTES] and loads == 1
+    with pytest.raises(pixels.CutShort):
+        pixels.decoded_bytes(late[: local.HEADER_BYTES], 2500, whole=False)
+    need, asked, loads = _measure(photo)  # all of it is in the prefix: no second decode
+    assert need == pixels.decoded_bytes(photo, 2500) and loads == 0
+    # Too large: refused from the prefix (not CutShort, so never decoded whole); damaged: too.
+    giant = bomb_png("giant", 9000, pixels=False) + bytes(2 * local.HEADER_BYTES)
+    with pytest.raises(pixels.TooLarge, match="too large"):
+        pixels.decoded_bytes(giant[: local.HEADER_BYTES], 2500, whole=False)
+    with pytest.raises(local.RecognitionError, match="too large"):
+        _measure(giant)
+    with pytest.raises(local.RecognitionError, match="could not be decoded"):
+        _measure(b"GIF89a" + bytes(100))
+
+
+async def test_a_large_upload_is_decoded_once_by_the_engine(
+    make_proxy: ProxyFactory, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the proxy: a 10 MiB PNG's base64 is decoded by the validation (piece by piece)
+    and by the engine's reading, plus the first 256 KiB for its header: not a third time."""
+    data = _padded_png("once", 400, 10 * 1024 * 1024)
+    url = _as_url(data).decode()
+    decoded: list[int] = []
+    real = binascii.a2b_base64
+
+    def counting(payload: Any, **options: Any) -> bytes:
+        decoded.append(len(payload))
+        return real(payload, **options)
+
+    monkeypatch.setattr(images.binascii, "a2b_base64", counting)
+    proxy = await make_proxy(ocr={"on_error": "fail"})
+    body = chat("text-1", "Read", image_part(url), ocr_model="local")
+    resp = await proxy.post(
+        "/v1/chat/completions",
+        data=io.BytesIO(json.dumps(body).encode()),
+        headers={"Content-Type": "application/json"},
+    )
+    assert resp.status == 200, await resp.text()
+    assert "(no text found)" in fake.chat_requests[-1].json()["messages"][0]["content"]
+    payload = len(url) - len("data:image/png;base64,")
+    assert payload * 2 <= sum(decoded) <= payload * 2 + 256 * 1024, decoded
