@@ -290,3 +290,37 @@ async def test_sighup_with_an_invalid_file_changes_nothing_and_says_why(
         code = await proxy.stop()
     assert code == 0
     assert secret not in proxy.log
+
+
+async def test_sighup_whose_new_app_fails_to_start_keeps_the_running_body_limit(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """Guards against this: a reload whose new app failed to start (its cache file could not be
+    opened) said "keeping the running configuration" but had already applied its body limits
+    to the running one."""
+    port = free_port()
+    toml = _toml(fake, port, server="max_body_bytes = 100000\n")
+    proxy = ProxyProcess(tmp_path, toml)
+    await proxy.start()
+    assert proxy.proc is not None
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    body = chat("m", "x" * 20_000)  # between the old limit and the new one
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url, json=body) as r:
+                assert r.status == 200
+            (tmp_path / "a-file").write_text("not a directory")
+            missing = tmp_path / "a-file" / "cache.db"  # cannot be created, even by root
+            proxy.config.write_text(
+                toml.replace("max_body_bytes = 100000", "max_body_bytes = 2000")
+                + f'[cache]\nbackend = "sqlite"\npath = "{missing}"\n'
+            )
+            proxy.proc.send_signal(signal.SIGHUP)
+            entry = await _wait_log(proxy, "keeping the running")
+            assert entry["level"] == "error"
+            async with session.post(url, json=body) as r:
+                assert r.status == 200, await r.text()
+            assert proxy.proc.returncode is None
+    finally:
+        code = await proxy.stop()
+    assert code == 0
