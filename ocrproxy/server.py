@@ -101,17 +101,22 @@ def _listen(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
 
 def _share(old: web.Application, new: web.Application) -> Callable[[], None]:
     """Make ``new`` use what stays with the process across a reload: the metrics (counters
-    must not restart from zero) and the budget of buffered request bytes (it is the
-    process's). The new limits are not applied yet: the function returned applies them, once
-    the new generation has started (a reload that fails keeps the running limits)."""
+    must not restart from zero), the budget of buffered request bytes and that of the local
+    engine's pixels (they are the process's). The new limits are not applied yet: the
+    function returned applies them, once the new generation has started (a reload that
+    fails keeps the running limits)."""
     from . import body, metrics
+    from .app import LOCAL_BUDGET
 
     shared, models = old[metrics.METRICS], new[metrics.METRICS].models
     new[metrics.METRICS] = shared
     budget, limits = old[body.BUDGET], new[body.BUDGET]
     new[body.BUDGET] = budget
+    pixels, pixel_limit = old[LOCAL_BUDGET], new[LOCAL_BUDGET].limit
+    new[LOCAL_BUDGET] = pixels
 
     def apply() -> None:
+        pixels.resize(pixel_limit)
         shared.models = models
         budget.limit, budget.max_body = limits.limit, limits.max_body
         budget.timeout_s = limits.timeout_s

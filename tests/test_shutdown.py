@@ -324,3 +324,41 @@ async def test_sighup_whose_new_app_fails_to_start_keeps_the_running_body_limit(
     finally:
         code = await proxy.stop()
     assert code == 0
+
+
+async def test_a_reload_shares_the_local_engines_pixel_budget(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """Guards against this: each generation's local engine had a budget of its own, so while the
+    old one drained two engines could each hold max_decoded_bytes of pixels."""
+    from ocrproxy import config, handlers, server
+
+    port = free_port()
+
+    def cfg(mib: int) -> config.Config:
+        return config.from_mapping(
+            {
+                "server": {"host": "127.0.0.1", "port": port},
+                "ocr": {"local": {"max_decoded_bytes": mib * 1024 * 1024}},
+                "upstreams": [{"name": "fake", "base_url": fake.url}],
+            },
+            env={},
+        )
+
+    listeners = [server._listen("127.0.0.1", port, False)]
+    old = server.Generation(cfg(64))
+    await old.start(listeners)
+    try:
+        new = server.Generation(cfg(32), old)
+        await new.start(listeners)
+        try:
+            engines = [g.app[handlers.DESCRIBER].engine for g in (old, new)]
+            assert engines[0] is not None and engines[1] is not None
+            assert engines[0].budget is engines[1].budget
+            assert engines[1].budget.limit == 32 * 1024 * 1024
+            assert engines[1].budget.free == 32 * 1024 * 1024
+        finally:
+            await new.close()
+    finally:
+        await old.close()
+        server._close(listeners)
