@@ -362,3 +362,30 @@ async def test_a_reload_shares_the_local_engines_pixel_budget(
     finally:
         await old.close()
         server._close(listeners)
+
+
+def test_the_supervisor_terminates_a_worker_that_got_a_reaped_workers_pid(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Guards against this: the pids sent SIGTERM were kept for ever, so a new worker that got
+    the pid of one reaped earlier was never sent SIGTERM at stop, and was SIGKILLed at the
+    deadline (its access lines lost). No real pid is signalled here: os.kill is recorded."""
+    from ocrproxy import config, supervisor
+
+    class Worker:  # what _terminate and _forget use of a multiprocessing.Process
+        def __init__(self, pid: int) -> None:
+            self.pid = pid
+            self.exitcode: int | None = None
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    sent: list[int] = []
+    monkeypatch.setattr(supervisor.os, "kill", lambda pid, sig: sent.append(pid))
+    sup = supervisor.Supervisor(config.from_mapping({}, env={}))
+    old = Worker(4242)
+    sup._terminate([old])
+    old.exitcode = 0  # it exited and was reaped
+    sup._forget([old])
+    new = Worker(4242)  # the kernel gave its pid to a new worker
+    sup._terminate([new])
+    sup._terminate([new])  # but never twice
+    assert sent == [4242, 4242]
