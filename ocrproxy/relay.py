@@ -125,7 +125,10 @@ class Streams:
     it ends. ``end_all`` is for a shutdown whose grace period ran out: it gives each client an
     error event and a proper end of the chunked body, then cancels the request's task (which
     stops the upstream read or the OCR wait); the request middleware still writes its access
-    line, with the status the client got (``ended_by_shutdown``).
+    line, with the status the client got (``ended_by_shutdown``). All streams are ended at once,
+    each write within END_TIMEOUT: a client that does not take its event in time (it stopped
+    reading) has its connection aborted, so one stalled client cannot hold up the others or the
+    shutdown.
     """
 
     def __init__(self) -> None:
@@ -146,25 +149,41 @@ class Streams:
 
     async def end_all(self) -> int:
         """End every open stream now; the number that got the error event."""
-        ended = 0
-        for task, (request, response) in list(self._open.items()):
-            if task.done():
-                continue
-            protocol = request.protocol
-            # A client that stopped reading would make this write wait: it is cut instead.
-            if request.transport is not None and not protocol.writing_paused:
-                try:
-                    # One write, with the end of the chunked body: nothing can come between.
+        ending = [
+            self._end(task, request, response)
+            for task, (request, response) in list(self._open.items())
+            if not task.done()
+        ]
+        return sum(await asyncio.gather(*ending))
+
+    @staticmethod
+    async def _end(
+        task: asyncio.Task[Any], request: web.Request, response: web.StreamResponse
+    ) -> bool:
+        ended = False
+        transport = request.transport
+        if transport is None:
+            pass
+        elif request.protocol.writing_paused:
+            transport.abort()  # a client that stopped reading would make the write wait
+        else:
+            try:
+                # One write, with the end of the chunked body: nothing can come between.
+                async with asyncio.timeout(END_TIMEOUT):
                     await response.write_eof(SHUTDOWN_EVENT)
-                except (ConnectionError, RuntimeError):  # gone, or it had just ended
-                    pass
-                else:
-                    request[_ENDED] = response
-                    ended += 1
-            task.cancel()
+            except TimeoutError:  # its buffer filled up: it is not reading
+                transport.abort()
+            except (ConnectionError, RuntimeError):  # gone, or it had just ended
+                pass
+            else:
+                request[_ENDED] = response
+                ended = True
+        task.cancel()
         return ended
 
 
+# Seconds a stream's ending write may wait on its client at shutdown (``Streams``).
+END_TIMEOUT = 0.5
 STREAMS: web.AppKey[Streams] = web.AppKey("streams", Streams)
 _ENDED: web.RequestKey[web.StreamResponse] = web.RequestKey("ended_by_shutdown", web.StreamResponse)
 SHUTDOWN_EVENT = error_event(

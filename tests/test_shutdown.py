@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from tests.conftest import chat
 from tests.fakes import FakeOpenAI, data_url, image_part
@@ -389,3 +391,138 @@ def test_the_supervisor_terminates_a_worker_that_got_a_reaped_workers_pid(
     sup._terminate([new])
     sup._terminate([new])  # but never twice
     assert sent == [4242, 4242]
+
+
+class _Edgy:
+    """An upstream for the ends of streams: ``firehose`` sends 64 KB events without end,
+    ``tick`` one small event every 0.2 s, ``half-stall``/``half-die`` one whole event and
+    half of the next, then go silent / drop the connection."""
+
+    url = ""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        return app
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        model = (await request.json())["model"]
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        event = b'data: {"choices": [{"index": 0, "delta": {"content": "x"}}]}\n\n'
+        if model == "firehose":
+            big = b"data: " + b'"' + b"x" * (64 * 1024) + b'"\n\n'
+            while True:
+                await response.write(big)
+        if model == "tick":
+            for _ in range(600):
+                await response.write(event)
+                await asyncio.sleep(0.2)
+        await response.write(event)
+        await response.write(event[:20])  # half an event: 'data: {"choices": [{'
+        if model == "half-stall":
+            await asyncio.sleep(3600)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+
+@pytest.fixture
+async def edgy(aiohttp_server: Any) -> _Edgy:
+    state = _Edgy()
+    server = await aiohttp_server(state.app())
+    state.url = str(server.make_url("/v1"))
+    return state
+
+
+def _edgy_toml(edgy: _Edgy, port: int) -> str:
+    return (
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\nshutdown_timeout = 1\n'
+        '[ocr]\nmodel = "vision-1"\n'
+        f'[[upstreams]]\nname = "edgy"\nbase_url = "{edgy.url}"\n'
+    )
+
+
+def _stalled_client(port: int) -> socket.socket:
+    """A streaming request from a client that then reads nothing, with a small receive buffer."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    payload = orjson.dumps(chat("firehose", "hi", stream=True))
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    return sock
+
+
+async def test_sigterm_with_a_client_that_stopped_reading_still_ends_the_others_on_time(
+    edgy: _Edgy, tmp_path: Path
+) -> None:
+    """Guards against this: the shutdown wrote each stream's ending event in turn, without a
+    time limit, so one client that stopped reading held it (and every later stream) until
+    systemd's SIGKILL."""
+    port = free_port()
+    proxy = ProxyProcess(tmp_path, _edgy_toml(edgy, port))
+    await proxy.start()
+    assert proxy.proc is not None
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    stalled = [_stalled_client(port) for _ in range(2)]
+    try:
+        async with aiohttp.ClientSession() as session:
+            task = asyncio.ensure_future(_stream(session, url, chat("tick", "hi", stream=True)))
+            try:
+                await asyncio.sleep(2.0)  # the stalled streams fill every buffer on the way
+                signalled = time.monotonic()
+                proxy.proc.send_signal(signal.SIGTERM)
+                code = await proxy.exited(timeout=30)
+                took = time.monotonic() - signalled
+                body = await asyncio.wait_for(task, 10)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+    finally:
+        for sock in stalled:
+            sock.close()
+        await proxy.stop()
+    print(f"exited {took:.2f} s after SIGTERM (shutdown_timeout 1 s)")
+    assert code == 0, proxy.log
+    assert took < 1 + 2 + 3, took  # the promise is shutdown_timeout + 2 s; slack for load
+    assert _last_event(body)["error"]["code"] == SHUTDOWN_EVENT_CODE
+
+
+async def test_end_all_is_not_held_up_by_a_stream_whose_ending_write_waits(
+    aiohttp_client: Any,
+) -> None:
+    """The window the process test above cannot aim at: a client whose buffer is just short of
+    full when the shutdown comes, so that the ending write itself pauses and waits for it
+    (aiohttp's write_eof ends with a drain). That write is made to wait for ever here; the
+    other stream must still get its event, and end_all must return."""
+    from ocrproxy import relay
+
+    streams = relay.Streams()
+
+    async def never(*args: Any) -> None:
+        await asyncio.Event().wait()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = await relay.start_sse(request, {})
+        if request.query.get("stuck"):
+            response.write_eof = never  # type: ignore[method-assign]
+        await response.write(b": hello\n\n")
+        await asyncio.sleep(3600)
+        return response
+
+    app = web.Application()
+    app[relay.STREAMS] = streams
+    app.router.add_get("/", handler)
+    client = await aiohttp_client(app)
+    async with client.get("/?stuck=1") as stuck, client.get("/") as normal:
+        await stuck.content.readuntil(b"\n\n")
+        await normal.content.readuntil(b"\n\n")
+        assert len(streams) == 2
+        ended = await asyncio.wait_for(streams.end_all(), 10)
+        body = await asyncio.wait_for(normal.read(), 10)
+    assert ended == 1
+    assert _last_event(body)["error"]["code"] == SHUTDOWN_EVENT_CODE
