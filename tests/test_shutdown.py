@@ -492,6 +492,48 @@ async def test_sigterm_with_a_client_that_stopped_reading_still_ends_the_others_
     assert _last_event(body)["error"]["code"] == SHUTDOWN_EVENT_CODE
 
 
+def _events_parse(received: bytes) -> None:
+    """Every whole event a client got parses: no half event glued to an error event."""
+    *events, _rest = received.split(b"\n\n")
+    for event in events:
+        assert event.startswith(b"data: "), received
+        orjson.loads(event[len(b"data: ") :])
+
+
+@pytest.mark.parametrize("model", ["half-stall", "half-die"])
+async def test_an_error_event_is_never_glued_to_half_an_event(
+    edgy: _Edgy, tmp_path: Path, model: str
+) -> None:
+    """Guards against this: the upstream-broke and shutdown error events were written after
+    whatever the upstream had sent, mid ``data:`` line, so the client's parser failed on the
+    glued event. Now the client sees whole events and then either a clean error event or a cut
+    connection."""
+    port = free_port()
+    proxy = ProxyProcess(tmp_path, _edgy_toml(edgy, port))
+    await proxy.start()
+    assert proxy.proc is not None
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    received = b""
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url, json=chat(model, "hi", stream=True)) as r:
+                assert r.status == 200
+                if model == "half-stall":
+                    received = await r.content.readuntil(b"\n\n")  # the half follows it
+                    proxy.proc.send_signal(signal.SIGTERM)
+                try:
+                    async for piece in r.content.iter_any():
+                        received += piece
+                except aiohttp.ClientPayloadError:
+                    pass  # cut: a truncated body
+        if model == "half-stall":
+            assert await proxy.exited(timeout=30) == 0, proxy.log
+    finally:
+        await proxy.stop()
+    assert received.startswith(b"data: ")
+    _events_parse(received)
+
+
 async def test_end_all_is_not_held_up_by_a_stream_whose_ending_write_waits(
     aiohttp_client: Any,
 ) -> None:
