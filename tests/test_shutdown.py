@@ -568,3 +568,22 @@ async def test_end_all_is_not_held_up_by_a_stream_whose_ending_write_waits(
         body = await asyncio.wait_for(normal.read(), 10)
     assert ended == 1
     assert _last_event(body)["error"]["code"] == SHUTDOWN_EVENT_CODE
+
+
+async def test_resizing_the_pixel_budget_refuses_a_queued_job_it_can_no_longer_admit() -> None:
+    """A reload that lowers max_decoded_bytes: bytes held count against the new limit, a job
+    queued for more than it is refused (it would block the queue for ever), the others run."""
+    from ocrproxy.admission import Budget, OverBudget
+
+    budget = Budget(100)
+    await budget.acquire(60)
+    big = asyncio.ensure_future(budget.acquire(80))
+    small = asyncio.ensure_future(budget.acquire(10))
+    await asyncio.sleep(0)
+    budget.resize(50)
+    with pytest.raises(OverBudget):
+        await big
+    assert not small.done()  # 60 held of 50: it waits for the release
+    budget.release(60)
+    await asyncio.wait_for(small, 5)
+    assert budget.free == 40 and budget.limit == 50
