@@ -31,20 +31,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from . import (
-    admission,
-    body,
-    config,
-    handlers,
-    local,
-    logs,
-    metrics,
-    redact,
-    relay,
-    rewrite,
-    tiers,
-    upstream,
-)
+from . import body, config, handlers, local, logs, metrics, redact, relay, rewrite, tiers, upstream
+from .admission import Budget as PixelBudget
 from .cache import DescriptionCache, MemoryLRU
 from .describe import Describer
 from .errors import BadRequest, MethodNotAllowed, NotFound, ProxyError, Unauthorized
@@ -53,7 +41,7 @@ from .fetch import Fetcher
 log = logging.getLogger("ocrproxy.access")
 # The local engine's bytes of pixels: one budget for the process, carried over by a reload
 # (server.py), so that an old generation draining and the new one share one bound.
-LOCAL_BUDGET: web.AppKey[admission.Budget] = web.AppKey("local_budget", admission.Budget)
+LOCAL_BUDGET: web.AppKey[PixelBudget] = web.AppKey("local_budget", PixelBudget)
 
 _QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})  # probes: debug, not info
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -405,7 +393,7 @@ def create_app(cfg: config.Config) -> web.Application:
         app.cleanup_ctx.append(_watchdog)
     app[relay.STAMP] = _commit
     app[body.BUDGET] = body.Budget(cfg.server)
-    app[LOCAL_BUDGET] = admission.Budget(cfg.ocr.local.max_decoded_bytes)
+    app[LOCAL_BUDGET] = PixelBudget(cfg.ocr.local.max_decoded_bytes)
     app[relay.STREAMS] = relay.Streams()
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_get("/v1/models", handlers.models)
