@@ -61,7 +61,8 @@ class Budget:
         try:
             await waiter
         except BaseException:
-            if waiter.done() and not waiter.cancelled():  # granted, but its caller is gone
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # granted, but its caller is gone
                 self.release(size)
             else:  # still queued: let the ones behind it move up
                 waiter.cancel()
@@ -70,6 +71,16 @@ class Budget:
 
     def release(self, size: int) -> None:
         self.free += size
+        self._grant()
+
+    def resize(self, limit: int) -> None:
+        """A new limit (a reload): bytes held now count against it; a job queued that needs
+        more than it can never run, and is refused."""
+        self.free += limit - self.limit
+        self.limit = limit
+        for size, waiter in self._waiters:
+            if size > limit and not waiter.done():
+                waiter.set_exception(OverBudget(size, limit))
         self._grant()
 
     def _grant(self) -> None:

@@ -32,12 +32,16 @@ import aiohttp
 from aiohttp import web
 
 from . import body, config, handlers, local, logs, metrics, redact, relay, rewrite, tiers, upstream
+from .admission import Budget as PixelBudget
 from .cache import DescriptionCache, MemoryLRU
 from .describe import Describer
 from .errors import BadRequest, MethodNotAllowed, NotFound, ProxyError, Unauthorized
 from .fetch import Fetcher
 
 log = logging.getLogger("ocrproxy.access")
+# The local engine's bytes of pixels: one budget for the process, carried over by a reload
+# (server.py), so that an old generation draining and the new one share one bound.
+LOCAL_BUDGET: web.AppKey[PixelBudget] = web.AppKey("local_budget", PixelBudget)
 
 _QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})  # probes: debug, not info
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -308,7 +312,7 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     cache = DescriptionCache(lru, tier, on_lookup=app[metrics.METRICS].cache_lookup)
     app[handlers.SESSION] = session
     app[handlers.CACHE] = cache
-    engine = local.Engine(cfg.ocr.local)
+    engine = local.Engine(cfg.ocr.local, budget=app[LOCAL_BUDGET])
     app[handlers.DESCRIBER] = Describer(
         session,
         app[handlers.ROUTER],
@@ -389,6 +393,7 @@ def create_app(cfg: config.Config) -> web.Application:
         app.cleanup_ctx.append(_watchdog)
     app[relay.STAMP] = _commit
     app[body.BUDGET] = body.Budget(cfg.server)
+    app[LOCAL_BUDGET] = PixelBudget(cfg.ocr.local.max_decoded_bytes)
     app[relay.STREAMS] = relay.Streams()
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_get("/v1/models", handlers.models)

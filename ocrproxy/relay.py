@@ -15,7 +15,10 @@ and the upstream response closed: one timer per stream, not per write.
 Once a stream's headers are committed (early, as keep-alive, while OCR runs) an error can no
 longer change the status: it is sent as a ``data: {"error": ...}`` event and the stream ends.
 A shutdown that outlasts its grace period ends every SSE stream still open the same way, with
-code ``server_shutting_down`` (``Streams``).
+code ``server_shutting_down`` (``Streams``). An error event is only ever written at an event
+boundary: a pass-through stream whose last bytes sent are mid-event (the upstream's reads cut
+it there) is cut instead, a truncated body, so that no parser gets a half event glued to an
+error one (``_Edge``).
 """
 
 from __future__ import annotations
@@ -118,6 +121,27 @@ def error_event(error: ProxyError | bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
+class _Edge:
+    """Whether the last piece of an SSE stream handed to the transport ended an event.
+
+    The pass-through relay writes pieces where the upstream's reads cut them, so the bytes on
+    the wire may end mid ``data:`` line. An error event written then would be glued to the half
+    event and corrupt both for the client's parser, and ending the half event with a blank line
+    would complete a truncated JSON line. So the error event is written only at an event
+    boundary; elsewhere the connection is cut instead (a truncated body, which the client sees
+    as an error). One ``endswith`` per piece; a boundary split across two pieces (``\n`` then
+    ``\n``) is not seen, and counts as mid-event: the safe side.
+    """
+
+    __slots__ = ("clean",)
+
+    def __init__(self) -> None:
+        self.clean = True
+
+
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
+
+
 class Streams:
     """The SSE streams an application has open, each with the task of the request serving it.
 
@@ -125,7 +149,10 @@ class Streams:
     it ends. ``end_all`` is for a shutdown whose grace period ran out: it gives each client an
     error event and a proper end of the chunked body, then cancels the request's task (which
     stops the upstream read or the OCR wait); the request middleware still writes its access
-    line, with the status the client got (``ended_by_shutdown``).
+    line, with the status the client got (``ended_by_shutdown``). All streams are ended at once,
+    each write within END_TIMEOUT: a client that does not take its event in time (it stopped
+    reading) has its connection aborted, so one stalled client cannot hold up the others or the
+    shutdown. A stream whose last bytes are mid-event (``_Edge``) is cut without the event.
     """
 
     def __init__(self) -> None:
@@ -146,27 +173,47 @@ class Streams:
 
     async def end_all(self) -> int:
         """End every open stream now; the number that got the error event."""
-        ended = 0
-        for task, (request, response) in list(self._open.items()):
-            if task.done():
-                continue
-            protocol = request.protocol
-            # A client that stopped reading would make this write wait: it is cut instead.
-            if request.transport is not None and not protocol.writing_paused:
-                try:
-                    # One write, with the end of the chunked body: nothing can come between.
+        ending = [
+            self._end(task, request, response)
+            for task, (request, response) in list(self._open.items())
+            if not task.done()
+        ]
+        return sum(await asyncio.gather(*ending))
+
+    @staticmethod
+    async def _end(
+        task: asyncio.Task[Any], request: web.Request, response: web.StreamResponse
+    ) -> bool:
+        ended = False
+        transport = request.transport
+        edge = request.get(_EDGE)
+        if transport is None:
+            pass
+        elif edge is not None and not edge.clean:
+            transport.close()  # mid-event: what was sent goes out, then the cut
+        elif request.protocol.writing_paused:
+            transport.abort()  # a client that stopped reading would make the write wait
+        else:
+            try:
+                # One write, with the end of the chunked body: nothing can come between.
+                async with asyncio.timeout(END_TIMEOUT):
                     await response.write_eof(SHUTDOWN_EVENT)
-                except (ConnectionError, RuntimeError):  # gone, or it had just ended
-                    pass
-                else:
-                    request[_ENDED] = response
-                    ended += 1
-            task.cancel()
+            except TimeoutError:  # its buffer filled up: it is not reading
+                transport.abort()
+            except (ConnectionError, RuntimeError):  # gone, or it had just ended
+                pass
+            else:
+                request[_ENDED] = response
+                ended = True
+        task.cancel()
         return ended
 
 
+# Seconds a stream's ending write may wait on its client at shutdown (``Streams``).
+END_TIMEOUT = 0.5
 STREAMS: web.AppKey[Streams] = web.AppKey("streams", Streams)
 _ENDED: web.RequestKey[web.StreamResponse] = web.RequestKey("ended_by_shutdown", web.StreamResponse)
+_EDGE: web.RequestKey[_Edge] = web.RequestKey("sse_edge", _Edge)
 SHUTDOWN_EVENT = error_event(
     ProxyError("The server is shutting down; retry the request", code="server_shutting_down")
 )
@@ -181,6 +228,7 @@ def _register(request: web.Request, response: web.StreamResponse) -> None:
     streams = request.app.get(STREAMS)
     if streams is not None:
         streams.add(request, response)
+    request[_EDGE] = _Edge()
 
 
 async def start_sse(request: web.Request, headers: Mapping[str, str]) -> web.StreamResponse:
@@ -275,12 +323,13 @@ async def _pump(
     redactor: Redactor | None = None,
     request: web.Request | None = None,
     first: Iterable[bytes] = (),
+    edge: _Edge | None = None,
 ) -> None:
     """Copy the upstream body to the client piece by piece, as it arrives.
 
     ``first`` are pieces of the body already read. Secrets are masked before the usage editor
     sees the bytes. Given the ``request``, a client that stops reading is dropped
-    (``_WriteWatch``).
+    (``_WriteWatch``). Given an ``edge``, it says whether the last piece ended an SSE event.
 
     Reading and writing fail differently: a broken upstream raises UpstreamBroke (the caller can
     still tell the client), a client that went away raises ConnectionResetError (nobody to tell).
@@ -308,6 +357,8 @@ async def _pump(
                 piece = editor.feed(piece)
             if not piece:
                 continue
+            if edge is not None:  # set before the write: the transport has the piece then
+                edge.clean = piece.endswith(_EVENT_ENDS)
             if watch is None:
                 await write(piece)
             else:
@@ -320,6 +371,8 @@ async def _pump(
         if editor is not None:
             tail = (editor.feed(tail) if tail else b"") + editor.flush()
         if tail:
+            if edge is not None:
+                edge.clean = tail.endswith(_EVENT_ENDS)
             if watch is not None:
                 watch.since = clock()
             await write(tail)
@@ -336,11 +389,20 @@ async def _pump_sse(
     redactor: Redactor | None = None,
     request: web.Request | None = None,
 ) -> None:
-    """Relay an SSE body; if the upstream breaks, end with an error event instead of hanging."""
+    """Relay an SSE body; if the upstream breaks, end with an error event instead of hanging.
+
+    The error event is written only if the last bytes sent ended an event (``_Edge``); mid-event
+    the connection is cut instead (ConnectionResetError), so no parser gets a corrupted event.
+    """
+    edge = request.get(_EDGE) if request is not None else None
     try:
-        await _pump(source, response, editor, redactor=redactor, request=request)
+        await _pump(source, response, editor, redactor=redactor, request=request, edge=edge)
     except UpstreamBroke as exc:
         log.warning("upstream stream broke mid-response: %s", exc)
+        if edge is not None and not edge.clean:
+            if request is not None and request.transport is not None:
+                request.transport.close()
+            raise ConnectionResetError("the upstream broke mid-event: connection cut") from None
         await response.write(error_event(UpstreamError("The upstream stream ended unexpectedly")))
 
 

@@ -99,19 +99,29 @@ def _listen(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
     return socks
 
 
-def _carry_over(old: web.Application, new: web.Application) -> None:
-    """What stays with the process across a reload: the metrics (counters must not restart
-    from zero) and the budget of buffered request bytes (it is the process's), with the new
-    limits."""
+def _share(old: web.Application, new: web.Application) -> Callable[[], None]:
+    """Make ``new`` use what stays with the process across a reload: the metrics (counters
+    must not restart from zero), the budget of buffered request bytes and that of the local
+    engine's pixels (they are the process's). The new limits are not applied yet: the
+    function returned applies them, once the new generation has started (a reload that
+    fails keeps the running limits)."""
     from . import body, metrics
+    from .app import LOCAL_BUDGET
 
-    shared = old[metrics.METRICS]
-    shared.models = new[metrics.METRICS].models
+    shared, models = old[metrics.METRICS], new[metrics.METRICS].models
     new[metrics.METRICS] = shared
     budget, limits = old[body.BUDGET], new[body.BUDGET]
-    budget.limit, budget.max_body = limits.limit, limits.max_body
-    budget.timeout_s = limits.timeout_s
     new[body.BUDGET] = budget
+    pixels, pixel_limit = old[LOCAL_BUDGET], new[LOCAL_BUDGET].limit
+    new[LOCAL_BUDGET] = pixels
+
+    def apply() -> None:
+        pixels.resize(pixel_limit)
+        shared.models = models
+        budget.limit, budget.max_body = limits.limit, limits.max_body
+        budget.timeout_s = limits.timeout_s
+
+    return apply
 
 
 class Generation:
@@ -131,8 +141,9 @@ class Generation:
         self.cfg = cfg
         server = cfg.server
         self.app = create_app(cfg)
+        self._apply: Callable[[], None] | None = None
         if previous is not None:
-            _carry_over(previous.app, self.app)
+            self._apply = _share(previous.app, self.app)
         # aiohttp's keep-alive timer is the header timeout: it is armed when a connection opens
         # and again after each response, and closes the connection if no complete request
         # headers have arrived by then (however slowly bytes drip in). One timer per
@@ -158,6 +169,8 @@ class Generation:
         except BaseException:
             await self.close()
             raise
+        if self._apply is not None:
+            self._apply()
 
     async def close(self) -> None:
         for runner in reversed(self.runners):

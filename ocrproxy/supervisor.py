@@ -88,7 +88,9 @@ class Supervisor:
         self.workers: list[Any] = []
         self.starting: list[Any] = []  # a reload's new generation, until it listens
         self.retiring: list[tuple[Any, float]] = []  # (worker, kill deadline) after a reload
-        self.terminated: set[int] = set()  # pids sent SIGTERM
+        # The workers sent SIGTERM: process objects, not pids (a new worker may get the pid of
+        # one reaped earlier); each leaves the set when it is forgotten.
+        self.terminated: set[Any] = set()
         self.stopping = False
         self.reload_asked = False
         self.metrics_dir = ""
@@ -130,8 +132,8 @@ class Supervisor:
 
     def _terminate(self, procs: list[Any]) -> None:
         for proc in procs:
-            if proc.exitcode is None and proc.pid not in self.terminated:
-                self.terminated.add(proc.pid)  # twice could kill one that is exiting
+            if proc.exitcode is None and proc not in self.terminated:
+                self.terminated.add(proc)  # twice could kill one that is exiting
                 os.kill(proc.pid, signal.SIGTERM)
 
     def run(self) -> None:
@@ -205,6 +207,7 @@ class Supervisor:
         from prometheus_client import multiprocess
 
         for proc in procs:
+            self.terminated.discard(proc)
             multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
 
     def _reap_retiring(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from tests.conftest import chat
 from tests.fakes import FakeOpenAI, data_url, image_part
@@ -290,3 +292,298 @@ async def test_sighup_with_an_invalid_file_changes_nothing_and_says_why(
         code = await proxy.stop()
     assert code == 0
     assert secret not in proxy.log
+
+
+async def test_sighup_whose_new_app_fails_to_start_keeps_the_running_body_limit(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """Guards against this: a reload whose new app failed to start (its cache file could not be
+    opened) said "keeping the running configuration" but had already applied its body limits
+    to the running one."""
+    port = free_port()
+    toml = _toml(fake, port, server="max_body_bytes = 100000\n")
+    proxy = ProxyProcess(tmp_path, toml)
+    await proxy.start()
+    assert proxy.proc is not None
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    body = chat("m", "x" * 20_000)  # between the old limit and the new one
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url, json=body) as r:
+                assert r.status == 200
+            (tmp_path / "a-file").write_text("not a directory")
+            missing = tmp_path / "a-file" / "cache.db"  # cannot be created, even by root
+            proxy.config.write_text(
+                toml.replace("max_body_bytes = 100000", "max_body_bytes = 2000")
+                + f'[cache]\nbackend = "sqlite"\npath = "{missing}"\n'
+            )
+            proxy.proc.send_signal(signal.SIGHUP)
+            entry = await _wait_log(proxy, "keeping the running")
+            assert entry["level"] == "error"
+            async with session.post(url, json=body) as r:
+                assert r.status == 200, await r.text()
+            assert proxy.proc.returncode is None
+    finally:
+        code = await proxy.stop()
+    assert code == 0
+
+
+async def test_a_reload_shares_the_local_engines_pixel_budget(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """Guards against this: each generation's local engine had a budget of its own, so while the
+    old one drained two engines could each hold max_decoded_bytes of pixels."""
+    from ocrproxy import config, handlers, server
+
+    port = free_port()
+
+    def cfg(mib: int) -> config.Config:
+        return config.from_mapping(
+            {
+                "server": {"host": "127.0.0.1", "port": port},
+                "ocr": {"local": {"max_decoded_bytes": mib * 1024 * 1024}},
+                "upstreams": [{"name": "fake", "base_url": fake.url}],
+            },
+            env={},
+        )
+
+    listeners = [server._listen("127.0.0.1", port, False)]
+    old = server.Generation(cfg(64))
+    await old.start(listeners)
+    try:
+        new = server.Generation(cfg(32), old)
+        await new.start(listeners)
+        try:
+            engines = [g.app[handlers.DESCRIBER].engine for g in (old, new)]
+            assert engines[0] is not None and engines[1] is not None
+            assert engines[0].budget is engines[1].budget
+            assert engines[1].budget.limit == 32 * 1024 * 1024
+            assert engines[1].budget.free == 32 * 1024 * 1024
+        finally:
+            await new.close()
+    finally:
+        await old.close()
+        server._close(listeners)
+
+
+def test_the_supervisor_terminates_a_worker_that_got_a_reaped_workers_pid(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Guards against this: the pids sent SIGTERM were kept for ever, so a new worker that got
+    the pid of one reaped earlier was never sent SIGTERM at stop, and was SIGKILLed at the
+    deadline (its access lines lost). No real pid is signalled here: os.kill is recorded."""
+    from ocrproxy import config, supervisor
+
+    class Worker:  # what _terminate and _forget use of a multiprocessing.Process
+        def __init__(self, pid: int) -> None:
+            self.pid = pid
+            self.exitcode: int | None = None
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    sent: list[int] = []
+    monkeypatch.setattr(supervisor.os, "kill", lambda pid, sig: sent.append(pid))
+    sup = supervisor.Supervisor(config.from_mapping({}, env={}))
+    old = Worker(4242)
+    sup._terminate([old])
+    old.exitcode = 0  # it exited and was reaped
+    sup._forget([old])
+    new = Worker(4242)  # the kernel gave its pid to a new worker
+    sup._terminate([new])
+    sup._terminate([new])  # but never twice
+    assert sent == [4242, 4242]
+
+
+class _Edgy:
+    """An upstream for the ends of streams: ``firehose`` sends 64 KB events without end,
+    ``tick`` one small event every 0.2 s, ``half-stall``/``half-die`` one whole event and
+    half of the next, then go silent / drop the connection."""
+
+    url = ""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        return app
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        model = (await request.json())["model"]
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        event = b'data: {"choices": [{"index": 0, "delta": {"content": "x"}}]}\n\n'
+        if model == "firehose":
+            big = b"data: " + b'"' + b"x" * (64 * 1024) + b'"\n\n'
+            while True:
+                await response.write(big)
+        if model == "tick":
+            for _ in range(600):
+                await response.write(event)
+                await asyncio.sleep(0.2)
+        await response.write(event)
+        await response.write(event[:20])  # half an event: 'data: {"choices": [{'
+        if model == "half-stall":
+            await asyncio.sleep(3600)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+
+@pytest.fixture
+async def edgy(aiohttp_server: Any) -> _Edgy:
+    state = _Edgy()
+    server = await aiohttp_server(state.app())
+    state.url = str(server.make_url("/v1"))
+    return state
+
+
+def _edgy_toml(edgy: _Edgy, port: int) -> str:
+    return (
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\nshutdown_timeout = 1\n'
+        '[ocr]\nmodel = "vision-1"\n'
+        f'[[upstreams]]\nname = "edgy"\nbase_url = "{edgy.url}"\n'
+    )
+
+
+def _stalled_client(port: int) -> socket.socket:
+    """A streaming request from a client that then reads nothing, with a small receive buffer."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    payload = orjson.dumps(chat("firehose", "hi", stream=True))
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    return sock
+
+
+async def test_sigterm_with_a_client_that_stopped_reading_still_ends_the_others_on_time(
+    edgy: _Edgy, tmp_path: Path
+) -> None:
+    """Guards against this: the shutdown wrote each stream's ending event in turn, without a
+    time limit, so one client that stopped reading held it (and every later stream) until
+    systemd's SIGKILL."""
+    port = free_port()
+    proxy = ProxyProcess(tmp_path, _edgy_toml(edgy, port))
+    await proxy.start()
+    assert proxy.proc is not None
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    stalled = [_stalled_client(port) for _ in range(2)]
+    try:
+        async with aiohttp.ClientSession() as session:
+            task = asyncio.ensure_future(_stream(session, url, chat("tick", "hi", stream=True)))
+            try:
+                await asyncio.sleep(2.0)  # the stalled streams fill every buffer on the way
+                signalled = time.monotonic()
+                proxy.proc.send_signal(signal.SIGTERM)
+                code = await proxy.exited(timeout=30)
+                took = time.monotonic() - signalled
+                body = await asyncio.wait_for(task, 10)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+    finally:
+        for sock in stalled:
+            sock.close()
+        await proxy.stop()
+    print(f"exited {took:.2f} s after SIGTERM (shutdown_timeout 1 s)")
+    assert code == 0, proxy.log
+    assert took < 1 + 2 + 3, took  # the promise is shutdown_timeout + 2 s; slack for load
+    assert _last_event(body)["error"]["code"] == SHUTDOWN_EVENT_CODE
+
+
+def _events_parse(received: bytes) -> None:
+    """Every whole event a client got parses: no half event glued to an error event."""
+    *events, _rest = received.split(b"\n\n")
+    for event in events:
+        assert event.startswith(b"data: "), received
+        orjson.loads(event[len(b"data: ") :])
+
+
+@pytest.mark.parametrize("model", ["half-stall", "half-die"])
+async def test_an_error_event_is_never_glued_to_half_an_event(
+    edgy: _Edgy, tmp_path: Path, model: str
+) -> None:
+    """Guards against this: the upstream-broke and shutdown error events were written after
+    whatever the upstream had sent, mid ``data:`` line, so the client's parser failed on the
+    glued event. Now the client sees whole events and then either a clean error event or a cut
+    connection."""
+    port = free_port()
+    proxy = ProxyProcess(tmp_path, _edgy_toml(edgy, port))
+    await proxy.start()
+    assert proxy.proc is not None
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    received = b""
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url, json=chat(model, "hi", stream=True)) as r:
+                assert r.status == 200
+                if model == "half-stall":
+                    received = await r.content.readuntil(b"\n\n")  # the half follows it
+                    proxy.proc.send_signal(signal.SIGTERM)
+                try:
+                    async for piece in r.content.iter_any():
+                        received += piece
+                except aiohttp.ClientPayloadError:
+                    pass  # cut: a truncated body
+        if model == "half-stall":
+            assert await proxy.exited(timeout=30) == 0, proxy.log
+    finally:
+        await proxy.stop()
+    assert received.startswith(b"data: ")
+    _events_parse(received)
+
+
+async def test_end_all_is_not_held_up_by_a_stream_whose_ending_write_waits(
+    aiohttp_client: Any,
+) -> None:
+    """The window the process test above cannot aim at: a client whose buffer is just short of
+    full when the shutdown comes, so that the ending write itself pauses and waits for it
+    (aiohttp's write_eof ends with a drain). That write is made to wait for ever here; the
+    other stream must still get its event, and end_all must return."""
+    from ocrproxy import relay
+
+    streams = relay.Streams()
+
+    async def never(*args: Any) -> None:
+        await asyncio.Event().wait()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = await relay.start_sse(request, {})
+        if request.query.get("stuck"):
+            response.write_eof = never  # type: ignore[method-assign]
+        await response.write(b": hello\n\n")
+        await asyncio.sleep(3600)
+        return response
+
+    app = web.Application()
+    app[relay.STREAMS] = streams
+    app.router.add_get("/", handler)
+    client = await aiohttp_client(app)
+    async with client.get("/?stuck=1") as stuck, client.get("/") as normal:
+        await stuck.content.readuntil(b"\n\n")
+        await normal.content.readuntil(b"\n\n")
+        assert len(streams) == 2
+        ended = await asyncio.wait_for(streams.end_all(), 10)
+        body = await asyncio.wait_for(normal.read(), 10)
+    assert ended == 1
+    assert _last_event(body)["error"]["code"] == SHUTDOWN_EVENT_CODE
+
+
+async def test_resizing_the_pixel_budget_refuses_a_queued_job_it_can_no_longer_admit() -> None:
+    """A reload that lowers max_decoded_bytes: bytes held count against the new limit, a job
+    queued for more than it is refused (it would block the queue for ever), the others run."""
+    from ocrproxy.admission import Budget, OverBudget
+
+    budget = Budget(100)
+    await budget.acquire(60)
+    big = asyncio.ensure_future(budget.acquire(80))
+    small = asyncio.ensure_future(budget.acquire(10))
+    await asyncio.sleep(0)
+    budget.resize(50)
+    with pytest.raises(OverBudget):
+        await big
+    assert not small.done()  # 60 held of 50: it waits for the release
+    budget.release(60)
+    await asyncio.wait_for(small, 5)
+    assert budget.free == 40 and budget.limit == 50
