@@ -2,10 +2,10 @@
 
 One middleware wraps every request: it assigns the request id (kept from a sane incoming
 ``X-Request-Id``, else new), refuses a path that is not spelled canonically, checks the client
-key on ``/v1`` routes, renders every ``ProxyError``
-as an OpenAI error, turns anything unexpected into a 500 without leaking internals, counts the
-request in the metrics and writes the one access-log line (one layer: each middleware is a
-wrapper and a coroutine more on every request). The client session, cache and describer are
+key on ``/v1`` routes, renders every ``ProxyError`` as an OpenAI error, turns anything
+unexpected into a 500 without leaking internals, counts the request in the metrics and writes
+the one access-log line (one layer: each middleware is a wrapper and a coroutine more on every
+request). The client session, cache and describer are
 opened and closed in a ``cleanup_ctx``.
 
 Paths are judged as the client sent them (``rel_url.raw_path``), not as aiohttp decoded them:
@@ -383,8 +383,9 @@ def create_app(cfg: config.Config) -> web.Application:
     app = web.Application(client_max_size=cfg.server.max_body_bytes, middlewares=[middleware])
     app[handlers.CONFIG] = cfg
     app[handlers.ROUTER] = upstream.Router(cfg.upstreams)
-    app[handlers.SECRETS] = redact.secrets_of(_secrets(cfg))
-    app[handlers.DELIMITER_KEY] = rewrite.delimiter_key(_secrets(cfg))
+    secrets = _secrets(cfg)
+    app[handlers.SECRETS] = redact.secrets_of(secrets)
+    app[handlers.DELIMITER_KEY] = rewrite.delimiter_key(secrets)
     app[relay.WRITE_TIMEOUT] = cfg.server.write_timeout_s
     app[handlers.PASSTHROUGH] = handlers.routes_pattern(cfg.server.passthrough_routes)
     app.cleanup_ctx.append(_state)
