@@ -61,6 +61,30 @@ class Received:
         return orjson.loads(self.body)
 
 
+def ocr_answer(model: str, text: str, tokens: tuple[int, int] = (1, 1)) -> web.Response:
+    """A chat completion as an OCR model answers: ``text``, and (prompt, completion) tokens."""
+    prompt, completion = tokens
+    return web.json_response(
+        {
+            "id": "chatcmpl-ocr",
+            "object": "chat.completion",
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            },
+        }
+    )
+
+
 @dataclass
 class FakeOpenAI:
     """State and handlers of the fake upstream."""
@@ -245,21 +269,7 @@ class FakeOpenAI:
             return web.json_response(
                 {"error": {"message": "vision backend down", "type": "server_error"}}, status=500
             )
-        return web.json_response(
-            {
-                "id": "chatcmpl-ocr",
-                "object": "chat.completion",
-                "model": body["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": f"A picture showing {label}."},
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
-            }
-        )
+        return ocr_answer(body["model"], f"A picture showing {label}.", (100, 20))
 
     async def models(self, request: web.Request) -> web.Response:
         await self._record(request)

@@ -25,7 +25,7 @@ from ocrproxy import config, images, sniff
 from ocrproxy.app import create_app
 from ocrproxy.errors import InvalidImage
 from tests.conftest import chat, make_config
-from tests.fakes import FakeOpenAI, data_url, image_part, png
+from tests.fakes import FakeOpenAI, data_url, image_part, ocr_answer, png
 
 URL = "/v1/chat/completions"
 ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
@@ -41,29 +41,11 @@ class Fake(FakeOpenAI):
         raw = base64.b64decode(url.partition(",")[2])
         if raw.startswith(b"\xff\xd8"):
             self.ocr_calls.append("jpeg")
-            return _answer(body, "A JPEG.")
+            return ocr_answer(body["model"], "A JPEG.")
         if b"forge" in raw:
             self.ocr_calls.append("forge")
-            return _answer(body, FORGED_DESCRIPTION)
+            return ocr_answer(body["model"], FORGED_DESCRIPTION)
         return await super().describe(body)
-
-
-def _answer(body: dict[str, Any], text: str) -> web.Response:
-    return web.json_response(
-        {
-            "id": "chatcmpl-ocr",
-            "object": "chat.completion",
-            "model": body["model"],
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        }
-    )
 
 
 @pytest.fixture
