@@ -25,6 +25,15 @@ EXIT_BOUND = SHUTDOWN_TIMEOUT + 2 + 3
 SHUTDOWN_EVENT_CODE = "server_shutting_down"
 
 
+async def _serve(tmp_path: Path, toml: str, port: int, *args: str) -> tuple[ProxyProcess, str]:
+    """``ocrproxy serve`` started with ``toml`` (listening on ``port``) and its chat URL; the
+    caller stops it (``proxy.stop()``, in a ``finally``)."""
+    proxy = ProxyProcess(tmp_path, toml, *args)
+    await proxy.start()
+    assert proxy.proc is not None
+    return proxy, f"http://127.0.0.1:{port}/v1/chat/completions"
+
+
 def _toml(fake: FakeOpenAI, port: int, server: str = "", auth: str = "") -> str:
     return (
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nshutdown_timeout = {SHUTDOWN_TIMEOUT}\n'
@@ -65,10 +74,7 @@ async def test_sigterm_ends_every_stream_with_an_error_event_and_exits_on_time(
     fake.chunks, fake.chunk_delay = 30, 1.0  # 1 chunk a second for 30 s
     fake.ocr_delay = 30.0  # an OCR stream still waiting for its image
     port = free_port()
-    proxy = ProxyProcess(tmp_path, _toml(fake, port), "--workers", str(workers))
-    await proxy.start()
-    assert proxy.proc is not None
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    proxy, url = await _serve(tmp_path, _toml(fake, port), port, "--workers", str(workers))
     relayed, waiting = 6, 2
     try:
         connector = aiohttp.TCPConnector(force_close=True)  # spread over the workers
@@ -124,10 +130,7 @@ async def test_sigterm_ends_an_early_committed_stream_that_relays_its_upstream(
     fake.chunks, fake.chunk_delay = 30, 1.0
     fake.ocr_delay = 1.0  # past keepalive_after_s: committed early, then relayed
     port = free_port()
-    proxy = ProxyProcess(tmp_path, _toml(fake, port))
-    await proxy.start()
-    assert proxy.proc is not None
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    proxy, url = await _serve(tmp_path, _toml(fake, port), port)
     try:
         async with aiohttp.ClientSession() as session:
             body = chat("m-ocr", image_part(data_url("late")), stream=True)
@@ -154,10 +157,7 @@ async def test_sigterm_lets_requests_that_finish_in_time_finish_and_cuts_the_res
     for its upstream at the deadline is cut, and still logged."""
     fake.chunks, fake.chunk_delay = 3, 0.4  # ends 1.2 s after it started: within the grace
     port = free_port()
-    proxy = ProxyProcess(tmp_path, _toml(fake, port))
-    await proxy.start()
-    assert proxy.proc is not None
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    proxy, url = await _serve(tmp_path, _toml(fake, port), port)
     try:
         async with aiohttp.ClientSession() as session:
             short = asyncio.ensure_future(_stream(session, url, chat("m", "hi", stream=True)))
@@ -218,10 +218,7 @@ async def test_sighup_reloads_the_config_and_the_old_app_finishes_its_requests(
     toml = _toml(fake, port, auth='[auth]\nkeys = ["key-old"]\n').replace(
         f"shutdown_timeout = {SHUTDOWN_TIMEOUT}\n", server
     )
-    proxy = ProxyProcess(tmp_path, toml, "--workers", str(workers))
-    await proxy.start()
-    assert proxy.proc is not None
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    proxy, url = await _serve(tmp_path, toml, port, "--workers", str(workers))
     try:
         connector = aiohttp.TCPConnector(force_close=True)  # no connection kept to old workers
         async with aiohttp.ClientSession(connector=connector) as session:
@@ -266,10 +263,7 @@ async def test_sighup_with_an_invalid_file_changes_nothing_and_says_why(
     toml = _toml(fake, port, auth='[auth]\nkeys = ["key-old"]\n').replace(
         'name = "fake"\n', f'name = "fake"\napi_key = "{secret}"\n'
     )
-    proxy = ProxyProcess(tmp_path, toml)
-    await proxy.start()
-    assert proxy.proc is not None
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    proxy, url = await _serve(tmp_path, toml, port)
     try:
         async with aiohttp.ClientSession() as session:
             for broken, why in (
@@ -302,10 +296,7 @@ async def test_sighup_whose_new_app_fails_to_start_keeps_the_running_body_limit(
     to the running one."""
     port = free_port()
     toml = _toml(fake, port, server="max_body_bytes = 100000\n")
-    proxy = ProxyProcess(tmp_path, toml)
-    await proxy.start()
-    assert proxy.proc is not None
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    proxy, url = await _serve(tmp_path, toml, port)
     body = chat("m", "x" * 20_000)  # between the old limit and the new one
     try:
         async with aiohttp.ClientSession() as session:
@@ -464,10 +455,7 @@ async def test_sigterm_with_a_client_that_stopped_reading_still_ends_the_others_
     time limit, so one client that stopped reading held it (and every later stream) until
     systemd's SIGKILL."""
     port = free_port()
-    proxy = ProxyProcess(tmp_path, _edgy_toml(edgy, port))
-    await proxy.start()
-    assert proxy.proc is not None
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    proxy, url = await _serve(tmp_path, _edgy_toml(edgy, port), port)
     stalled = [_stalled_client(port) for _ in range(2)]
     try:
         async with aiohttp.ClientSession() as session:
@@ -509,10 +497,7 @@ async def test_an_error_event_is_never_glued_to_half_an_event(
     glued event. Now the client sees whole events and then either a clean error event or a cut
     connection."""
     port = free_port()
-    proxy = ProxyProcess(tmp_path, _edgy_toml(edgy, port))
-    await proxy.start()
-    assert proxy.proc is not None
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    proxy, url = await _serve(tmp_path, _edgy_toml(edgy, port), port)
     received = b""
     try:
         async with aiohttp.ClientSession() as session:
