@@ -2,7 +2,9 @@
 
 One middleware wraps every request: it assigns the request id (kept from a sane incoming
 ``X-Request-Id``, else new), refuses a path that is not spelled canonically, checks the client
-key on ``/v1`` routes, renders every ``ProxyError`` as an OpenAI error, turns anything
+key on ``/v1`` routes (``Authorization: Bearer`` or ``x-api-key``), renders every
+``ProxyError`` in the error shape of the path's dialect (Anthropic's under ``/v1/messages``,
+OpenAI's elsewhere), turns anything
 unexpected into a 500 without leaking internals, counts the request in the metrics and writes
 the one access-log line (one layer: each middleware is a wrapper and a coroutine more on every
 request). The client session, cache and describer are
@@ -31,12 +33,26 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from . import body, config, handlers, local, logs, metrics, redact, relay, rewrite, tiers, upstream
+from . import (
+    body,
+    config,
+    handlers,
+    local,
+    logs,
+    metrics,
+    redact,
+    relay,
+    rewrite,
+    state,
+    tiers,
+    upstream,
+)
 from .admission import Budget as PixelBudget
 from .cache import DescriptionCache, MemoryLRU
 from .describe import Describer
 from .errors import BadRequest, MethodNotAllowed, NotFound, ProxyError, Unauthorized
 from .fetch import Fetcher
+from .ocr_remote import RemoteReader
 
 log = logging.getLogger("ocrproxy.access")
 # The local engine's bytes of pixels: one budget for the process, carried over by a reload
@@ -103,32 +119,39 @@ def _check_path(request: web.Request) -> None:
 def _check_authorization(request: web.Request) -> None:
     # aiohttp decodes header bytes that are not UTF-8 as surrogates: such a value cannot be
     # compared as bytes, nor sent on upstream in relay mode.
-    value = request.headers.get("Authorization")
-    if value is not None and not value.isascii():
-        raise BadRequest("The Authorization header must be ASCII", code="invalid_header")
+    for name in ("Authorization", "x-api-key"):
+        value = request.headers.get(name)
+        if value is not None and not value.isascii():
+            raise BadRequest(f"The {name} header must be ASCII", code="invalid_header")
 
 
 def _check_key(request: web.Request, keys: tuple[str, ...]) -> None:
-    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    token = value.strip().encode()  # ASCII: `_check_authorization` refused anything else
-    valid = scheme.lower() == "bearer" and token != b""
+    """The client's key, as ``Authorization: Bearer`` or as ``x-api-key`` (Anthropic clients),
+    must be one of ``keys``."""
+    headers = request.headers
+    authorization = headers.get("Authorization")
+    if authorization is not None:
+        scheme, _, value = authorization.partition(" ")
+        token = value.strip().encode() if scheme.lower() == "bearer" else b""
+    else:
+        token = headers.get("x-api-key", "").strip().encode()  # ASCII: checked above
     matched = False
     for key in keys:
         matched |= hmac.compare_digest(token, key.encode())
-    if not (valid and matched):
+    if not (token and matched):
         raise Unauthorized(
-            "Incorrect or missing API key. Send `Authorization: Bearer <key>` "
-            "with a key this proxy was configured with."
+            "Incorrect or missing API key. Send `Authorization: Bearer <key>` or "
+            "`x-api-key: <key>` with a key this proxy was configured with."
         )
 
 
 @web.middleware
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     app = request.app
-    cfg = app[handlers.CONFIG]
+    cfg = app[state.CONFIG]
     counters = app[metrics.METRICS]
-    trace = handlers.Trace(_request_id(request))
-    request[handlers.TRACE] = trace
+    trace = state.Trace(_request_id(request))
+    request[state.TRACE] = trace
     token = logs.request_id.set(trace.request_id)
     counters.started()
     response: web.StreamResponse | None = None
@@ -146,14 +169,13 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         response = await handler(request)
     except ProxyError as exc:
         error = exc
-        response = exc.to_response()
+        response = _render(request, exc)
     except web.HTTPException as exc:
         if exc.status == 404:
-            response = NotFound(f"Unknown route {request.method} {request.path}").to_response()
+            response = _render(request, NotFound(f"Unknown route {request.method} {request.path}"))
         elif exc.status == 405:
-            response = MethodNotAllowed(
-                f"Method {request.method} is not allowed on {request.path}"
-            ).to_response()
+            refused = MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}")
+            response = _render(request, refused)
         else:
             status = exc.status
             stamp(request, exc)
@@ -164,7 +186,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         raise
     except Exception:
         log.exception("unhandled error")
-        response = ProxyError("The proxy failed to handle this request").to_response()
+        response = _render(request, ProxyError("The proxy failed to handle this request"))
     finally:
         if response is not None:
             status = response.status
@@ -177,9 +199,14 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     return response
 
 
+def _render(request: web.Request, error: ProxyError) -> web.Response:
+    """``error`` in the shape of the dialect the path belongs to."""
+    return error.to_response(body=handlers.dialect_of(request.path).error_body(error))
+
+
 def _access_log(
     request: web.Request,
-    trace: handlers.Trace,
+    trace: state.Trace,
     status: int,
     response: web.StreamResponse | None,
 ) -> None:
@@ -252,10 +279,10 @@ def stamp(request: web.Request, response: web.StreamResponse) -> None:
     Called by the middleware for a response the handler returns and, through ``_commit``, for
     one sent earlier (aiohttp's on_response_prepare signal did this for ~5 µs a request more).
     """
-    trace = request.get(handlers.TRACE)
+    trace = request.get(state.TRACE)
     if trace is not None:
         response.headers["X-Request-Id"] = trace.request_id
-    origins = request.app[handlers.CONFIG].server.cors_origins
+    origins = request.app[state.CONFIG].server.cors_origins
     origin = _allowed_origin(request, origins) if origins else None
     if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
@@ -298,7 +325,7 @@ def _url_passwords(url: str) -> tuple[str, ...]:
 
 
 async def _state(app: web.Application) -> AsyncIterator[None]:
-    cfg = app[handlers.CONFIG]
+    cfg = app[state.CONFIG]
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
     session = aiohttp.ClientSession(
         connector=connector,
@@ -310,19 +337,18 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
         await tier.open()
     lru = MemoryLRU(cfg.cache.max_entries, cfg.cache.max_bytes, cfg.cache.ttl_s)
     cache = DescriptionCache(lru, tier, on_lookup=app[metrics.METRICS].cache_lookup)
-    app[handlers.SESSION] = session
-    app[handlers.CACHE] = cache
+    app[state.SESSION] = session
+    app[state.CACHE] = cache
     engine = local.Engine(cfg.ocr.local, budget=app[LOCAL_BUDGET])
-    app[handlers.DESCRIBER] = Describer(
-        session,
-        app[handlers.ROUTER],
+    reader = RemoteReader(session, cfg.ocr, _secrets(cfg), on_call=app[metrics.METRICS].ocr_call)
+    app[state.DESCRIBER] = Describer(
+        reader,
+        app[state.ROUTER],
         cfg.ocr,
         cache,
-        _secrets(cfg),
         engine,
         client_keys=bool(cfg.auth.keys),
         scope=cfg.cache.scope,
-        on_call=app[metrics.METRICS].ocr_call,
     )
     if cfg.ocr.model == cfg.ocr.local_alias and (problem := engine.problem()):
         local.log.warning("the default OCR model is the local engine, which can't run: %s", problem)
@@ -336,11 +362,11 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
 
 async def _fetcher(app: web.Application) -> AsyncIterator[None]:
     """The image fetcher's own session, kept apart from the upstream one (own resolver, rules)."""
-    if not app[handlers.CONFIG].ocr.fetch_images:
+    if not app[state.CONFIG].ocr.fetch_images:
         yield
         return
-    fetcher = Fetcher(app[handlers.CONFIG].ocr)
-    app[handlers.FETCHER] = fetcher
+    fetcher = Fetcher(app[state.CONFIG].ocr)
+    app[state.FETCHER] = fetcher
     try:
         yield
     finally:
@@ -369,7 +395,7 @@ async def _watch_loop(threshold_s: float, period_s: float = 0.05) -> None:
 
 
 async def _watchdog(app: web.Application) -> AsyncIterator[None]:
-    threshold = app[handlers.CONFIG].server.stall_warning_ms / 1000
+    threshold = app[state.CONFIG].server.stall_warning_ms / 1000
     task = asyncio.get_running_loop().create_task(_watch_loop(threshold))
     try:
         yield
@@ -381,13 +407,13 @@ async def _watchdog(app: web.Application) -> AsyncIterator[None]:
 def create_app(cfg: config.Config) -> web.Application:
     """The proxy as an aiohttp Application, ready for ``web.run_app`` or a test client."""
     app = web.Application(client_max_size=cfg.server.max_body_bytes, middlewares=[middleware])
-    app[handlers.CONFIG] = cfg
-    app[handlers.ROUTER] = upstream.Router(cfg.upstreams)
+    app[state.CONFIG] = cfg
+    app[state.ROUTER] = upstream.Router(cfg.upstreams)
     secrets = _secrets(cfg)
-    app[handlers.SECRETS] = redact.secrets_of(secrets)
-    app[handlers.DELIMITER_KEY] = rewrite.delimiter_key(secrets)
+    app[state.SECRETS] = redact.secrets_of(secrets)
+    app[state.DELIMITER_KEY] = rewrite.delimiter_key(secrets)
     app[relay.WRITE_TIMEOUT] = cfg.server.write_timeout_s
-    app[handlers.PASSTHROUGH] = handlers.routes_pattern(cfg.server.passthrough_routes)
+    app[state.PASSTHROUGH] = handlers.routes_pattern(cfg.server.passthrough_routes)
     app.cleanup_ctx.append(_state)
     app.cleanup_ctx.append(_fetcher)
     if cfg.server.stall_warning_ms > 0:
@@ -397,6 +423,8 @@ def create_app(cfg: config.Config) -> web.Application:
     app[LOCAL_BUDGET] = PixelBudget(cfg.ocr.local.max_decoded_bytes)
     app[relay.STREAMS] = relay.Streams()
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
+    app.router.add_post("/v1/messages", handlers.messages)
+    app.router.add_post("/v1/messages/count_tokens", handlers.count_tokens)
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_route("*", "/v1/{tail:.*}", handlers.passthrough)
     app.router.add_get("/healthz", handlers.healthz)

@@ -20,6 +20,7 @@ from .cache import DescriptionCache, MemoryLRU
 from .describe import Describer
 from .errors import ProxyError
 from .fetch import Fetcher
+from .ocr_remote import RemoteReader
 from .rewrite import placeholder_block, reference_block
 
 log = logging.getLogger("ocrproxy")
@@ -71,16 +72,21 @@ async def describe(cfg: config.Config, source: str, model: str) -> int:
     except OSError as exc:
         sys.stderr.write(f"ocrproxy: cannot read {source}: {exc.strerror}\n")
         return 2
-    if url.startswith("data:"):  # json_safe: the URL goes into the OCR request re-encoded
-        image = images.Image(0, 0, "", True, data=url.encode(), json_safe=False)
-    else:
-        image = images.Image(0, 0, url, False)
+    try:
+        if url.startswith("data:"):
+            image = images.from_data_url("the image", url.encode(), safe=False)
+        else:
+            image = images.Image("the image", url=url, is_data=False)
+    except ProxyError as exc:
+        sys.stderr.write(f"ocrproxy: {exc.message}\n")
+        return 1
     cache = DescriptionCache(MemoryLRU(1, cfg.cache.max_bytes, cfg.cache.ttl_s))
     engine = local.Engine(cfg.ocr.local)
     secrets = tuple(up.api_key for up in cfg.upstreams if up.api_key)
     async with aiohttp.ClientSession(trust_env=False) as session:
         router = upstream.Router(cfg.upstreams)
-        describer = Describer(session, router, cfg.ocr, cache, secrets, engine)
+        reader = RemoteReader(session, cfg.ocr, secrets)
+        describer = Describer(reader, router, cfg.ocr, cache, engine)
         fetcher = Fetcher(cfg.ocr) if cfg.ocr.fetch_images else None
         try:
             await images.identify([image], cfg.ocr)

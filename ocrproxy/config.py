@@ -6,7 +6,8 @@ Rules:
 - ``${VAR}`` inside any string is replaced from the environment before validation; an unset
   variable is an error rather than a silent empty string, except ``${VAR:-default}``.
 - With no file, one upstream is built from the ``openai`` SDK's conventions
-  (``OPENAI_BASE_URL``, ``OPENAI_API_KEY``).
+  (``OPENAI_BASE_URL``, ``OPENAI_API_KEY``), and an Anthropic one beside it from Claude
+  Code's (``ANTHROPIC_BASE_URL``, ``ANTHROPIC_API_KEY`` or ``ANTHROPIC_AUTH_TOKEN``).
 """
 
 from __future__ import annotations
@@ -114,6 +115,11 @@ class Upstream(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     read_timeout_s: float = 600.0
     # Extra headers sent with every request to this upstream (OpenAI-Organization, ...).
     headers: dict[str, str] = {}
+    # The API it speaks: /v1/chat/completions goes to "openai" upstreams, /v1/messages to
+    # "anthropic" ones (base_url as vendors document ANTHROPIC_BASE_URL, without /v1).
+    api: Literal["openai", "anthropic"] = "openai"
+    # How its key is sent: "" (the API's own way: Bearer for openai, x-api-key for anthropic).
+    auth: Literal["", "bearer", "x-api-key"] = ""
 
 
 class OcrLocal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -132,6 +138,8 @@ class Ocr(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     model: str = DEFAULT_OCR_MODEL
     local_alias: str = DEFAULT_LOCAL_ALIAS
     suffix: str = DEFAULT_SUFFIX
+    # Globs of models that cannot see: their images are described without any suffix.
+    text_only_models: tuple[str, ...] = ()
     prompt: str = DEFAULT_PROMPT
     max_tokens: int = 1500
     max_concurrency: int = 32
@@ -197,12 +205,28 @@ def _expand(value: Any, env: Mapping[str, str], path: str) -> Any:
     return value
 
 
-def _default_upstream(env: Mapping[str, str]) -> Upstream:
-    return Upstream(
-        name="openai",
-        base_url=env.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL,
-        api_key=env.get("OPENAI_API_KEY", ""),
-    )
+def _default_upstreams(env: Mapping[str, str]) -> tuple[Upstream, ...]:
+    """The ``openai`` SDK's upstream, and the ``anthropic`` SDK's (Claude Code's) beside it
+    when ``ANTHROPIC_BASE_URL`` is set."""
+    found = [
+        Upstream(
+            name="openai",
+            base_url=env.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL,
+            api_key=env.get("OPENAI_API_KEY", ""),
+        )
+    ]
+    if env.get("ANTHROPIC_BASE_URL"):
+        token = env.get("ANTHROPIC_AUTH_TOKEN", "")
+        found.append(
+            Upstream(
+                name="anthropic",
+                base_url=env["ANTHROPIC_BASE_URL"],
+                api_key=env.get("ANTHROPIC_API_KEY") or token,
+                api="anthropic",
+                auth="bearer" if token and not env.get("ANTHROPIC_API_KEY") else "",
+            )
+        )
+    return tuple(found)
 
 
 def _is_loopback(host: str) -> bool:
@@ -368,7 +392,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
     except msgspec.ValidationError as exc:
         raise ConfigError(str(exc)) from None
     if not cfg.upstreams:
-        cfg = msgspec.structs.replace(cfg, upstreams=(_default_upstream(env),))
+        cfg = msgspec.structs.replace(cfg, upstreams=_default_upstreams(env))
     if cfg.cache.backend == "sqlite" and not cfg.cache.path:
         cache = msgspec.structs.replace(cfg.cache, path=_default_cache_path(env))
         cfg = msgspec.structs.replace(cfg, cache=cache)

@@ -1,25 +1,21 @@
-"""The OCR step: one chat-completions call to the OCR model per distinct image, all at once.
+"""The OCR step: every distinct image of a request described at once, through the cache.
 
 Theory of operation: the images of a request are grouped by identity, so an image sent twice is
 described once (at the ``detail`` of its first appearance). Each distinct image goes through the
-description cache (memory LRU, shared tier, single-flight), and only a miss calls the OCR model:
-a non-streaming request with the analysis prompt and the image, bounded ``max_tokens``, under a
-global semaphore (``max_concurrency``). One deadline, ``timeout_s``, covers everything a miss
-does for its image: the wait for a slot, every attempt and the pauses between retries; an image
-whose slot does not come free in time fails at its deadline instead of queueing behind a hung
-model. The answer is read up to ``answer_limit`` bytes, never whole. A failure never escapes as
-an exception unless the policy is ``fail``: under ``placeholder`` the image gets a short note
-saying it could not be analysed.
+description cache (memory LRU, shared tier, single-flight), and only a miss asks a reader: the
+OCR model over HTTP (``ocr_remote``, in the API of the upstream the model routes to) or the
+built-in engine (``local``). A failure never escapes as an exception unless the policy is
+``fail``: under ``placeholder`` the image gets a short note saying it could not be analysed.
 
 A cache key is a hash of length-prefixed fields: the kind of reader (the OCR model over HTTP, or
 the local engine and its version), the model name, the prompt, the image, the ``detail`` the
-OCR model is asked for (absent and ``auto`` are one), and under ``[cache] scope = "per_key"`` a
-hash of the client's ``Authorization``. No field's text can stand for another field, so no
-``ocr_model`` string can reach the local engine's entries. Under the default ``shared`` scope a
-cache hit tells any client that someone sent the image within the TTL. Single-flight joins
-callers of one key; when the OCR call carries the client's own key (relay mode), only callers
-with the same key share a flight, so a client the upstream refuses fails nobody else's image
-(a successful answer is still cached for everyone).
+OCR model is asked for (absent and ``auto`` are one), and under ``[cache] scope = "per_key"``
+a hash of the client's credential (``Authorization`` or ``x-api-key``). No field's text can
+stand for another field, so no ``ocr_model`` string can reach the local engine's entries.
+Under the default ``shared`` scope a cache hit tells any client that someone sent the image
+within the TTL. Single-flight joins callers of one key; when the OCR call carries the
+client's own key (relay mode), only callers with the same key share a flight, so a client the
+upstream refuses fails nobody else's image (a successful answer is still cached for everyone).
 
 The OCR model named by ``[ocr] local_alias`` is not called over HTTP: the built-in Tesseract
 engine (``local.py``) reads the image's text instead, through the same cache (its key names the
@@ -29,87 +25,29 @@ engine, its version and languages) and into the same reference block, at no toke
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import functools
 import hashlib
 import logging
-import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-
-import aiohttp
-import msgspec
 
 from . import config, local, upstream
 from .cache import Description, DescriptionCache
 from .errors import BadRequest, OcrFailed
-from .images import Image, decode_data_url, validate
-from .logs import redact
-from .schema import OcrUsage, encoder, ocr_response_decoder
+from .images import Image, decode_payload, validate
+from .ocr_remote import OcrError, RemoteReader
 
 log = logging.getLogger("ocrproxy.describe")
 
 
-# The encoded body up to the image URL's characters: the URL comes first in its object, and a `"`
-# inside an encoded string is always escaped, so this occurs once, in the image part.
-_URL_MARK = b'{"url":""'
-
-# Statuses worth another try: rate limits and transient server trouble.
-RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-MAX_RETRY_AFTER = 10.0
-
-# An OCR answer is read up to the larger of these: max_tokens tokens of text are a few kB (a
-# token is a few characters, at most six bytes each once JSON-escaped), so 1 MiB is ~100 times
-# what a well-behaved model sends at the default max_tokens, and 512 bytes a token keeps that
-# margin for an operator who raises max_tokens. Past it the answer is refused, not cut.
-ANSWER_LIMIT = 1 << 20
-ANSWER_BYTES_PER_TOKEN = 512
-# An error answer is only read for its reason: this much is plenty.
-ERROR_BODY_LIMIT = 64 * 1024
-
 _KEY_VERSION = b"ocrproxy/3\0"  # 3: fields length-prefixed; detail and credential scope added
-
-
-class OcrError(Exception):
-    """Describing one image failed; the message is safe to log and to show."""
-
-
-class _Retryable(Exception):
-    """A failure before any answer (connection refused or reset): safe to try again."""
 
 
 def credential_digest(value: str) -> bytes:
     """A hash standing for a client's credential in cache and flight keys (never the value)."""
     raw = value.encode("utf-8", "surrogatepass")
     return hashlib.sha256(b"ocrproxy/credential\0" + raw).digest()
-
-
-async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
-    """At most ``limit`` bytes of the body, and whether that was all of it."""
-    if resp.content_length is not None and resp.content_length > limit:
-        return b"", False
-    body = bytearray()
-    async for chunk in resp.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            return bytes(body[:limit]), False
-    return bytes(body), True
-
-
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    value = headers.get("Retry-After")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 @dataclass(slots=True)
@@ -143,37 +81,16 @@ class OcrReport:
         return sum(1 for o in self.outcomes.values() if o.error)
 
     def usage(self) -> dict[str, int | str]:
+        """What the OCR step cost, in neutral words (each dialect renames them)."""
         paid = [o.description for o in self.outcomes.values() if o.description and not o.cached]
-        prompt = sum(d.prompt_tokens for d in paid)
-        completion = sum(d.completion_tokens for d in paid)
         return {
             "model": self.model,
             "images": self.images,
             "cache_hits": self.cache_hits,
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
+            "failures": self.failures,
+            "input_tokens": sum(d.prompt_tokens for d in paid),
+            "output_tokens": sum(d.completion_tokens for d in paid),
         }
-
-
-@dataclass(slots=True, frozen=True)
-class _Pieces:
-    """An OCR request body whose long image URL is sent a piece at a time, straight from the
-    client's own body (or the fetcher's data URL): the body is never held as one more copy of
-    the image."""
-
-    head: bytes  # the JSON before the URL's characters
-    url: bytes | memoryview
-    tail: bytes  # the JSON after them
-
-    @property
-    def size(self) -> int:
-        """Of the whole body, sent as Content-Length (so the body is not chunked)."""
-        return len(self.head) + len(self.url) + len(self.tail)
-
-    def chunks(self) -> AsyncIterator[memoryview]:
-        """The body's bytes; a fresh iterator for every attempt."""
-        return upstream.pieces(self.head, self.url, self.tail)
 
 
 class Describer:
@@ -181,28 +98,22 @@ class Describer:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        reader: RemoteReader,
         router: upstream.Router,
         settings: config.Ocr,
         cache: DescriptionCache,
-        secrets: tuple[str, ...] = (),
         engine: local.Engine | None = None,
         *,
         client_keys: bool = False,
         scope: str = "shared",
-        on_call: Callable[[str, bool, float], None] | None = None,
     ) -> None:
-        self.session = session
+        self.reader = reader
         self.engine = engine
         self.router = router
         self.settings = settings
         self.cache = cache
-        self.secrets = secrets
         self.client_keys = client_keys  # [auth] keys set: never relay the client's key
         self.per_key = scope == "per_key"  # [cache] scope: entries private to a credential
-        self.answer_limit = max(ANSWER_LIMIT, ANSWER_BYTES_PER_TOKEN * settings.max_tokens)
-        self.semaphore = asyncio.Semaphore(settings.max_concurrency)
-        self.on_call = on_call  # (model, ok, seconds): metrics
         self._prompt_digest = hashlib.sha256(settings.prompt.encode()).digest()
 
     def key(
@@ -232,9 +143,7 @@ class Describer:
         """The credential part of the cache key: the client's under ``per_key``, else none."""
         if not self.per_key:
             return b""
-        # As ``[auth]`` compares it: the scheme's case and spaces around the key do not count.
-        scheme, _, value = client_headers.get("Authorization", "").partition(" ")
-        return credential_digest(f"{scheme.lower()} {value.strip()}")
+        return credential_digest(upstream.client_credential(client_headers) or "")
 
     def check_model(self, model: str) -> None:
         """Refuse an OCR model before any work: 404 if unrouted, 400 if the engine can't run."""
@@ -301,11 +210,12 @@ class Describer:
             create = functools.partial(self._read, model=model)
         else:
             up = self.router.route(model)
-            auth = upstream.auth_header(client_headers, up, relay_auth=not self.client_keys)
-            create = functools.partial(self._call, model=model, up=up, auth=auth)
-            if auth is not None and not up.api_key and not credential:
+            auth = upstream.auth_headers(client_headers, up, relay_auth=not self.client_keys)
+            create = functools.partial(self.reader.read, model=model, up=up, auth=auth)
+            relayed = upstream.client_credential(client_headers)
+            if auth and not up.api_key and not credential and relayed:
                 # The client's own key pays for the call: its refusal is its own business.
-                flight_scope = credential_digest(auth)
+                flight_scope = credential_digest(relayed)
         rest = [im for digest, im in distinct.items() if hits is None or digest not in hits]
         found = {**(hits or {}), **self.memory_hits(rest, model, client_headers)}
         pending = [image for digest, image in distinct.items() if digest not in found]
@@ -354,170 +264,6 @@ class Describer:
             return Outcome(image.digest, None, False, str(exc))
         return Outcome(image.digest, description, cached)
 
-    def _body(self, image: Image, model: str) -> bytes | _Pieces:
-        """The OCR request body: bytes, or pieces to send one after another for a long URL.
-
-        A data URL's characters go into the JSON as they are: they were a JSON string's
-        content without escapes in the client's body (or the fetcher made them).
-        """
-        if not image.is_data:
-            return self._encode(image, model, image.url)
-        url = image.data
-        if not image.json_safe:  # the client's URL had JSON escapes: encode it properly
-            return self._encode(image, model, bytes(url).decode("utf-8", "replace"))
-        body = self._encode(image, model, "")
-        split = body.index(_URL_MARK) + len(_URL_MARK) - 1
-        head, tail = body[:split], body[split:]
-        if len(url) < upstream.PIECE:
-            return b"".join((head, url, tail))
-        return _Pieces(head, url, tail)
-
-    def _encode(self, image: Image, model: str, url: str) -> bytes:
-        image_url: dict[str, str] = {"url": url}
-        if image.detail:
-            image_url["detail"] = image.detail
-        return encoder.encode(
-            {
-                "model": model,
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "text", "text": self.settings.prompt},
-                            {"type": "image_url", "image_url": image_url},
-                        ],
-                    }
-                ],
-                "max_tokens": self.settings.max_tokens,
-                "stream": False,
-            }
-        )
-
-    async def _call(
-        self, image: Image, model: str, up: config.Upstream, auth: str | None
-    ) -> Description:
-        started = time.monotonic()
-        try:
-            description = await self._request(image, model, up, auth)
-        except OcrError:
-            if self.on_call is not None:
-                self.on_call(model, False, time.monotonic() - started)
-            raise
-        if self.on_call is not None:
-            self.on_call(model, True, time.monotonic() - started)
-        return description
-
-    async def _request(
-        self, image: Image, model: str, up: config.Upstream, auth: str | None
-    ) -> Description:
-        headers = upstream.call_headers(up, auth)
-        body = self._body(image, model)
-        if isinstance(body, _Pieces):
-            headers["Content-Length"] = str(body.size)
-        target = upstream.url(up, "chat/completions")
-        started = time.monotonic()
-        loop = asyncio.get_running_loop()
-        limit = self.settings.timeout_s
-        deadline = loop.time() + limit
-        attempt = 0
-        queued = True
-        waited = 0.0  # in the queue for a slot, over all attempts
-        try:
-            async with asyncio.timeout_at(deadline):
-                while True:
-                    queued, asked = True, loop.time()
-                    async with self.semaphore:
-                        queued = False
-                        waited += loop.time() - asked
-                        try:
-                            status, payload, retry_after = await self._attempt(
-                                target, body, headers
-                            )
-                        except _Retryable as exc:
-                            error, retry_after = OcrError(str(exc)), None
-                        else:
-                            if status == 200:
-                                break
-                            reason = self._reason(payload)
-                            error = OcrError(f"the OCR model answered HTTP {status}: {reason}")
-                            if status not in RETRY_STATUSES:
-                                raise error
-                    if attempt >= self.settings.retries:
-                        raise error
-                    backoff = self.settings.retry_backoff_s * (2**attempt)
-                    delay = backoff * random.uniform(0.5, 1.5)
-                    if retry_after is not None:
-                        delay = max(delay, min(retry_after, MAX_RETRY_AFTER))
-                    if loop.time() + delay >= deadline:  # no time left for another try
-                        raise error
-                    attempt += 1
-                    fields = {"reason": str(error), "delay": delay}
-                    log.debug("OCR call retried", extra={"fields": fields})
-                    await asyncio.sleep(delay)
-        except TimeoutError:
-            if queued:
-                raise OcrError(
-                    f"the OCR model is busy: no call slot came free within {limit:g} s"
-                ) from None
-            note = f" ({waited:.1f} s of it waiting for a call slot)" if waited >= 0.1 else ""
-            raise OcrError(f"the OCR model did not answer within {limit:g} s{note}") from None
-        ms = (time.monotonic() - started) * 1000
-        try:
-            answer = ocr_response_decoder.decode(payload)
-        except msgspec.DecodeError:
-            raise OcrError("the OCR model's answer is not a chat completion") from None
-        text = answer.choices[0].message.content if answer.choices else None
-        if not text or not text.strip():
-            raise OcrError("the OCR model returned an empty description")
-        usage = answer.usage or OcrUsage()
-        description = Description(
-            text=text.strip(),
-            model=model,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-        )
-        log.debug(
-            "OCR call done",
-            extra={
-                "fields": {
-                    "ocr_model": model,
-                    "image": image.digest.hex()[:16],
-                    "image_bytes": image.size,
-                    "ms": round(ms, 1),
-                    "prompt_tokens": usage.prompt_tokens,
-                    "completion_tokens": usage.completion_tokens,
-                }
-            },
-        )
-        return description
-
-    async def _attempt(
-        self, target: str, body: bytes | _Pieces, headers: dict[str, str]
-    ) -> tuple[int, bytes, float | None]:
-        """One HTTP call (the caller holds a concurrency slot and the deadline): (status,
-        body, Retry-After seconds). A body is read up to its bound, never whole."""
-        try:
-            data = body.chunks() if isinstance(body, _Pieces) else body
-            async with self.session.post(
-                target, data=data, headers=headers, allow_redirects=False
-            ) as resp:
-                ok = resp.status == 200
-                payload, whole = await _read_bounded(
-                    resp, self.answer_limit if ok else ERROR_BODY_LIMIT
-                )
-                if not whole:
-                    resp.close()  # drop the connection rather than drain the rest
-                    if ok:
-                        raise OcrError(
-                            "the OCR model's answer is too large "
-                            f"(more than {self.answer_limit} bytes)"
-                        )
-                return resp.status, payload, _retry_after(resp.headers)
-        except aiohttp.ClientConnectionError as exc:
-            raise _Retryable(f"the OCR upstream is unreachable ({type(exc).__name__})") from None
-        except aiohttp.ClientError as exc:
-            raise OcrError(f"the OCR call failed ({type(exc).__name__})") from None
-
     async def _read(self, image: Image, model: str) -> Description:
         """The local engine's reading of one image (the OCR model is the local alias)."""
         assert self.engine is not None
@@ -526,7 +272,7 @@ class Describer:
                 "the local OCR engine does not fetch remote images unless [ocr] fetch_images is "
                 "enabled; send the image as a data: URL"
             )
-        load = functools.partial(decode_data_url, image.data, image.where)
+        load = functools.partial(decode_payload, image.payload, image.where)
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.settings.timeout_s):
@@ -551,12 +297,3 @@ class Describer:
             },
         )
         return Description(text=local.as_description(self.engine.name, text), model=model)
-
-    def _reason(self, payload: bytes) -> str:
-        """A short, redacted reason from an upstream error body."""
-        try:
-            message = msgspec.json.decode(payload)["error"]["message"]
-            text = message if isinstance(message, str) else str(message)
-        except (msgspec.DecodeError, KeyError, TypeError):
-            text = payload[:200].decode("utf-8", "replace")
-        return redact(text[:300], self.secrets)

@@ -18,8 +18,9 @@ The tree is deliberately shallow::
     └── OcrFailed                   502 upstream_error / ocr_failed
 
 Errors relayed from an upstream are never wrapped: their status and body reach the client as
-they were sent. Only what the proxy decides itself is rendered from this tree, always as
-``{"error": {"message", "type", "param", "code"}}``.
+they were sent. Only what the proxy decides itself is rendered from this tree: as
+``{"error": {"message", "type", "param", "code"}}`` here, or in another dialect's shape by
+that dialect (``Dialect.error_body``: Anthropic's ``{"type": "error", "error": {...}}``).
 """
 
 from __future__ import annotations
@@ -56,10 +57,13 @@ class ProxyError(Exception):
     def to_bytes(self) -> bytes:
         return orjson.dumps(self.body())
 
-    def to_response(self, headers: dict[str, str] | None = None) -> web.Response:
+    def to_response(
+        self, headers: dict[str, str] | None = None, body: bytes | None = None
+    ) -> web.Response:
+        """The error as a response: OpenAI's shape, or ``body`` (another dialect's)."""
         return web.Response(
             status=self.status,
-            body=self.to_bytes(),
+            body=self.to_bytes() if body is None else body,
             content_type="application/json",
             headers=headers,
         )
@@ -111,8 +115,11 @@ class Overloaded(ProxyError):
     code = "overloaded"
     retry_after_s = 1
 
-    def to_response(self, headers: dict[str, str] | None = None) -> web.Response:
-        return super().to_response({"Retry-After": str(self.retry_after_s), **(headers or {})})
+    def to_response(
+        self, headers: dict[str, str] | None = None, body: bytes | None = None
+    ) -> web.Response:
+        retry = {"Retry-After": str(self.retry_after_s), **(headers or {})}
+        return super().to_response(retry, body)
 
 
 class UpstreamError(ProxyError):

@@ -1,13 +1,10 @@
-"""Find the images of a chat request and give each one a stable identity.
+"""Images, whatever dialect carried them: identity, limits, decoding, and remote fetches.
 
-Theory of operation: every message of every role whose ``content`` is an array is scanned. A
-part of type ``image_url`` whose ``image_url`` is ``{"url": ...}`` or a bare string is an image;
-``data:`` URLs must carry base64 and decode cleanly, ``http(s)`` URLs are taken as they are.
-Everything else in the request is kept as the raw bytes the client sent, so that ``rewrite``
-can splice the descriptions in without touching anything it does not understand. A data URL is
-never decoded into a ``str`` either: ``Image.data`` is a view of its characters inside the
-client's body (a copy only if the client's JSON escaped any of them), hashed, checked and sent
-to the OCR model from there.
+Theory of operation: a dialect module finds the images of its request and hands over neutral
+records (``Image``): base64 text plus its media type, or a URL, and where the request holds
+it. Nothing of a dialect's shapes is known here. Base64 is never decoded into a ``str``:
+``Image.payload`` is a view of its characters inside the client's body (a copy only if the
+client's JSON escaped any of them), hashed, checked and sent to the OCR model from there.
 
 An image's identity is the sha256 of its base64 text (the payload of its data URL, without the
 ``data:...;base64,`` header). Canonical base64, the only kind accepted, spells given bytes one
@@ -17,7 +14,7 @@ padded to a multiple of 4 characters, and with the unused low bits of the last c
 (``binascii`` ignores them, so ``QR==`` would decode like ``QQ==``): only the last 4
 characters can break that, so it is checked for every image, cache hit or not (``identify``).
 With ``fetch_images`` on (the default) a remote image is downloaded by ``fetch.Fetcher`` (SSRF
-rules, size and time limits there) and becomes a base64 data URL (``data``), so the OCR model
+rules, size and time limits there) and becomes base64 text (``payload``), so the OCR model
 never fetches anything, a signed URL that changes on every turn still hits the cache, and a
 fetched image shares its description with the same bytes sent inline; with it off, a remote
 image's identity is its URL string.
@@ -35,13 +32,13 @@ cannot be used follows ``on_error``: the image gets a placeholder, or the reques
 Hashing and decoding megabytes would stall the event loop, so large payloads are handled in a
 worker thread: ``hashlib`` releases the GIL while it hashes, and ``binascii`` (which holds it)
 decodes in pieces, a short call each, so the loop takes the GIL back between pieces; no decoded
-copy of a whole image is ever held. A large request's messages are scanned in a worker thread
-too.
+copy of a whole image is ever held.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import binascii
 import hashlib
 import logging
@@ -55,16 +52,14 @@ import msgspec
 from . import config, sniff
 from .errors import BadRequest, InvalidImage, PayloadTooLarge, ProxyError, UpstreamError
 from .fetch import Budget, Fetched, Fetcher, FetchError
-from .schema import RawObject, array_decoder, is_json, messages_decoder, object_decoder
 
 # Below this many characters of base64, hashing or decoding on the loop beats a thread hop.
 THREAD_THRESHOLD = 64 * 1024
-# Messages at least this large (bytes of JSON) are scanned in a worker thread.
-SCAN_THREAD_THRESHOLD = 1024 * 1024
 # Base64 is decoded and hashed this many characters at a time (a multiple of 4).
 PIECE = 256 * 1024
 
-_str_decoder = msgspec.json.Decoder(str)
+str_decoder = msgspec.json.Decoder(str)
+_OCTET = "application/octet-stream"
 _BACKSLASH = re.compile(rb"\\")
 _PADDING = re.compile(rb"=")
 _DEFAULTS = config.Ocr()
@@ -73,47 +68,35 @@ log = logging.getLogger("ocrproxy.images")
 
 
 @dataclass(slots=True)
-class Part:
-    """One element of a content array: a plain text part, an image, or anything else (raw)."""
-
-    raw: msgspec.Raw
-    text: str | None = None
-    image: int | None = None
-
-
-@dataclass(slots=True)
 class Image:
-    """An image found in the request, in order of appearance."""
+    """An image a request carries, in any dialect, in order of appearance.
 
-    message: int
-    part: int
-    url: str  # a remote image's URL (kept after it was fetched); "" for an inline image
-    is_data: bool
+    Neutral: base64 text plus its media type, or a URL. Where it sits in the request is the
+    dialect's business: ``where`` names it in the dialect's own terms for error messages and
+    logs, and the dialect keeps its own map from its images to their places.
+    """
+
+    where: str  # e.g. ``messages[0].content[1]``
+    url: str = ""  # a remote image's URL (kept after it was fetched); "" for an inline image
+    is_data: bool = True  # inline base64 (sent, or fetched): ``payload`` holds it
+    # The base64 text, as bytes: for an image the client sent, a view into the client's own
+    # body (never copied into a str); for a fetched one, the encoding the proxy made.
+    payload: bytes | memoryview = b""
+    media_type: str = ""  # as declared; once decoded and checked, as its bytes say
     detail: str | None = None
     digest: bytes = b""
     size: int = 0  # decoded bytes (from the base64 length until ``validate`` decoded it)
     error: str | None = None  # why a remote image cannot be used: it gets a placeholder
     checked: bool = False  # decoded and its format and dimensions checked (``validate``)
-    # A data: URL's characters as bytes: for an image the client sent, a view into the
-    # client's own body (never copied into a str); for a fetched one, the URL the proxy made.
-    data: bytes | memoryview = b""
-    json_safe: bool = True  # ``data`` can go into a JSON string as it is (no escapes needed)
+    json_safe: bool = True  # ``payload`` can go into a JSON string as it is (no escapes)
 
-    @property
-    def where(self) -> str:
-        return f"messages[{self.message}].content[{self.part}]"
+    def data_url_head(self) -> bytes:
+        """What goes before ``payload`` to make it a data URL."""
+        return b"data:" + self.media_type.encode() + b";base64,"
 
 
-@dataclass(slots=True)
-class Scan:
-    """The messages of a request, decoded just far enough to find and replace images."""
-
-    messages: list[RawObject]
-    contents: dict[int, list[Part]]
-    images: list[Image]
-
-
-def _decode(decoder: msgspec.json.Decoder[Any], raw: msgspec.Raw | bytes, where: str) -> Any:
+def decode_raw(decoder: msgspec.json.Decoder[Any], raw: msgspec.Raw | bytes, where: str) -> Any:
+    """``raw`` decoded, or a 400 naming ``where``: for dialects walking a request."""
     try:
         return decoder.decode(raw)
     except msgspec.ValidationError:
@@ -122,109 +105,40 @@ def _decode(decoder: msgspec.json.Decoder[Any], raw: msgspec.Raw | bytes, where:
         raise BadRequest(f"`{where}` is not valid JSON", param=where) from None
 
 
-def _image_url(part: RawObject, where: str) -> tuple[msgspec.Raw, str | None]:
-    """The raw JSON string of an image part's URL (``image_url`` or ``image_url.url``), and
-    its ``detail``."""
-    value = part.get("image_url")
-    detail = None
-    if value is not None and is_json(value, b"{"):
-        fields = _decode(object_decoder, value, f"{where}.image_url")
-        value = fields.get("url")
-        raw_detail = fields.get("detail")
-        if raw_detail is not None and is_json(raw_detail, b'"'):
-            detail = _decode(_str_decoder, raw_detail, f"{where}.image_url.detail")
-    if value is None or not is_json(value, b'"') or len(memoryview(value)) <= 2:
-        raise InvalidImage(
-            f"`{where}.image_url` must be a URL string or an object with a `url` string",
-            param=f"{where}.image_url",
-        )
-    return value, detail
-
-
-def _data_url_bytes(url: msgspec.Raw, where: str) -> tuple[bytes | memoryview, bool]:
-    """A data: URL's characters, and whether they can go into JSON as they are: a view into
-    the raw JSON string, unless it has escapes (then decoded: a copy, and maybe unsafe)."""
-    inner = memoryview(url)[1:-1]
+def raw_string_bytes(raw: msgspec.Raw, where: str) -> tuple[bytes | memoryview, bool]:
+    """A raw JSON string's characters, and whether they can go into JSON as they are: a view
+    into the raw string, unless it has escapes (then decoded: a copy, and maybe unsafe)."""
+    inner = memoryview(raw)[1:-1]
     if _BACKSLASH.search(inner) is None:
         return inner, True
-    return str(_decode(_str_decoder, url, where)).encode(), False
+    return str(decode_raw(str_decoder, raw, where)).encode(), False
 
 
-def _too_many(count: str, limit: int) -> BadRequest:
+def too_many(count: str, limit: int, param: str = "messages") -> BadRequest:
     return BadRequest(
         f"The request has {count} images; the limit is {limit}",
-        param="messages",
+        param=param,
         code="too_many_images",
     )
 
 
-def scan(messages_raw: msgspec.Raw, max_images: int | None = None) -> Scan:
-    """Decode the messages array and find every image; raise BadRequest on a malformed shape,
-    or as soon as it finds image ``max_images + 1``."""
-    try:
-        messages: list[RawObject] = messages_decoder.decode(messages_raw)
-    except msgspec.ValidationError as exc:
-        where = str(exc).replace("`$", "`messages")
-        raise BadRequest(f"`messages` is malformed: {where}", param="messages") from None
-    if not messages:
-        raise BadRequest("`messages` must not be empty", param="messages")
-    contents: dict[int, list[Part]] = {}
-    images: list[Image] = []
-    for i, message in enumerate(messages):
-        content = message.get("content")
-        if content is None or not is_json(content, b"["):
-            continue
-        parts: list[Part] = []
-        for j, raw_part in enumerate(_decode(array_decoder, content, f"messages[{i}].content")):
-            where = f"messages[{i}].content[{j}]"
-            # Decoded one level only: an image's URL stays raw JSON (megabytes never become
-            # a str); only small fields are decoded.
-            raw_type = None
-            if is_json(raw_part, b"{"):
-                part = _decode(object_decoder, raw_part, where)
-                raw_type = part.get("type")
-            if raw_type is None or not is_json(raw_type, b'"'):
-                raise BadRequest(f"`{where}` must be an object with a `type`", param=where)
-            kind = _decode(_str_decoder, raw_type, where)
-            if kind == "image_url":
-                raw_url, detail = _image_url(part, where)
-                scheme = bytes(memoryview(raw_url)[1:9]).lower()  # schemes are case-insensitive
-                if scheme.startswith(b"data:"):
-                    data, safe = _data_url_bytes(raw_url, where)
-                    images.append(Image(i, j, "", True, detail, data=data, json_safe=safe))
-                elif scheme.startswith((b"http://", b"https://")):
-                    url = _decode(_str_decoder, raw_url, where)
-                    images.append(Image(i, j, url, False, detail))
-                else:
-                    raise InvalidImage(
-                        f"`{where}.image_url.url` must be a data: URL or an http(s) URL",
-                        param=f"{where}.image_url",
-                    )
-                if max_images is not None and len(images) > max_images:
-                    raise _too_many(f"more than {max_images}", max_images)
-                parts.append(Part(raw_part, image=len(images) - 1))
-            elif kind == "text" and len(part) == 2 and is_json(part.get("text", b"0"), b'"'):
-                parts.append(Part(raw_part, text=_decode(_str_decoder, part["text"], where)))
-            else:
-                parts.append(Part(raw_part))
-        contents[i] = parts
-    return Scan(messages, contents, images)
+def inline(where: str, payload: bytes | memoryview, media_type: str, safe: bool) -> Image:
+    """An image sent as base64 with its declared media type; refused unless it is an image."""
+    media_type = media_type.strip().lower()
+    if media_type and not media_type.startswith("image/") and media_type != _OCTET:
+        raise InvalidImage(f"`{where}` has media type {media_type!r}, not an image", param=where)
+    return Image(where, payload=payload, media_type=media_type, json_safe=safe)
 
 
-Url = str | bytes | memoryview  # a data: URL, as text or as its ASCII bytes
+def from_data_url(where: str, url: bytes | memoryview, safe: bool = True) -> Image:
+    """An image sent as a ``data:`` URL (its header checked here, its payload later)."""
+    media_type, start = _data_url_header(url, where)
+    return Image(where, payload=memoryview(url)[start:], media_type=media_type, json_safe=safe)
 
 
-def _as_bytes(url: Url) -> bytes | memoryview:
-    return url.encode() if isinstance(url, str) else url
-
-
-def _payload(url: bytes | memoryview, where: str) -> memoryview:
-    """The base64 payload of a ``data:`` URL whose header is valid for an image."""
-    return memoryview(url)[_payload_start(url, where) :]
-
-
-def _payload_start(url: bytes | memoryview, where: str) -> int:
-    """Where the base64 payload of a ``data:`` URL begins, once its header is found valid."""
+def _data_url_header(url: bytes | memoryview, where: str) -> tuple[str, int]:
+    """A ``data:`` URL's media type and where its base64 payload begins, once its header is
+    found valid for an image."""
     head = bytes(memoryview(url)[:1024])
     comma = head.find(b",")
     if comma < 0:
@@ -233,15 +147,17 @@ def _payload_start(url: bytes | memoryview, where: str) -> int:
     media_type = params[0].strip().lower()
     if "base64" not in (p.strip().lower() for p in params[1:]):
         raise InvalidImage(f"`{where}` data URL must be base64-encoded", param=where)
-    if (
-        media_type
-        and not media_type.startswith("image/")
-        and media_type != ("application/octet-stream")
-    ):
+    if media_type and not media_type.startswith("image/") and media_type != _OCTET:
         raise InvalidImage(
             f"`{where}` data URL has media type {media_type!r}, not an image", param=where
         )
-    return comma + 1
+    return media_type, comma + 1
+
+
+def _payload(url: str | bytes | memoryview, where: str) -> memoryview:
+    """The base64 payload of a ``data:`` URL whose header is valid for an image."""
+    data = url.encode() if isinstance(url, str) else url
+    return memoryview(data)[_data_url_header(data, where)[1] :]
 
 
 # The value of each base64 character (0xFF: not one); only the last data character is looked up.
@@ -271,19 +187,24 @@ def _check_canonical_end(payload: memoryview, where: str) -> None:
             )
 
 
-def _text_digest(url: bytes | memoryview, start: int) -> bytes:
-    """sha256 of ``url[start:]`` (no copy; hashlib lets go of the GIL for large ones)."""
-    return hashlib.sha256(memoryview(url)[start:]).digest()
+def _text_digest(payload: bytes | memoryview) -> bytes:
+    """sha256 of the base64 text (no copy; hashlib lets go of the GIL for large ones)."""
+    return hashlib.sha256(payload).digest()
 
 
-def decode_data_url(url: Url, where: str, limit: int | None = None) -> bytes:
-    """The decoded bytes of a base64 ``data:`` URL; InvalidImage naming ``where`` if malformed.
+def decode_data_url(url: str | bytes | memoryview, where: str, limit: int | None = None) -> bytes:
+    """``decode_payload`` of a ``data:`` URL's payload."""
+    return decode_payload(_payload(url, where), where, limit)
+
+
+def decode_payload(payload: bytes | memoryview, where: str, limit: int | None = None) -> bytes:
+    """The decoded bytes of base64 text; InvalidImage naming ``where`` if malformed.
 
     With ``limit``: only its first ``limit`` bytes or a little more (whole 4-character groups,
     which decode alone), or all of it if it is not longer; a cut-off prefix is not checked for
     canonical padding, which only its end could break.
     """
-    payload = _payload(_as_bytes(url), where)
+    payload = memoryview(payload)
     if limit is not None and -(-limit // 3) * 4 < len(payload):
         payload = payload[: -(-limit // 3) * 4]
     else:
@@ -297,16 +218,21 @@ def decode_data_url(url: Url, where: str, limit: int | None = None) -> bytes:
     return data
 
 
-def check_data_url(url: Url, where: str) -> tuple[int, sniff.Reader]:
-    """(decoded size, what its bytes say) of a ``data:`` URL, decoded piece by piece.
+def check_data_url(url: str | bytes | memoryview, where: str) -> tuple[int, sniff.Reader]:
+    """``check_payload`` of a ``data:`` URL's payload."""
+    return check_payload(_payload(url, where), where)
+
+
+def check_payload(payload: bytes | memoryview, where: str) -> tuple[int, sniff.Reader]:
+    """(decoded size, what its bytes say) of base64 text, decoded piece by piece.
 
     Every decoded piece goes through a ``sniff.Reader`` (the format and dimension checks) and is
     dropped: a JPEG's frame header is found in whichever piece holds it.
 
-    Accepts and refuses exactly what ``decode_data_url`` does: every piece but the last is a
+    Accepts and refuses exactly what ``decode_payload`` does: every piece but the last is a
     whole number of 4-character groups, so it decodes alone; padding may only be in the last.
     """
-    payload = _payload(_as_bytes(url), where)
+    payload = memoryview(payload)
     _check_canonical_end(payload, where)
     size = 0
     reader = sniff.Reader()
@@ -359,11 +285,10 @@ def check_image(
 def _identify(images: list[Image], settings: config.Ocr = _DEFAULTS) -> None:
     for image in images:
         if image.is_data:
-            url = image.data
-            start = _payload_start(url, image.where)
-            length = len(url) - start
-            _check_canonical_end(memoryview(url)[start:], image.where)
-            tail = bytes(memoryview(url)[-2:])
+            payload = memoryview(image.payload)
+            length = len(payload)
+            _check_canonical_end(payload, image.where)
+            tail = bytes(payload[-2:])
             image.size = length // 4 * 3 - tail.endswith(b"=") - tail.endswith(b"==")
             if image.size > settings.max_image_bytes:
                 raise PayloadTooLarge(
@@ -371,24 +296,24 @@ def _identify(images: list[Image], settings: config.Ocr = _DEFAULTS) -> None:
                     f"{settings.max_image_bytes} bytes per image",
                     param=image.where,
                 )
-            image.digest = _text_digest(url, start)
+            image.digest = _text_digest(payload)
         else:
             image.digest = hashlib.sha256(image.url.encode()).digest()
 
 
 def _check(images: list[Image], settings: config.Ocr = _DEFAULTS) -> None:
     for image in images:
-        image.size, reader = check_data_url(image.data, image.where)
-        check_image(reader, image.where, settings, size=image.size)
-        image.checked = True
+        image.size, reader = check_payload(image.payload, image.where)
+        sniffed = check_image(reader, image.where, settings, size=image.size)
+        image.media_type, image.checked = sniffed.media_type, True
 
 
 async def _small_here_large_in_thread(
     work: Callable[[list[Image], config.Ocr], None], images: list[Image], settings: config.Ocr
 ) -> None:
     """``work`` for the small images on the event loop, for the large ones in a worker thread."""
-    small = [im for im in images if len(im.data) < THREAD_THRESHOLD]
-    large = [im for im in images if len(im.data) >= THREAD_THRESHOLD]
+    small = [im for im in images if len(im.payload) < THREAD_THRESHOLD]
+    large = [im for im in images if len(im.payload) >= THREAD_THRESHOLD]
     work(small, settings)
     if large:
         await asyncio.to_thread(work, large, settings)
@@ -405,7 +330,7 @@ async def validate(images: list[Image], settings: config.Ocr = _DEFAULTS) -> Non
     for image in images:  # the same text decodes the same way
         if image.is_data and not image.checked:
             done = todo[image.digest]
-            image.size, image.checked = done.size, done.checked
+            image.size, image.checked, image.media_type = done.size, done.checked, done.media_type
 
 
 def _refusal(image: Image, exc: FetchError) -> ProxyError:
@@ -418,10 +343,10 @@ def _refusal(image: Image, exc: FetchError) -> ProxyError:
 
 
 def _adopt(image: Image, fetched: Fetched) -> None:
-    url = fetched.data_url()
-    image.data, image.is_data = url, True  # from here on, it is a data URL
+    image.payload = base64.b64encode(fetched.data)  # from here on, it is inline
+    image.media_type, image.is_data = fetched.media_type, True
     image.size = len(fetched.data)
-    image.digest = _text_digest(url, url.index(b",") + 1)
+    image.digest = _text_digest(image.payload)
     image.checked = True  # the fetcher checked its format and dimensions
 
 
@@ -472,8 +397,8 @@ async def _fetch_all(
         else:
             _adopt(first, result)
         for image in by_url[url][1:]:
-            image.data, image.is_data, image.checked = first.data, True, True
-            image.json_safe = first.json_safe
+            image.payload, image.is_data, image.checked = first.payload, True, True
+            image.media_type, image.json_safe = first.media_type, first.json_safe
             image.size, image.digest = first.size, first.digest
 
 
@@ -484,18 +409,8 @@ async def identify(images: list[Image], settings: config.Ocr = _DEFAULTS) -> Non
     Large payloads are hashed off the event loop.
     """
     if len(images) > settings.max_images:
-        raise _too_many(str(len(images)), settings.max_images)
+        raise too_many(str(len(images)), settings.max_images)
     await _small_here_large_in_thread(_identify, images, settings)
-
-
-async def scan_and_identify(messages_raw: msgspec.Raw, settings: config.Ocr = _DEFAULTS) -> Scan:
-    """``scan`` then ``identify``; a large request is scanned in a worker thread."""
-    if len(memoryview(messages_raw)) >= SCAN_THREAD_THRESHOLD:
-        found = await asyncio.to_thread(scan, messages_raw, settings.max_images)
-    else:
-        found = scan(messages_raw, settings.max_images)
-    await identify(found.images, settings)
-    return found
 
 
 async def fetch_remote(

@@ -36,7 +36,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from . import handlers
+from . import state
 from .errors import NotFound, ProxyError, UpstreamError
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -202,7 +202,7 @@ class Metrics:
     def finished(
         self,
         request: web.Request,
-        trace: handlers.Trace,
+        trace: state.Trace,
         status: int,
         error: BaseException | None,
     ) -> None:
@@ -236,12 +236,12 @@ def _route(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-def _upstream_of(request: web.Request, trace: handlers.Trace) -> str:
+def _upstream_of(request: web.Request, trace: state.Trace) -> str:
     if trace.upstream:
         return trace.upstream
     if trace.real_model:
         try:
-            return request.app[handlers.ROUTER].route(trace.real_model).name
+            return request.app[state.ROUTER].route(trace.real_model).name
         except ProxyError:
             pass
     return "unknown"
@@ -277,8 +277,8 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready when the config is loaded (it is, or we would not run) and the cache tier answers."""
     _guard(request)
     app = _main(request)
-    cfg = app[handlers.CONFIG]
-    cache = app.get(handlers.CACHE)
+    cfg = app[state.CONFIG]
+    cache = app.get(state.CACHE)
     reachable = cache is not None and (cache.tier is None or await cache.tier.ping())
     body = {
         "status": "ready" if reachable else "unavailable",
@@ -297,7 +297,7 @@ async def _flush(app: web.Application) -> None:
 
 def install(app: web.Application) -> None:
     """Add counting (and, without a metrics port, the operator routes) to the main app."""
-    cfg = app[handlers.CONFIG]
+    cfg = app[state.CONFIG]
     literal = {p for up in cfg.upstreams for p in up.models if not any(c in p for c in "*?[")}
     app[METRICS] = Metrics(frozenset({cfg.ocr.model, cfg.ocr.local_alias, *literal}))
     app.on_cleanup.append(_flush)  # last counts of a stopping worker reach the shared files

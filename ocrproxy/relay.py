@@ -13,7 +13,8 @@ client that takes nothing for ``[server] write_timeout_s`` while a write waits o
 and the upstream response closed: one timer per stream, not per write.
 
 Once a stream's headers are committed (early, as keep-alive, while OCR runs) an error can no
-longer change the status: it is sent as a ``data: {"error": ...}`` event and the stream ends.
+longer change the status: it is sent as an error event and the stream ends. The SSE framing
+(keep-alives, error events, where usage sits) is the dialect's, passed in as a ``Framing``.
 A shutdown that outlasts its grace period ends every SSE stream still open the same way, with
 code ``server_shutting_down`` (``Streams``). An error event is only ever written at an event
 boundary: a pass-through stream whose last bytes sent are mid-event (the upstream's reads cut
@@ -26,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import msgspec
@@ -35,7 +36,7 @@ from aiohttp import web
 from . import upstream
 from .errors import ProxyError, UpstreamError, UpstreamTimeout
 from .redact import Redactor, redact, redact_headers
-from .schema import encoder, object_decoder
+from .schema import encoder
 from .usage import UsageEditor, with_ocr_usage
 
 # Upstream bodies at most this large (with a Content-Length) are read whole and sent in one write.
@@ -115,10 +116,20 @@ async def commit(request: web.Request, response: web.StreamResponse) -> None:
     await response.prepare(request)
 
 
-def error_event(error: ProxyError | bytes) -> bytes:
-    """An SSE event carrying an OpenAI-shaped error object."""
-    payload = error.to_bytes() if isinstance(error, ProxyError) else error
-    return b"data: " + payload + b"\n\n"
+class Framing(Protocol):
+    """What the relay needs of a dialect (``dialects.Dialect`` is one)."""
+
+    @property
+    def keep_alive(self) -> bytes: ...
+
+    @property
+    def usage_path(self) -> tuple[str, ...]: ...
+
+    def error_event(self, error: ProxyError | bytes) -> bytes: ...
+
+    def upstream_error_event(self, status: int, payload: bytes) -> bytes: ...
+
+    def as_events(self, payload: bytes) -> bytes: ...
 
 
 class _Edge:
@@ -156,16 +167,16 @@ class Streams:
     """
 
     def __init__(self) -> None:
-        self._open: dict[asyncio.Task[Any], tuple[web.Request, web.StreamResponse]] = {}
+        self._open: dict[asyncio.Task[Any], tuple[web.Request, web.StreamResponse, Framing]] = {}
 
     def __len__(self) -> int:
         return len(self._open)
 
-    def add(self, request: web.Request, response: web.StreamResponse) -> None:
+    def add(self, request: web.Request, response: web.StreamResponse, framing: Framing) -> None:
         task = asyncio.current_task()
         if task is None or task in self._open:
             return
-        self._open[task] = (request, response)
+        self._open[task] = (request, response, framing)
         task.add_done_callback(self._forget)
 
     def _forget(self, task: asyncio.Task[Any]) -> None:
@@ -174,15 +185,18 @@ class Streams:
     async def end_all(self) -> int:
         """End every open stream now; the number that got the error event."""
         ending = [
-            self._end(task, request, response)
-            for task, (request, response) in list(self._open.items())
+            self._end(task, request, response, framing)
+            for task, (request, response, framing) in list(self._open.items())
             if not task.done()
         ]
         return sum(await asyncio.gather(*ending))
 
     @staticmethod
     async def _end(
-        task: asyncio.Task[Any], request: web.Request, response: web.StreamResponse
+        task: asyncio.Task[Any],
+        request: web.Request,
+        response: web.StreamResponse,
+        framing: Framing,
     ) -> bool:
         ended = False
         transport = request.transport
@@ -197,7 +211,7 @@ class Streams:
             try:
                 # One write, with the end of the chunked body: nothing can come between.
                 async with asyncio.timeout(END_TIMEOUT):
-                    await response.write_eof(SHUTDOWN_EVENT)
+                    await response.write_eof(framing.error_event(SHUTTING_DOWN))
             except TimeoutError:  # its buffer filled up: it is not reading
                 transport.abort()
             except (ConnectionError, RuntimeError):  # gone, or it had just ended
@@ -214,8 +228,8 @@ END_TIMEOUT = 0.5
 STREAMS: web.AppKey[Streams] = web.AppKey("streams", Streams)
 _ENDED: web.RequestKey[web.StreamResponse] = web.RequestKey("ended_by_shutdown", web.StreamResponse)
 _EDGE: web.RequestKey[_Edge] = web.RequestKey("sse_edge", _Edge)
-SHUTDOWN_EVENT = error_event(
-    ProxyError("The server is shutting down; retry the request", code="server_shutting_down")
+SHUTTING_DOWN = ProxyError(
+    "The server is shutting down; retry the request", code="server_shutting_down"
 )
 
 
@@ -224,18 +238,20 @@ def ended_by_shutdown(request: web.Request) -> web.StreamResponse | None:
     return request.get(_ENDED)
 
 
-def _register(request: web.Request, response: web.StreamResponse) -> None:
+def _register(request: web.Request, response: web.StreamResponse, framing: Framing) -> None:
     streams = request.app.get(STREAMS)
     if streams is not None:
-        streams.add(request, response)
+        streams.add(request, response, framing)
     request[_EDGE] = _Edge()
 
 
-async def start_sse(request: web.Request, headers: Mapping[str, str]) -> web.StreamResponse:
+async def start_sse(
+    request: web.Request, headers: Mapping[str, str], framing: Framing
+) -> web.StreamResponse:
     """Commit a 200 SSE response now (before the upstream answered)."""
     response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
     await commit(request, response)
-    _register(request, response)
+    _register(request, response, framing)
     return response
 
 
@@ -243,20 +259,22 @@ async def keep_alive(
     response: web.StreamResponse,
     task: asyncio.Future[Any],
     interval: float,
+    framing: Framing,
     *,
-    opening: bytes = b": keep-alive\n\n",
+    opening: bytes | None = None,
 ) -> None:
-    """Write ``opening`` now, then an SSE comment every ``interval`` seconds until ``task`` ends.
+    """Write ``opening`` (default: a keep-alive) now, then a keep-alive every ``interval``
+    seconds until ``task`` ends.
 
     The first bytes go out at once: a client (or a proxy in front) that got headers and then
     nothing for a whole interval may give up, or buffer.
     """
-    await response.write(opening)
+    await response.write(framing.keep_alive if opening is None else opening)
     while True:
         done, _ = await asyncio.wait({task}, timeout=interval)
         if done:
             return
-        await response.write(b": keep-alive\n\n")
+        await response.write(framing.keep_alive)
 
 
 class UpstreamBroke(Exception):
@@ -385,6 +403,7 @@ async def _pump_sse(
     source: aiohttp.ClientResponse,
     response: web.StreamResponse,
     editor: UsageEditor | None,
+    framing: Framing,
     *,
     redactor: Redactor | None = None,
     request: web.Request | None = None,
@@ -403,13 +422,15 @@ async def _pump_sse(
             if request is not None and request.transport is not None:
                 request.transport.close()
             raise ConnectionResetError("the upstream broke mid-event: connection cut") from None
-        await response.write(error_event(UpstreamError("The upstream stream ended unexpectedly")))
+        broke = UpstreamError("The upstream stream ended unexpectedly")
+        await response.write(framing.error_event(broke))
 
 
 async def relay(
     request: web.Request,
     source: aiohttp.ClientResponse,
     headers: Mapping[str, str],
+    framing: Framing,
     *,
     ocr_usage: Mapping[str, Any] | None = None,
     edit_stream: bool = False,
@@ -435,12 +456,10 @@ async def relay(
             status=source.status, reason=source.reason, headers=out_headers
         )
         await commit(request, response)
-        _register(request, response)
-        editor = UsageEditor(ocr_usage) if ocr_usage is not None and edit_stream else None
+        _register(request, response, framing)
+        editor = _editor(ocr_usage, edit_stream and not encoded, framing)
         redactor = Redactor(secrets) if secrets else None
-        await _pump_sse(
-            source, response, None if encoded else editor, redactor=redactor, request=request
-        )
+        await _pump_sse(source, response, editor, framing, redactor=redactor, request=request)
         await response.write_eof()
         return response
     length = source.content_length
@@ -459,7 +478,8 @@ async def relay(
         first, ended = await _read_upto(source, MAX_EDIT)
         if ended:  # else: too large to hold and edit, streamed unedited
             payload = b"".join(first)
-            edited = with_ocr_usage(payload, msgspec.Raw(encoder.encode(ocr_usage)))
+            ocr = msgspec.Raw(encoder.encode(ocr_usage))
+            edited = with_ocr_usage(payload, ocr, framing.usage_path)
             body = redact(edited or payload, secrets)
             return web.Response(status=200, body=body, headers=out_headers)
     elif length is not None and length <= SMALL_BODY:
@@ -486,9 +506,16 @@ async def relay(
     return response
 
 
+def _editor(
+    ocr_usage: Mapping[str, Any] | None, edit: bool, framing: Framing
+) -> UsageEditor | None:
+    return UsageEditor(ocr_usage, framing.usage_path) if ocr_usage is not None and edit else None
+
+
 async def relay_into(
     response: web.StreamResponse,
     source: aiohttp.ClientResponse,
+    framing: Framing,
     *,
     ocr_usage: Mapping[str, Any] | None,
     edit_stream: bool,
@@ -502,37 +529,22 @@ async def relay_into(
     content_type = source.headers.get("Content-Type", "")
     if source.status != 200:
         payload = redact(await _read_capped(source), secrets)
-        try:
-            obj = object_decoder.decode(payload)
-            body = msgspec.json.format(payload, indent=0) if "error" in obj else None
-        except msgspec.DecodeError:
-            body = None
-        if body is None:
-            body = encoder.encode(
-                {
-                    "error": {
-                        "message": f"The upstream answered HTTP {source.status}",
-                        "type": "upstream_error",
-                        "param": None,
-                        "code": str(source.status),
-                    }
-                }
-            )
-        await response.write(error_event(body))
+        await response.write(framing.upstream_error_event(source.status, payload))
     elif content_type.startswith("text/event-stream"):
-        editor = UsageEditor(ocr_usage) if ocr_usage is not None and edit_stream else None
+        editor = _editor(ocr_usage, edit_stream, framing)
         redactor = Redactor(secrets) if secrets else None
-        await _pump_sse(source, response, editor, redactor=redactor, request=request)
+        await _pump_sse(source, response, editor, framing, redactor=redactor, request=request)
     else:
         try:
             pieces, ended = await _read_upto(source, MAX_EDIT)
             if not ended:
                 raise UpstreamError("The upstream's answer is too large to relay as an event")
-            payload = redact(msgspec.json.format(b"".join(pieces), indent=0), secrets)
+            events = framing.as_events(b"".join(pieces))
         except ProxyError as exc:
-            await response.write(error_event(exc))
+            await response.write(framing.error_event(exc))
         except msgspec.DecodeError:
-            await response.write(error_event(UpstreamError("The upstream's answer is not JSON")))
+            not_json = UpstreamError("The upstream's answer is not JSON")
+            await response.write(framing.error_event(not_json))
         else:
-            await response.write(b"data: " + payload + b"\n\ndata: [DONE]\n\n")
+            await response.write(redact(events, secrets))
     await response.write_eof()

@@ -1,9 +1,9 @@
-"""Turn a chat request with images into a text-only one. Pure functions, no I/O.
+"""The text that stands in for an image, in every dialect. Pure functions, no I/O.
 
 Rules:
-- Each image part is replaced *in place* by a text part holding a delimited reference block,
-  numbered by order of appearance across the whole request (an image sent twice gets two
-  numbers and the same description).
+- Each image is replaced *in place* (by its dialect, ``Dialect.splice``) by text holding a
+  delimited reference block, numbered by order of appearance across the whole request (an
+  image sent twice gets two numbers and the same description).
 - The delimiters cannot be guessed. Both carry the image's tag (``#`` and 8 hex digits:
   ``[Image 1 #a1b2c3d4 (described by ...)]`` ... ``[End of image 1 #a1b2c3d4]``), an HMAC of
   the image's identity under a key only the proxy knows (``delimiter_key``), so a text part
@@ -14,12 +14,6 @@ Rules:
   to the same text every turn, so the upstream's prompt (prefix) cache keeps working. The
   price: a tag the model once echoed back is known to that client for later turns; what it
   guards against is text the client did not see the proxy's answer to (a pasted page, a file).
-- A content array that then holds only plain text parts (``{"type": "text", "text": ...}`` and
-  nothing else) is flattened into one string, parts joined by a blank line: many text-only
-  upstreams reject content arrays. An array with any other part stays an array.
-- Everything else (every other top-level field, every other message field, every other part) is
-  spliced back as the exact bytes the client sent. ``model`` becomes the real model and
-  ``ocr_model`` is removed.
 """
 
 from __future__ import annotations
@@ -28,11 +22,7 @@ import hashlib
 import hmac
 import os
 import re
-from collections.abc import Iterable, Sequence
-from typing import Any
-
-from .images import Scan
-from .schema import RawObject, encoder
+from collections.abc import Iterable
 
 # The opening bracket of anything a delimiter could be mistaken for, in any case and spacing.
 _DELIMITER = re.compile(r"\[(?=\s*(?:image|end\s+of\s+image)\b)", re.IGNORECASE)
@@ -82,36 +72,3 @@ def placeholder_block(number: int, nonce: str = "") -> str:
         f"[Image {_tag(number, nonce)}: this image could not be analysed, so its content is "
         f"unknown. If the answer depends on it, tell the user the image could not be read.]"
     )
-
-
-def _content(scan: Scan, index: int, blocks: Sequence[str]) -> Any:
-    parts = scan.contents[index]
-    items: list[Any] = []
-    texts: list[str] = []
-    only_text = True
-    for part in parts:
-        if part.image is not None:
-            block = blocks[part.image]
-            items.append({"type": "text", "text": block})
-            texts.append(block)
-        elif part.text is not None:
-            items.append(part.raw)
-            texts.append(part.text)
-        else:
-            items.append(part.raw)
-            only_text = False
-    return "\n\n".join(texts) if only_text else items
-
-
-def rewrite(body: RawObject, scan: Scan, blocks: Sequence[str], model: str) -> bytes:
-    """Encode the text-only request: ``blocks[i]`` replaces ``scan.images[i]``."""
-    messages: list[Any] = []
-    for i, message in enumerate(scan.messages):
-        if scan.contents.get(i):
-            message = {**message, "content": _content(scan, i, blocks)}
-        messages.append(message)
-    out: dict[str, Any] = dict(body)
-    out.pop("ocr_model", None)
-    out["model"] = model
-    out["messages"] = messages
-    return encoder.encode(out)

@@ -1,10 +1,13 @@
 """Routing a model to an upstream, and sending requests there with clean headers.
 
-Theory of operation: upstreams are tried in config order and the first whose ``models`` glob
-matches the model wins (the OCR model is routed the same way). Headers are copied from the
-client minus hop-by-hop headers, the client's address, and its credentials: when the upstream
-has its own ``api_key`` that key is sent; when it has none, the client's ``Authorization`` is
-relayed (pure relay mode). Account headers (``OpenAI-Organization``, ``OpenAI-Project``,
+Theory of operation: upstreams are tried in config order and the first that speaks the
+request's API (``api``) and whose ``models`` glob matches the model wins; the OCR model is
+routed the same way, to an upstream of either API. Headers are copied from the client minus
+hop-by-hop headers, the client's address, the proxy's own ``X-OCR-Model``, and its credentials:
+when the upstream has its own ``api_key`` that key is sent, in the upstream's style
+(``Authorization: Bearer`` for OpenAI, ``x-api-key`` for Anthropic unless ``auth = "bearer"``);
+when it has none, the client's credential (``Authorization`` or ``x-api-key``) is relayed in
+that style (pure relay mode). Account headers (``OpenAI-Organization``, ``OpenAI-Project``,
 ``Cookie``) go with the client's own key only: with the operator's key they would let a client
 pick which of the operator's organisations or projects it uses. An upstream's ``headers`` are
 set on every request to it (chat, pass-through, models and OCR calls), over the client's.
@@ -58,6 +61,7 @@ _DROP_REQUEST = HOP_BY_HOP | {
     "x-real-ip",
     "x-request-id",
     "expect",
+    "x-ocr-model",
 }
 # Sent on only with the client's own credentials (relay mode): they choose whose account is used.
 _ACCOUNT = frozenset({"openai-organization", "openai-project", "cookie"})
@@ -69,21 +73,33 @@ class Router:
 
     def __init__(self, upstreams: Iterable[config.Upstream]) -> None:
         self.upstreams = tuple(upstreams)
-        self._memo: dict[str, config.Upstream] = {}
+        self._memo: dict[tuple[str | None, str], config.Upstream] = {}
 
     @property
     def default(self) -> config.Upstream:
         return self.upstreams[0]
 
-    def route(self, model: str) -> config.Upstream:
-        found = self._memo.get(model)
+    def first(self, api: str) -> config.Upstream:
+        """The first upstream speaking ``api`` (for requests no model routes)."""
+        for up in self.upstreams:
+            if up.api == api:
+                return up
+        raise _no_api(api)
+
+    def route(self, model: str, api: str | None = "openai") -> config.Upstream:
+        """The upstream serving ``model`` in ``api`` (None: in any API, for the OCR model)."""
+        found = self._memo.get((api, model))
         if found is not None:
             return found
         for up in self.upstreams:
+            if api is not None and up.api != api:
+                continue
             if any(fnmatch.fnmatchcase(model, pattern) for pattern in up.models):
                 if len(self._memo) < 4096:
-                    self._memo[model] = up
+                    self._memo[(api, model)] = up
                 return up
+        if api is not None and not any(up.api == api for up in self.upstreams):
+            raise _no_api(api)
         raise NotFound(
             f"The model `{model}` is not served by any upstream of this proxy",
             param="model",
@@ -91,11 +107,29 @@ class Router:
         )
 
 
+_API_NAMES = {"openai": "the OpenAI API", "anthropic": "the Anthropic Messages API"}
+
+
+def _no_api(api: str) -> NotFound:
+    return NotFound(
+        f"No upstream of this proxy speaks {_API_NAMES.get(api, api)} "
+        f'(an [[upstreams]] entry with api = "{api}" is needed)',
+        code="no_upstream_for_api",
+    )
+
+
 def url(up: config.Upstream, path: str, query: str = "") -> str:
     """Join an upstream's base URL (``…/v1``, perhaps with a query such as
-    ``?api-version=...``), a path below ``/v1`` and the client's raw query string."""
+    ``?api-version=...``), a path below ``/v1`` and the client's raw query string.
+
+    An Anthropic base URL is what vendors document for ``ANTHROPIC_BASE_URL``, without the
+    ``/v1`` (``https://api.deepseek.com/anthropic``): it is added unless already there.
+    """
     base, _, fixed = up.base_url.partition("?")
-    target = base.rstrip("/") + "/" + path.lstrip("/")
+    base = base.rstrip("/")
+    if up.api == "anthropic" and not base.endswith("/v1"):
+        base += "/v1"
+    target = base + "/" + path.lstrip("/")
     if fixed and query:
         return f"{target}?{fixed}&{query}"
     if fixed or query:
@@ -129,31 +163,53 @@ def request_headers(
             continue
         out.add(name, value)
     out["Accept-Encoding"] = "identity"  # bodies the proxy reads (errors, models) stay plain
-    auth = auth_header(incoming, up, relay_auth=relay_auth)
-    if auth:
-        out["Authorization"] = auth
+    out.update(auth_headers(incoming, up, relay_auth=relay_auth))
     for name, value in up.headers.items():
         out[name] = value
     return out
 
 
-def call_headers(up: config.Upstream, auth: str | None) -> dict[str, str]:
+def call_headers(up: config.Upstream, auth: Mapping[str, str]) -> dict[str, str]:
     """The headers of a request the proxy makes itself (an OCR call): JSON, uncompressed
-    answers, the credentials ``auth_header`` chose and the upstream's own ``headers``."""
-    headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
-    if auth:
-        headers["Authorization"] = auth
+    answers, the credentials ``auth_headers`` chose and the upstream's own ``headers``."""
+    headers = {"Content-Type": "application/json", "Accept-Encoding": "identity", **auth}
+    if up.api == "anthropic":
+        headers["anthropic-version"] = ANTHROPIC_VERSION
     headers.update(up.headers)
     return headers
 
 
-def auth_header(
+ANTHROPIC_VERSION = "2023-06-01"  # sent with the proxy's own calls to an Anthropic upstream
+
+
+def client_credential(incoming: Mapping[str, str]) -> str | None:
+    """The client's credential: a Bearer token, else its ``x-api-key``, else None. Another
+    ``Authorization`` scheme counts whole (``Basic ...``)."""
+    value = incoming.get("Authorization")
+    if value:
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer":
+            return value
+        return token.strip() or None
+    return incoming.get("x-api-key") or None
+
+
+def _bearer(up: config.Upstream) -> bool:
+    return up.auth == "bearer" or (not up.auth and up.api == "openai")
+
+
+def auth_headers(
     incoming: Mapping[str, str], up: config.Upstream, *, relay_auth: bool = True
-) -> str | None:
-    """The Authorization value for the upstream: its own key, or the client's in relay mode."""
+) -> dict[str, str]:
+    """The credential header for the upstream, in its style: its own key, or the client's in
+    relay mode (an ``Authorization`` sent to a Bearer upstream goes on as it came)."""
     if up.api_key:
-        return f"Bearer {up.api_key}"
-    return incoming.get("Authorization") if relay_auth else None
+        token = up.api_key
+    elif not relay_auth or (token := client_credential(incoming) or "") == "":
+        return {}
+    elif _bearer(up) and "Authorization" in incoming:
+        return {"Authorization": incoming["Authorization"]}
+    return {"Authorization": f"Bearer {token}"} if _bearer(up) else {"x-api-key": token}
 
 
 def response_headers(incoming: Mapping[str, str]) -> CIMultiDict[str]:

@@ -1,7 +1,8 @@
-"""Add ``usage.ocr`` to an OpenAI answer: a plain JSON body or the SSE event that carries usage.
+"""Add ``usage.ocr`` to an answer: a plain JSON body or the SSE event that carries usage.
 
-Theory of operation: a plain answer is decoded only down to its ``usage`` object, which gains
-``ocr``; everything else is re-encoded as it came (``msgspec.Raw``). In a stream, whole SSE
+Theory of operation: a plain answer is decoded only down the path to its ``usage`` object (the
+dialect's ``usage_path``: top-level for Chat Completions and Messages), which gains ``ocr``;
+everything else is re-encoded as it came (``msgspec.Raw``). In a stream, whole SSE
 events are reassembled only to find the one carrying ``usage``; every other byte passes through
 as it arrived. Whatever the editor must hold is bounded: one SSE event at most MAX_EVENT bytes
 (past that the event goes through unedited).
@@ -22,18 +23,31 @@ _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
 _SEAM = 3  # bytes of the previous piece that can begin a separator ending in the next one
 
 
-def with_ocr_usage(payload: bytes, ocr: msgspec.Raw) -> bytes | None:
-    """``payload`` (a JSON object with a ``usage`` object) with ``usage.ocr`` added, else None."""
+def with_ocr_usage(
+    payload: bytes, ocr: msgspec.Raw, path: tuple[str, ...] = ("usage",)
+) -> bytes | None:
+    """``payload`` (a JSON object with an object at ``path``) with ``ocr`` added there, else
+    None."""
     try:
-        obj = object_decoder.decode(payload)
-        usage_raw = obj.get("usage")
-        if usage_raw is None or not is_json(usage_raw, b"{"):
-            return None
-        usage = object_decoder.decode(usage_raw)
+        return _with(payload, ocr, path)
     except msgspec.DecodeError:
         return None
-    usage["ocr"] = ocr
-    obj["usage"] = msgspec.Raw(encoder.encode(usage))
+
+
+def _with(payload: bytes | msgspec.Raw, ocr: msgspec.Raw, path: tuple[str, ...]) -> bytes | None:
+    obj = object_decoder.decode(payload)
+    inner = obj.get(path[0])
+    if inner is None or not is_json(inner, b"{"):
+        return None
+    if len(path) == 1:
+        edited = object_decoder.decode(inner)
+        edited["ocr"] = ocr
+        obj[path[0]] = msgspec.Raw(encoder.encode(edited))
+    else:
+        deeper = _with(inner, ocr, path[1:])
+        if deeper is None:
+            return None
+        obj[path[0]] = msgspec.Raw(deeper)
     return encoder.encode(obj)
 
 
@@ -66,8 +80,10 @@ class UsageEditor:
     editor passes bytes through until the next event boundary, where it resumes.
     """
 
-    def __init__(self, ocr_usage: Mapping[str, Any]) -> None:
+    def __init__(self, ocr_usage: Mapping[str, Any], path: tuple[str, ...] = ("usage",)) -> None:
         self.ocr = msgspec.Raw(encoder.encode(ocr_usage))
+        self.path = path
+        self._mark = f'"{path[-1]}"'.encode()
         self._pending: list[bytes] = []
         self._size = 0
         self._tail = b""  # the last bytes seen of the event under way (to spot a split separator)
@@ -106,7 +122,7 @@ class UsageEditor:
             rest = self._overflow()
         else:
             rest = b""
-        if b'"usage"' in ready:
+        if self._mark in ready:
             ready = b"".join(self._edit(line) for line in ready.splitlines(keepends=True))
         return out + ready + rest if out or rest else ready
 
@@ -128,15 +144,15 @@ class UsageEditor:
         """What is still held, once the stream has ended (edited if it carries usage)."""
         rest = b"".join(self._pending)
         self._pending, self._size, self._tail = [], 0, b""
-        if b'"usage"' not in rest:
+        if self._mark not in rest:
             return rest
         return b"".join(self._edit(line) for line in rest.splitlines(keepends=True))
 
     def _edit(self, line: bytes) -> bytes:
-        if not line.startswith(b"data:") or b'"usage"' not in line:
+        if not line.startswith(b"data:") or self._mark not in line:
             return line
         body = line[5:].strip()
-        edited = with_ocr_usage(body, self.ocr)
+        edited = with_ocr_usage(body, self.ocr, self.path)
         if edited is None:
             return line
         ending = line[len(line.rstrip(b"\r\n")) :]

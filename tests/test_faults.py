@@ -11,7 +11,7 @@ import tracemalloc
 import orjson
 import pytest
 
-from ocrproxy.handlers import CACHE
+from ocrproxy.state import CACHE
 from tests.conftest import chat
 from tests.fakes import data_url, image_part
 

@@ -28,8 +28,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from ocrproxy import config, fetch, handlers, images, local
+from ocrproxy import config, fetch, images, local, state
 from ocrproxy.app import create_app
+from ocrproxy.dialects import chat as chat_dialect
 from tests.conftest import chat, missing, require_binary
 from tests.fakes import data_url, image_part, label_of, png
 from tests.servers import redis_server
@@ -183,9 +184,10 @@ async def test_an_ocr_model_name_spelling_the_local_key_cannot_poison_local_read
             await r.read()
     except aiohttp.ClientError:  # cut (base: a NUL in a response header)
         pass
-    describer = proxy.server.app[handlers.DESCRIBER]
+    describer = proxy.server.app[state.DESCRIBER]
     messages = chat("text-1", image_part(image))["messages"]
-    scan = await images.scan_and_identify(msgspec.Raw(msgspec.json.encode(messages)))
+    scan = chat_dialect.scan(msgspec.Raw(msgspec.json.encode(messages)))
+    await images.identify(scan.images, config.Ocr())
     report = await describer.describe_all(scan.images, evil_model, {})
     assert report.failures == 0 and upstream.ocr_calls  # the remote answer was cached
     victim = ocr_chat("local", image_part(image))

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from ocrproxy import config, images, sniff
 from ocrproxy.app import create_app
+from ocrproxy.dialects import chat as chat_dialect
 from ocrproxy.errors import InvalidImage
 from tests.conftest import chat, make_config
 from tests.fakes import FakeOpenAI, data_url, image_part, ocr_answer, png
@@ -131,7 +132,7 @@ def test_the_same_bytes_always_have_one_digest(data: bytes) -> None:
     accepted: dict[str, bytes] = {}
     for spelling in {canonical, *others}:
         url = b64_url(spelling)
-        found = images.scan(
+        found = chat_dialect.scan(
             msgspec.Raw(msgspec.json.encode([chat("m", image_part(url))["messages"][0]]))
         )
         try:

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from ocrproxy import config, handlers, redact
+from ocrproxy import config, redact, state
 from ocrproxy.app import create_app
 from ocrproxy.usage import MAX_EVENT as EDITOR_MAX_EVENT
 from ocrproxy.usage import UsageEditor
@@ -322,7 +322,7 @@ def test_redis_password_is_a_secret():
         },
         env={},
     )
-    secrets = create_app(cfg)[handlers.SECRETS]
+    secrets = create_app(cfg)[state.SECRETS]
     assert b"s3cret/Redis" in secrets and b"s3cret%2FRedis" in secrets
     assert UPSTREAM_KEY.encode() in secrets and CLIENT_KEY.encode() in secrets
     assert redact.redact(b"pw=s3cret/Redis", secrets) == b"pw=[redacted]"

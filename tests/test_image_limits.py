@@ -108,13 +108,13 @@ async def test_client_image_errors_do_not_follow_on_error(
 def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The images the proxy decodes (the base64 check), by where they are in the request."""
     seen: list[str] = []
-    real = images_module.check_data_url
+    real = images_module.check_payload
 
-    def counting(url: str, where: str) -> tuple[int, bytes]:
+    def counting(payload: bytes, where: str) -> tuple[int, bytes]:
         seen.append(where)
-        return real(url, where)
+        return real(payload, where)
 
-    monkeypatch.setattr(images_module, "check_data_url", counting)
+    monkeypatch.setattr(images_module, "check_payload", counting)
     return seen
 
 

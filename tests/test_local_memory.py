@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from ocrproxy import admission, config, handlers, images, local, pixels
+from ocrproxy import admission, config, images, local, pixels, state
 from tests.conftest import ProxyFactory, chat, require_local_engine, spawn_proxy
 from tests.fakes import FakeOpenAI, image_part
 
@@ -313,7 +313,7 @@ async def test_waiting_for_budget_counts_against_the_deadline(
     make_proxy: ProxyFactory, fake: FakeOpenAI
 ) -> None:
     proxy = await make_proxy(ocr={"on_error": "fail", "timeout_s": 1.0})
-    budget = proxy.server.app[handlers.DESCRIBER].engine.budget
+    budget = proxy.server.app[state.DESCRIBER].engine.budget
     small = bomb_png("small", 300)
     url = "data:image/png;base64," + base64.b64encode(small).decode()
     body = chat("text-1", "Read", image_part(url), ocr_model="local")

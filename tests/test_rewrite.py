@@ -8,9 +8,10 @@ import json
 import msgspec
 import pytest
 
+from ocrproxy.dialects.chat import rewrite, scan
 from ocrproxy.errors import BadRequest, InvalidImage
-from ocrproxy.images import decode_data_url, identify, scan
-from ocrproxy.rewrite import placeholder_block, reference_block, rewrite
+from ocrproxy.images import decode_data_url, decode_payload, identify
+from ocrproxy.rewrite import placeholder_block, reference_block
 from ocrproxy.schema import object_decoder
 from tests.fakes import data_url, image_part, png
 
@@ -125,4 +126,4 @@ def test_url_schemes_are_case_insensitive():
     ]
     found = scan(msgspec.Raw(json.dumps(messages).encode()))
     assert [im.is_data for im in found.images] == [True, False]
-    assert decode_data_url(found.images[0].data, "w") == png("u")
+    assert decode_payload(found.images[0].payload, "w") == png("u")

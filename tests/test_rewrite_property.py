@@ -8,9 +8,9 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ocrproxy.dialects.chat import rewrite, scan
 from ocrproxy.errors import ProxyError
-from ocrproxy.images import _identify, scan
-from ocrproxy.rewrite import rewrite
+from ocrproxy.images import _identify
 from ocrproxy.schema import object_decoder
 from tests.fakes import data_url
 

@@ -324,7 +324,7 @@ async def test_a_reload_shares_the_local_engines_pixel_budget(
 ) -> None:
     """Guards against this: each generation's local engine had a budget of its own, so while the
     old one drained two engines could each hold max_decoded_bytes of pixels."""
-    from ocrproxy import config, handlers, server
+    from ocrproxy import config, server, state
 
     port = free_port()
 
@@ -345,7 +345,7 @@ async def test_a_reload_shares_the_local_engines_pixel_budget(
         new = server.Generation(cfg(32), old)
         await new.start(listeners)
         try:
-            engines = [g.app[handlers.DESCRIBER].engine for g in (old, new)]
+            engines = [g.app[state.DESCRIBER].engine for g in (old, new)]
             assert engines[0] is not None and engines[1] is not None
             assert engines[0].budget is engines[1].budget
             assert engines[1].budget.limit == 32 * 1024 * 1024
@@ -527,6 +527,7 @@ async def test_end_all_is_not_held_up_by_a_stream_whose_ending_write_waits(
     (aiohttp's write_eof ends with a drain). That write is made to wait for ever here; the
     other stream must still get its event, and end_all must return."""
     from ocrproxy import relay
+    from ocrproxy.dialects.chat import CHAT
 
     streams = relay.Streams()
 
@@ -534,7 +535,7 @@ async def test_end_all_is_not_held_up_by_a_stream_whose_ending_write_waits(
         await asyncio.Event().wait()
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        response = await relay.start_sse(request, {})
+        response = await relay.start_sse(request, {}, CHAT)
         if request.query.get("stuck"):
             response.write_eof = never  # type: ignore[method-assign]
         await response.write(b": hello\n\n")

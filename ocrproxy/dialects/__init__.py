@@ -1,0 +1,177 @@
+"""The API dialects the proxy speaks, and what the pipeline asks of each one.
+
+Theory of operation: the OCR pipeline (``pipeline``) runs the same steps for every API; only
+the shapes differ. A dialect is one module holding one ``Dialect`` object that knows its own
+shapes and nothing else: the top-level fields of a request (``parse``), where its images live
+and how to put text in their place (``find``, ``splice``), where its answers carry ``usage``
+(``usage_path``) and what ``usage.ocr`` looks like there, its SSE framing (keep-alives, error
+events) and its error JSON, and how a model behind an upstream that speaks it is asked to
+describe an image (``ocr_request``, ``ocr_answer``). Images leave a dialect as neutral
+``images.Image`` records, so one description cache serves every dialect.
+
+An upstream speaks one API (``[[upstreams]] api``); a dialect's requests go only to upstreams
+that speak it (``BY_API``), and the OCR model is called in the API of whichever upstream it
+routes to. Adding a dialect is one module here, an entry in ``BY_API`` if upstreams speak it,
+and its routes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgspec
+
+from .. import config
+from ..errors import BadRequest, ProxyError
+from ..guard import check_name, check_redirecting, deep
+from ..images import Image, str_decoder
+from ..schema import RawObject, encoder, is_json, object_decoder
+
+
+@dataclass(slots=True)
+class Parsed:
+    """A request's top level: its fields as raw JSON, and what the proxy reads of them."""
+
+    obj: RawObject
+    model: str
+    ocr_model: str | None
+    stream: bool
+
+
+@dataclass(slots=True)
+class Found:
+    """The images of a request, in order of appearance; a dialect adds where they sit."""
+
+    images: list[Image] = field(default_factory=list)
+
+
+def field_value(obj: RawObject, name: str) -> Any:
+    """A top-level field decoded (None if absent); a number out of msgspec's range is a 400."""
+    raw = obj.get(name)
+    if raw is None:
+        return None
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError:  # the only failure of a Raw slice: a number out of range
+        raise BadRequest(
+            f"`{name}` holds a number out of range (64-bit integers and doubles only)", param=name
+        ) from None
+
+
+def decode_top(body: bytes | bytearray) -> RawObject:
+    """The request body's top level, as raw JSON values; a 400 if it is not a JSON object."""
+    try:
+        return object_decoder.decode(body)
+    except msgspec.ValidationError:
+        raise BadRequest("The request body must be a JSON object") from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc}") from None
+    except RecursionError:  # past ~1000 levels: msgspec's own limit
+        raise deep() from None
+
+
+class Dialect:
+    """One API's shapes. Subclasses fill in the class attributes and the shape methods."""
+
+    name: ClassVar[str]  # in logs and metrics: "chat", "messages"
+    api: ClassVar[str]  # the `[[upstreams]] api` its requests go to
+    path: ClassVar[str]  # the upstream route, below the API's root
+    items: ClassVar[str]  # the top-level array holding the conversation
+    keep_alive: ClassVar[bytes]  # an SSE keep-alive the official clients skip
+    usage_path: ClassVar[tuple[str, ...]] = ("usage",)  # where a body or event holds usage
+    answer_name: ClassVar[str]  # what its answers are called, in error messages
+
+    def parse(self, body: bytes | bytearray) -> Parsed:
+        """Decode the top level and check what the proxy reads of it (400 otherwise)."""
+        obj = decode_top(body)
+        raw_model = obj.get("model")
+        try:
+            model = str_decoder.decode(raw_model) if raw_model is not None else ""
+        except msgspec.ValidationError:
+            model = ""
+        if not model:
+            raise BadRequest("`model` is required and must be a non-empty string", param="model")
+        check_name(model, "model")
+        items = obj.get(self.items)
+        if items is None:
+            raise BadRequest(f"`{self.items}` is required", param=self.items)
+        if not is_json(items, b"["):
+            raise BadRequest(f"`{self.items}` must be an array", param=self.items)
+        check_redirecting(obj)
+        ocr_model = field_value(obj, "ocr_model")
+        if ocr_model is not None and (not isinstance(ocr_model, str) or not ocr_model):
+            raise BadRequest("`ocr_model` must be a non-empty string", param="ocr_model")
+        if ocr_model is not None:
+            check_name(ocr_model, "ocr_model")
+        return Parsed(obj, model, ocr_model, field_value(obj, "stream") is True)
+
+    def find(self, parsed: Parsed, max_images: int) -> Found:
+        """Every image of the request; a 400 on a malformed shape, or at image
+        ``max_images + 1``."""
+        raise NotImplementedError
+
+    def splice(self, parsed: Parsed, found: Found, blocks: Sequence[str], model: str) -> bytes:
+        """The text-only request: ``blocks[i]`` in place of ``found.images[i]``, ``model`` as
+        the model, ``ocr_model`` gone, every other byte as the client sent it."""
+        raise NotImplementedError
+
+    def edits_stream(self, parsed: Parsed) -> bool:
+        """Whether the stream's usage event gains ``usage.ocr``."""
+        return True
+
+    def ocr_usage(self, usage: Mapping[str, Any]) -> dict[str, Any]:
+        """``usage.ocr`` in this dialect's words, from ``describe.OcrReport.usage``."""
+        raise NotImplementedError
+
+    def error_body(self, error: ProxyError) -> bytes:
+        raise NotImplementedError
+
+    def error_event(self, error: ProxyError | bytes) -> bytes:
+        """An SSE event carrying an error (``bytes``: an error body already in this shape)."""
+        raise NotImplementedError
+
+    def upstream_error_event(self, status: int, payload: bytes) -> bytes:
+        """An error event for an upstream's non-200 answer to a stream already committed."""
+        raise NotImplementedError
+
+    def as_events(self, payload: bytes) -> bytes:
+        """A plain JSON answer to a streaming request, as this dialect's events."""
+        raise NotImplementedError
+
+    def ocr_request(
+        self, model: str, settings: config.Ocr, image: Image
+    ) -> tuple[bytes, bytes | memoryview, bytes]:
+        """The body asking ``model`` to describe ``image``: (head, image characters, tail),
+        so that a long base64 text is sent from where it lies."""
+        raise NotImplementedError
+
+    def ocr_answer(self, payload: bytes) -> tuple[str, int, int] | None:
+        """(text, input tokens, output tokens) of the OCR model's answer; None if malformed."""
+        raise NotImplementedError
+
+    def encode(self, obj: RawObject, items: Any, model: str) -> bytes:
+        """The top level with ``items`` and ``model`` replaced and ``ocr_model`` dropped."""
+        out: dict[str, Any] = dict(obj)
+        out.pop("ocr_model", None)
+        out["model"] = model
+        out[self.items] = items
+        return encoder.encode(out)
+
+
+def splice_point(body: bytes, mark: bytes) -> tuple[bytes, bytes]:
+    """``body`` cut inside the empty string that follows ``mark`` (which must occur once:
+    a ``"`` inside an encoded string is always escaped, so a mark with bare quotes cannot
+    occur in any string's text)."""
+    split = body.index(mark) + len(mark) - 1
+    return body[:split], body[split:]
+
+
+def reason(payload: bytes) -> str:
+    """An error body's message, as both OpenAI and Anthropic shape it, else its first bytes."""
+    try:
+        message = msgspec.json.decode(payload)["error"]["message"]
+        return message if isinstance(message, str) else str(message)
+    except (msgspec.DecodeError, KeyError, TypeError):
+        return payload[:200].decode("utf-8", "replace")

@@ -1,0 +1,9 @@
+"""The dialect each upstream API speaks (``[[upstreams]] api``)."""
+
+from __future__ import annotations
+
+from . import Dialect
+from .chat import CHAT
+from .messages import MESSAGES
+
+BY_API: dict[str, Dialect] = {"openai": CHAT, "anthropic": MESSAGES}

@@ -1,0 +1,315 @@
+"""The OCR pipeline, run once for every dialect: from a client's body to the relayed answer.
+
+Theory of operation: ``serve`` reads and parses the body (the dialect's top level) and decides
+whether OCR runs: the model ends with the suffix, the body names an ``ocr_model``, the request
+has an ``X-OCR-Model`` header, or the model matches ``[ocr] text_only_models``. If not, the
+body is forwarded byte for byte. If so, each step runs once, in this order: find the images
+(the dialect) → identify them (size, digest) → memory hits → validate the rest (decode, format,
+dimensions: a bad image is a 400 before any OCR call and before a stream is committed) → fetch
+remote ones → describe (cache, single-flight, OCR model or local engine) → rewrite (the
+dialect splices reference blocks in place) → send upstream → relay, with ``usage.ocr`` where
+the dialect's answers carry usage.
+
+A streaming request whose OCR step outlasts ``keepalive_after_s`` gets its 200 and SSE headers
+early, then the dialect's keep-alives, so that nginx and chat frontends do not give up while
+the images are being described; an error after that point is an error event in the dialect's
+framing. ``count`` is the token-counting variant: it rewrites with cached descriptions only
+(a placeholder of typical size for the others) and never calls the OCR model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+from collections.abc import Coroutine, Mapping
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from . import config, images, relay, upstream
+from .body import read_body
+from .describe import OcrReport, Outcome
+from .dialects import Dialect, Found, Parsed
+from .errors import BadRequest, ProxyError, UpstreamError
+from .guard import check_depth, check_name
+from .rewrite import delimiter_tag, placeholder_block, reference_block
+from .state import CONFIG, DELIMITER_KEY, DESCRIBER, FETCHER, ROUTER, SECRETS, SESSION, TRACE
+
+# Request JSON at least this large (bytes) is walked in a worker thread.
+FIND_THREAD_THRESHOLD = 1024 * 1024
+# What ``count`` puts in place of an image with no cached description: about as much text as
+# a description usually is (the default prompt's answers run ~150-400 tokens).
+TYPICAL_DESCRIPTION = "(not described yet) " * 50
+
+
+def ocr_switch(
+    settings: config.Ocr, parsed: Parsed, headers: Mapping[str, str]
+) -> tuple[str, str] | None:
+    """(real model, OCR model) if OCR runs for this request, else None."""
+    model, suffix = parsed.model, settings.suffix
+    header = headers.get("X-OCR-Model")
+    if header is not None:
+        header = header.strip()
+        if not header:
+            raise BadRequest("The X-OCR-Model header must name a model", param="X-OCR-Model")
+        check_name(header, "X-OCR-Model")
+    ocr_model = parsed.ocr_model or header or settings.model
+    if model.endswith(suffix) and len(model) > len(suffix):
+        return model[: -len(suffix)], ocr_model
+    if parsed.ocr_model is not None or header is not None:
+        return model, ocr_model
+    if any(fnmatch.fnmatchcase(model, glob) for glob in settings.text_only_models):
+        return model, ocr_model
+    return None
+
+
+async def serve(
+    request: web.Request, dialect: Dialect, path: str | None = None, *, counting: bool = False
+) -> web.StreamResponse:
+    """A dialect's route (``path``: its main one): forwarded as it is, or through the OCR
+    pipeline; ``counting``, through ``count`` instead."""
+    cfg = request.app[CONFIG]
+    trace = request[TRACE]
+    body = await read_body(request)
+    parsed = dialect.parse(body)
+    if len(body) >= upstream.LARGE_BODY:
+        await asyncio.sleep(0)  # decoding megabytes of JSON held the loop: let others run
+    trace.model = parsed.model
+    switch = ocr_switch(cfg.ocr, parsed, request.headers)
+    if switch is None:
+        trace.real_model = parsed.model
+        up = request.app[ROUTER].route(parsed.model, dialect.api)
+        return await forward(request, up, path or dialect.path, body, dialect)
+    check_depth(body)  # the OCR step walks and rebuilds the body: bounded depth first
+    if counting:
+        return await _count(request, dialect, parsed, path or dialect.path, *switch)
+    return await _run(request, dialect, parsed, *switch)
+
+
+async def forward(
+    request: web.Request, up: config.Upstream, path: str, body: Any, dialect: Dialect
+) -> web.StreamResponse:
+    """Send the client's request to ``up`` unchanged (but for headers) and relay the answer."""
+    streamed = body is not None and not isinstance(body, bytes | bytearray)  # an upload
+    headers = upstream.request_headers(
+        request.headers, up, keep_length=streamed, relay_auth=not request.app[CONFIG].auth.keys
+    )
+    target = upstream.url(up, path, request.rel_url.raw_query_string)
+    data = upstream.payload(body, headers) if isinstance(body, bytes | bytearray) else body
+    source = await upstream.open_request(
+        request.app[SESSION], up, request.method, target, headers=headers, data=data
+    )
+    request[TRACE].upstream_answered(up, source.status)
+    async with source:
+        return await relay.relay(request, source, {}, dialect, secrets=request.app[SECRETS])
+
+
+async def _find(dialect: Dialect, parsed: Parsed, settings: config.Ocr, size: int) -> Found:
+    """The request's images, identified; a large request is walked in a worker thread."""
+    if size >= FIND_THREAD_THRESHOLD:
+        found = await asyncio.to_thread(dialect.find, parsed, settings.max_images)
+    else:
+        found = dialect.find(parsed, settings.max_images)
+    await images.identify(found.images, settings)
+    return found
+
+
+def _size(parsed: Parsed, dialect: Dialect) -> int:
+    return len(memoryview(parsed.obj[dialect.items]))
+
+
+def ocr_headers(report: OcrReport | None, model: str) -> dict[str, str]:
+    headers = {"X-OCR-Model": model}
+    if report is not None:
+        headers["X-OCR-Images"] = str(report.images)
+        headers["X-OCR-Cache-Hits"] = str(report.cache_hits)
+        headers["X-OCR-Ms"] = f"{report.ms:.0f}"
+    return headers
+
+
+def blocks(found: Found, report: OcrReport, model: str, key: bytes) -> list[str]:
+    """The text standing in for each image, in order: its reference block, or a placeholder."""
+    out = []
+    for number, image in enumerate(found.images, 1):
+        described = report.outcomes[image.digest].description
+        nonce = delimiter_tag(key, image.digest)  # unknown to whoever wrote the text
+        out.append(
+            reference_block(number, model, described.text, nonce)
+            if described
+            else placeholder_block(number, nonce)
+        )
+    return out
+
+
+async def _run(
+    request: web.Request, dialect: Dialect, parsed: Parsed, real_model: str, ocr_model: str
+) -> web.StreamResponse:
+    """The OCR pipeline for one request."""
+    cfg = request.app[CONFIG]
+    trace = request[TRACE]
+    trace.real_model, trace.ocr_model = real_model, ocr_model
+    up = request.app[ROUTER].route(real_model, dialect.api)
+    describer = request.app[DESCRIBER]
+    describer.check_model(ocr_model)  # 404 unknown, 400 unavailable: before work
+    edit = not parsed.stream or dialect.edits_stream(parsed)  # a bad field is a 400 now
+    found = await _find(dialect, parsed, cfg.ocr, _size(parsed, dialect))
+    hits = describer.memory_hits(found.images, ocr_model, request.headers)
+    await images.validate([im for im in found.images if im.digest not in hits], cfg.ocr)
+
+    described = await _describe_alive(request, dialect, parsed, found, ocr_model, hits)
+    if isinstance(described, web.StreamResponse):
+        return described  # committed early, then failed: the error event was sent
+    report, response = described
+    trace.images, trace.cache_hits = report.images, report.cache_hits
+    trace.ocr_failures, trace.ocr_ms = report.failures, round(report.ms, 1)
+    text = blocks(found, report, ocr_model, request.app[DELIMITER_KEY])
+    new_body = dialect.splice(parsed, found, text, real_model)
+    usage = dialect.ocr_usage(report.usage())
+    if response is None:
+        source = await _send(request, up, dialect.path, new_body)
+        trace.upstream_answered(up, source.status)
+        async with source:
+            return await relay.relay(
+                request,
+                source,
+                ocr_headers(report, ocr_model),
+                dialect,
+                ocr_usage=usage,
+                edit_stream=edit,
+                secrets=request.app[SECRETS],
+            )
+    summary = f": ocr images={report.images} cache_hits={report.cache_hits} ms={report.ms:.0f}\n\n"
+    loop = asyncio.get_running_loop()
+    send_task = loop.create_task(_send(request, up, dialect.path, new_body))
+    try:
+        await relay.keep_alive(
+            response, send_task, cfg.ocr.keepalive_interval_s, dialect, opening=summary.encode()
+        )
+        source = await send_task
+    except UpstreamError as exc:
+        await response.write(dialect.error_event(exc))
+        await response.write_eof()
+        return response
+    except BaseException:
+        _discard(send_task)
+        raise
+    trace.upstream_answered(up, source.status)
+    async with source:
+        await relay.relay_into(
+            response,
+            source,
+            dialect,
+            ocr_usage=usage,
+            edit_stream=edit,
+            secrets=request.app[SECRETS],
+            request=request,
+        )
+    return response
+
+
+async def _describe_alive(
+    request: web.Request,
+    dialect: Dialect,
+    parsed: Parsed,
+    found: Found,
+    model: str,
+    hits: dict[bytes, Outcome],
+) -> tuple[OcrReport, web.StreamResponse | None] | web.StreamResponse:
+    """The OCR step; a stream that waits past ``keepalive_after_s`` is committed meanwhile.
+
+    Returns the report and the committed stream (if it was), or only the stream when the OCR
+    step failed after the commit (the error event was then written and the stream ended).
+    """
+    if not (parsed.stream and found.images):  # nothing to keep alive meanwhile: no task needed
+        return await _describe(request, found.images, model, hits), None
+    settings = request.app[CONFIG].ocr
+    task = asyncio.get_running_loop().create_task(_describe(request, found.images, model, hits))
+    response: web.StreamResponse | None = None
+    try:
+        done, _ = await asyncio.wait({task}, timeout=settings.keepalive_after_s)
+        if not done:
+            early = ocr_headers(None, model)
+            early["X-OCR-Images"] = str(len({im.digest for im in found.images}))
+            response = await relay.start_sse(request, early, dialect)
+            await relay.keep_alive(response, task, settings.keepalive_interval_s, dialect)
+        return await task, response
+    except ProxyError as exc:
+        if response is None:
+            raise
+        await response.write(dialect.error_event(exc))
+        await response.write_eof()
+        return response
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+async def _describe(
+    request: web.Request, found: list[images.Image], model: str, hits: dict[bytes, Outcome]
+) -> OcrReport:
+    """The OCR step as one task: fetch remote images (if on), then describe them all."""
+    fetcher = request.app.get(FETCHER)
+    if fetcher is not None:
+        cfg = request.app[CONFIG]
+        await images.fetch_remote(found, cfg.ocr, fetcher, cfg.server.max_body_bytes)
+    return await request.app[DESCRIBER].describe_all(found, model, request.headers, hits)
+
+
+def _send(
+    request: web.Request, up: config.Upstream, path: str, body: bytes
+) -> Coroutine[Any, Any, aiohttp.ClientResponse]:
+    """The rewritten request, sent to ``up`` (awaited, or wrapped in a task, at once)."""
+    cfg = request.app[CONFIG]
+    headers = upstream.request_headers(request.headers, up, relay_auth=not cfg.auth.keys)
+    headers["Content-Type"] = "application/json"
+    return upstream.open_request(
+        request.app[SESSION],
+        up,
+        "POST",
+        upstream.url(up, path, request.rel_url.raw_query_string),
+        headers=headers,
+        data=upstream.payload(body, headers),
+    )
+
+
+def _discard(task: asyncio.Task[aiohttp.ClientResponse]) -> None:
+    """Cancel an upstream request nobody waits for, or close the response it already got."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled() and task.exception() is None:
+        task.result().close()
+
+
+async def _count(
+    request: web.Request,
+    dialect: Dialect,
+    parsed: Parsed,
+    path: str,
+    real_model: str,
+    ocr_model: str,
+) -> web.StreamResponse:
+    """A token count of what the upstream would be sent: images in place as their
+    descriptions cached in memory (a placeholder of typical size for the others). No OCR
+    call, no fetch, no wait on the shared tier, ever: clients call this many times a second."""
+    cfg = request.app[CONFIG]
+    trace = request[TRACE]
+    trace.real_model, trace.ocr_model = real_model, ocr_model
+    up = request.app[ROUTER].route(real_model, dialect.api)
+    describer = request.app[DESCRIBER]
+    describer.check_model(ocr_model)
+    found = await _find(dialect, parsed, cfg.ocr, _size(parsed, dialect))
+    hits = describer.memory_hits(found.images, ocr_model, request.headers)
+    key = request.app[DELIMITER_KEY]
+    text = []
+    for number, image in enumerate(found.images, 1):
+        hit = hits.get(image.digest)
+        known = hit.description.text if hit is not None and hit.description else None
+        nonce = delimiter_tag(key, image.digest)
+        text.append(reference_block(number, ocr_model, known or TYPICAL_DESCRIPTION, nonce))
+    trace.images, trace.cache_hits = len({im.digest for im in found.images}), len(hits)
+    new_body = dialect.splice(parsed, found, text, real_model)
+    source = await _send(request, up, path, new_body)
+    trace.upstream_answered(up, source.status)
+    async with source:
+        return await relay.relay(request, source, {}, dialect, secrets=request.app[SECRETS])
