@@ -148,7 +148,7 @@ class Describer:
     def check_model(self, model: str) -> None:
         """Refuse an OCR model before any work: 404 if unrouted, 400 if the engine can't run."""
         if model != self.settings.local_alias:
-            self.router.route(model)
+            self.router.route(model, None)
             return
         problem = self.engine.problem() if self.engine else local.INSTALL_HINT
         if problem is not None:
@@ -209,7 +209,7 @@ class Describer:
         if model == self.settings.local_alias:
             create = functools.partial(self._read, model=model)
         else:
-            up = self.router.route(model)
+            up = self.router.route(model, None)
             auth = upstream.auth_headers(client_headers, up, relay_auth=not self.client_keys)
             create = functools.partial(self.reader.read, model=model, up=up, auth=auth)
             relayed = upstream.client_credential(client_headers)

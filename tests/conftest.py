@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from ocrproxy import config
 from ocrproxy.app import create_app
+from tests.fake_anthropic import FakeAnthropic
 from tests.fakes import FakeOpenAI
 
 ProxyFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -56,6 +57,41 @@ def make_proxy(aiohttp_client: Any, fake: FakeOpenAI) -> ProxyFactory:
 @pytest.fixture
 async def proxy(make_proxy: ProxyFactory) -> TestClient[Any, Any]:
     return await make_proxy()
+
+
+@pytest.fixture
+async def fake_anthropic(aiohttp_server: Any) -> FakeAnthropic:
+    state = FakeAnthropic()
+    server: TestServer = await aiohttp_server(state.app())
+    state.url = str(server.make_url("")).rstrip("/")
+    return state
+
+
+def anthropic_upstream(fake: FakeAnthropic, **extra: Any) -> dict[str, Any]:
+    """An ``[[upstreams]]`` entry for the fake Anthropic upstream (listed before the OpenAI
+    one, so that ``claude-haiku*`` OCR calls route to it)."""
+    return {
+        "name": "anthropic",
+        "base_url": fake.url,
+        "api_key": "sk-ant-upstream-secret",
+        "api": "anthropic",
+        "models": ["deepseek-*", "claude-*", "fail-*"],
+        **extra,
+    }
+
+
+@pytest.fixture
+def make_both(aiohttp_client: Any, fake: FakeOpenAI, fake_anthropic: FakeAnthropic) -> ProxyFactory:
+    """A proxy with two upstreams: the fake Anthropic one and the fake OpenAI one."""
+
+    async def factory(**sections: dict[str, Any]) -> TestClient[Any, Any]:
+        openai = {"name": "fake", "base_url": fake.url, "api_key": "sk-upstream-secret"}
+        upstreams = sections.pop("upstreams", None) or [anthropic_upstream(fake_anthropic), openai]
+        cfg = make_config(fake, upstreams=upstreams, **sections)  # type: ignore[arg-type]
+        client: TestClient[Any, Any] = await aiohttp_client(create_app(cfg))
+        return client
+
+    return factory
 
 
 def free_port() -> int:
