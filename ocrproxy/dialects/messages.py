@@ -239,7 +239,7 @@ class Messages(Dialect):
             obj = object_decoder.decode(payload)
         except msgspec.DecodeError:
             obj = {}
-        if obj.get("type") == b'"error"' and "error" in obj:
+        if bytes(obj.get("type", b"")) == b'"error"' and "error" in obj:
             return self.error_event(msgspec.json.format(payload, indent=0))
         message = reason(payload) if "error" in obj else f"The upstream answered HTTP {status}"
         error = UpstreamError(message)
