@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -296,34 +295,6 @@ def _commit(request: web.Request, response: web.StreamResponse) -> None:
     request.app[metrics.METRICS].prepared(request, response)
 
 
-_CREDENTIAL_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "proxy-authorization"})
-
-
-def _secrets(cfg: config.Config) -> tuple[str, ...]:
-    """Every configured credential: none may reach a client or a log line."""
-    found = cfg.auth.keys + tuple(up.api_key for up in cfg.upstreams if up.api_key)
-    found += tuple(  # an upstream's `headers` may carry its credentials (Azure's api-key)
-        value
-        for up in cfg.upstreams
-        for name, value in up.headers.items()
-        if name.lower() in _CREDENTIAL_HEADERS and value
-    )
-    return found + _url_passwords(cfg.cache.redis_url)
-
-
-def _url_passwords(url: str) -> tuple[str, ...]:
-    """The password of a ``redis://user:password@host/?password=...`` URL, as written and as
-    decoded (Redis is given the decoded one)."""
-    if not url:
-        return ()
-    parts = urllib.parse.urlsplit(url)
-    found = []
-    if parts.password:
-        found.append(parts.password)
-    found += urllib.parse.parse_qs(parts.query).get("password", [])
-    return tuple({v for p in found if p for v in (p, urllib.parse.unquote(p))})
-
-
 async def _state(app: web.Application) -> AsyncIterator[None]:
     cfg = app[state.CONFIG]
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
@@ -340,7 +311,9 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     app[state.SESSION] = session
     app[state.CACHE] = cache
     engine = local.Engine(cfg.ocr.local, budget=app[LOCAL_BUDGET])
-    reader = RemoteReader(session, cfg.ocr, _secrets(cfg), on_call=app[metrics.METRICS].ocr_call)
+    reader = RemoteReader(
+        session, cfg.ocr, config.secrets(cfg), on_call=app[metrics.METRICS].ocr_call
+    )
     app[state.DESCRIBER] = Describer(
         reader,
         app[state.ROUTER],
@@ -409,7 +382,7 @@ def create_app(cfg: config.Config) -> web.Application:
     app = web.Application(client_max_size=cfg.server.max_body_bytes, middlewares=[middleware])
     app[state.CONFIG] = cfg
     app[state.ROUTER] = upstream.Router(cfg.upstreams)
-    secrets = _secrets(cfg)
+    secrets = config.secrets(cfg)
     app[state.SECRETS] = redact.secrets_of(secrets)
     app[state.DELIMITER_KEY] = rewrite.delimiter_key(secrets)
     app[relay.WRITE_TIMEOUT] = cfg.server.write_timeout_s

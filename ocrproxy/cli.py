@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from . import __version__, config, images, local, logs, server, upstream
+from . import __version__, config, images, local, logs, pipeline, server, upstream
 from .cache import DescriptionCache, MemoryLRU
 from .describe import Describer
 from .errors import ProxyError
@@ -82,18 +82,15 @@ async def describe(cfg: config.Config, source: str, model: str) -> int:
         return 1
     cache = DescriptionCache(MemoryLRU(1, cfg.cache.max_bytes, cfg.cache.ttl_s))
     engine = local.Engine(cfg.ocr.local)
-    secrets = tuple(up.api_key for up in cfg.upstreams if up.api_key)
     async with aiohttp.ClientSession(trust_env=False) as session:
         router = upstream.Router(cfg.upstreams)
-        reader = RemoteReader(session, cfg.ocr, secrets)
+        reader = RemoteReader(session, cfg.ocr, config.secrets(cfg))
         describer = Describer(reader, router, cfg.ocr, cache, engine)
         fetcher = Fetcher(cfg.ocr) if cfg.ocr.fetch_images else None
         try:
-            await images.identify([image], cfg.ocr)
             describer.check_model(model)
-            if fetcher is not None:
-                await images.fetch_remote([image], cfg.ocr, fetcher, cfg.server.max_body_bytes)
-            report = await describer.describe_all([image], model, {})
+            await images.identify([image], cfg.ocr)
+            report = await pipeline.describe([image], model, {}, describer, cfg, fetcher)
         except ProxyError as exc:
             sys.stderr.write(f"ocrproxy: {exc.message}\n")
             return 1

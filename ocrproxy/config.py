@@ -16,6 +16,7 @@ import importlib.util
 import ipaddress
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -426,6 +427,34 @@ def load(
         server.update({k: v for k, v in overrides.items() if v is not None})
         raw["server"] = server
     return from_mapping(raw, env)
+
+
+_CREDENTIAL_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "proxy-authorization"})
+
+
+def secrets(cfg: Config) -> tuple[str, ...]:
+    """Every configured credential: none may reach a client or a log line."""
+    found = cfg.auth.keys + tuple(up.api_key for up in cfg.upstreams if up.api_key)
+    found += tuple(  # an upstream's `headers` may carry its credentials (Azure's api-key)
+        value
+        for up in cfg.upstreams
+        for name, value in up.headers.items()
+        if name.lower() in _CREDENTIAL_HEADERS and value
+    )
+    return found + _url_passwords(cfg.cache.redis_url)
+
+
+def _url_passwords(url: str) -> tuple[str, ...]:
+    """The password of a ``redis://user:password@host/?password=...`` URL, as written and as
+    decoded (Redis is given the decoded one)."""
+    if not url:
+        return ()
+    parts = urllib.parse.urlsplit(url)
+    found = []
+    if parts.password:
+        found.append(parts.password)
+    found += urllib.parse.parse_qs(parts.query).get("password", [])
+    return tuple({v for p in found if p for v in (p, urllib.parse.unquote(p))})
 
 
 def _mask(secret: str) -> str:

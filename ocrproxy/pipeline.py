@@ -29,9 +29,10 @@ from aiohttp import web
 
 from . import config, images, relay, upstream
 from .body import read_body
-from .describe import OcrReport, Outcome
+from .describe import Describer, OcrReport, Outcome
 from .dialects import Dialect, Found, Parsed
 from .errors import BadRequest, ProxyError, UpstreamError
+from .fetch import Fetcher
 from .guard import check_depth, check_name
 from .rewrite import delimiter_tag, placeholder_block, reference_block
 from .state import CONFIG, DELIMITER_KEY, DESCRIBER, FETCHER, ROUTER, SECRETS, SESSION, TRACE
@@ -248,12 +249,25 @@ async def _describe_alive(
 async def _describe(
     request: web.Request, found: list[images.Image], model: str, hits: dict[bytes, Outcome]
 ) -> OcrReport:
+    app = request.app
+    return await describe(
+        found, model, request.headers, app[DESCRIBER], app[CONFIG], app.get(FETCHER), hits
+    )
+
+
+async def describe(
+    found: list[images.Image],
+    model: str,
+    headers: Mapping[str, str],
+    describer: Describer,
+    cfg: config.Config,
+    fetcher: Fetcher | None,
+    hits: dict[bytes, Outcome] | None = None,
+) -> OcrReport:
     """The OCR step as one task: fetch remote images (if on), then describe them all."""
-    fetcher = request.app.get(FETCHER)
     if fetcher is not None:
-        cfg = request.app[CONFIG]
         await images.fetch_remote(found, cfg.ocr, fetcher, cfg.server.max_body_bytes)
-    return await request.app[DESCRIBER].describe_all(found, model, request.headers, hits)
+    return await describer.describe_all(found, model, headers, hits)
 
 
 def _send(
