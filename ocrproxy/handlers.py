@@ -35,7 +35,7 @@ from .dialects.messages import MESSAGES
 from .errors import BodyTimeout, NotFound, PayloadTooLarge
 from .guard import check_name, check_redirecting, deep
 from .schema import object_decoder
-from .state import CONFIG, PASSTHROUGH, ROUTER
+from .state import CONFIG, PASSTHROUGH, ROUTER, TRACE
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -142,6 +142,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
             model = _json_model(body)
             if model is not None:
                 up = router.route(model, dialect.api)
+    request[TRACE].routed(up)
     return await pipeline.forward(request, up, path, body, dialect)
 
 

@@ -37,7 +37,7 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import state
-from .errors import NotFound, ProxyError, UpstreamError
+from .errors import NotFound, UpstreamError
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -215,7 +215,7 @@ class Metrics:
         self._observe(self.latency, time.monotonic() - trace.started, route)
         if isinstance(error, UpstreamError):
             kind = "timeout" if error.status == 504 else "unreachable"
-            self._add(self.upstream_errors, _upstream_of(request, trace), kind)
+            self._add(self.upstream_errors, _upstream_of(trace), kind)
         if trace.upstream and trace.ttfb_ms is not None:
             self._observe(self.ttfb, trace.ttfb_ms / 1000, trace.upstream)
             if trace.upstream_status is not None and trace.upstream_status >= 500:
@@ -236,15 +236,8 @@ def _route(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-def _upstream_of(request: web.Request, trace: state.Trace) -> str:
-    if trace.upstream:
-        return trace.upstream
-    if trace.real_model:
-        try:
-            return request.app[state.ROUTER].route(trace.real_model).name
-        except ProxyError:
-            pass
-    return "unknown"
+def _upstream_of(trace: state.Trace) -> str:
+    return trace.upstream or "unknown"  # set when the request was routed
 
 
 def _is_loopback(address: str | None) -> bool:

@@ -81,6 +81,7 @@ async def serve(
     if switch is None:
         trace.real_model = parsed.model
         up = request.app[ROUTER].route(parsed.model, dialect.api)
+        trace.routed(up)
         return await forward(request, up, path or dialect.path, body, dialect)
     check_depth(body)  # the OCR step walks and rebuilds the body: bounded depth first
     if counting:
@@ -151,6 +152,7 @@ async def _run(
     trace = request[TRACE]
     trace.real_model, trace.ocr_model = real_model, ocr_model
     up = request.app[ROUTER].route(real_model, dialect.api)
+    trace.routed(up)
     describer = request.app[DESCRIBER]
     describer.check_model(ocr_model)  # 404 unknown, 400 unavailable: before work
     edit = not parsed.stream or dialect.edits_stream(parsed)  # a bad field is a 400 now
@@ -310,6 +312,7 @@ async def _count(
     trace = request[TRACE]
     trace.real_model, trace.ocr_model = real_model, ocr_model
     up = request.app[ROUTER].route(real_model, dialect.api)
+    trace.routed(up)
     describer = request.app[DESCRIBER]
     describer.check_model(ocr_model)
     found = await _find(dialect, parsed, cfg.ocr, _size(parsed, dialect))
