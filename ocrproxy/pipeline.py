@@ -117,8 +117,20 @@ async def _find(dialect: Dialect, parsed: Parsed, settings: config.Ocr, size: in
     return found
 
 
-def _size(parsed: Parsed, dialect: Dialect) -> int:
-    return len(memoryview(parsed.obj[dialect.items]))
+async def _prepare(
+    request: web.Request, dialect: Dialect, parsed: Parsed, real_model: str, ocr_model: str
+) -> tuple[config.Upstream, Found, dict[bytes, Outcome]]:
+    """Route the request, admit the OCR model, find and identify the images, and look them up
+    in memory: (upstream, images, memory hits by digest). Nothing is decoded yet."""
+    trace = request[TRACE]
+    trace.real_model, trace.ocr_model = real_model, ocr_model
+    up = request.app[ROUTER].route(real_model, dialect.api)
+    trace.routed(up)
+    describer = request.app[DESCRIBER]
+    describer.check_model(ocr_model)  # 404 unknown, 400 unavailable: before work
+    settings = request.app[CONFIG].ocr
+    found = await _find(dialect, parsed, settings, len(memoryview(parsed.obj[dialect.items])))
+    return up, found, describer.memory_hits(found.images, ocr_model, request.headers)
 
 
 def ocr_headers(report: OcrReport | None, model: str) -> dict[str, str]:
@@ -150,14 +162,8 @@ async def _run(
     """The OCR pipeline for one request."""
     cfg = request.app[CONFIG]
     trace = request[TRACE]
-    trace.real_model, trace.ocr_model = real_model, ocr_model
-    up = request.app[ROUTER].route(real_model, dialect.api)
-    trace.routed(up)
-    describer = request.app[DESCRIBER]
-    describer.check_model(ocr_model)  # 404 unknown, 400 unavailable: before work
     edit = not parsed.stream or dialect.edits_stream(parsed)  # a bad field is a 400 now
-    found = await _find(dialect, parsed, cfg.ocr, _size(parsed, dialect))
-    hits = describer.memory_hits(found.images, ocr_model, request.headers)
+    up, found, hits = await _prepare(request, dialect, parsed, real_model, ocr_model)
     await images.validate([im for im in found.images if im.digest not in hits], cfg.ocr)
 
     described = await _describe_alive(request, dialect, parsed, found, ocr_model, hits)
@@ -308,15 +314,8 @@ async def _count(
     """A token count of what the upstream would be sent: images in place as their
     descriptions cached in memory (a placeholder of typical size for the others). No OCR
     call, no fetch, no wait on the shared tier, ever: clients call this many times a second."""
-    cfg = request.app[CONFIG]
     trace = request[TRACE]
-    trace.real_model, trace.ocr_model = real_model, ocr_model
-    up = request.app[ROUTER].route(real_model, dialect.api)
-    trace.routed(up)
-    describer = request.app[DESCRIBER]
-    describer.check_model(ocr_model)
-    found = await _find(dialect, parsed, cfg.ocr, _size(parsed, dialect))
-    hits = describer.memory_hits(found.images, ocr_model, request.headers)
+    up, found, hits = await _prepare(request, dialect, parsed, real_model, ocr_model)
     key = request.app[DELIMITER_KEY]
     text = []
     for number, image in enumerate(found.images, 1):
