@@ -5,6 +5,7 @@ client got."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -467,9 +468,38 @@ async def test_file_source_image_passed_on_with_a_warning(make_both, fake, fake_
 # 5. keep-alives while the OCR model is slow, and an error after the commit
 
 
-async def test_stream_commits_early_with_pings_while_ocr_is_slow(make_both, fake, fake_anthropic):
-    fake.ocr_delay = 2.0
-    proxy = await make_both(ocr={"keepalive_after_s": 0.2, "keepalive_interval_s": 0.3})
+class Gate:
+    """Holds every OCR call of the fake OpenAI model until opened: a stream is then certain to
+    outlast ``keepalive_after_s`` in its OCR step, however loaded the machine, with no timing
+    in any assertion."""
+
+    def __init__(self, fake: Any, monkeypatch: Any) -> None:
+        self.event = asyncio.Event()
+        self.held = 0
+        describe = fake.describe
+
+        async def held(body: Any) -> Any:
+            self.held += 1
+            await self.event.wait()
+            return await describe(body)
+
+        monkeypatch.setattr(fake, "describe", held)
+
+    def open(self) -> None:
+        self.event.set()
+
+    def close(self) -> None:
+        self.event = asyncio.Event()
+
+
+KEEPALIVE = {"keepalive_after_s": 0.2, "keepalive_interval_s": 0.2}
+
+
+async def test_stream_commits_early_with_pings_while_ocr_is_slow(
+    make_both, fake, fake_anthropic, monkeypatch
+):
+    gate = Gate(fake, monkeypatch)
+    proxy = await make_both(ocr=KEEPALIVE)
     request = {
         "model": "deepseek-v4-pro-ocr",
         "max_tokens": 64,
@@ -477,37 +507,47 @@ async def test_stream_commits_early_with_pings_while_ocr_is_slow(make_both, fake
         "messages": [user("what is it?", img("slow one"))],
     }
     async with proxy.session.post(proxy.make_url("/v1/messages"), json=request) as r:
-        assert r.status == 200
-        assert fake.ocr_active == 1  # the 200 came while the OCR model was still working
-        assert fake_anthropic.message_requests == []
+        assert r.status == 200  # committed while the OCR call is held
+        assert gate.held == 1 and fake.ocr_calls == []
+        assert r.headers["X-OCR-Model"] == "vision-1" and r.headers["X-OCR-Images"] == "1"
         first = await r.content.readuntil(b"\n\n")
         assert first == b'event: ping\ndata: {"type": "ping"}\n\n'
+        assert fake_anthropic.message_requests == []
+        gate.open()
         raw = first + await r.content.read()
-    names = [name for name, _ in sse_events(raw)]
-    assert names[0] == "ping"
+    events = sse_events(raw)
+    names = [name for name, _ in events]
     start = names.index("message_start")
     assert set(names[:start]) == {"ping"}
     assert names[-1] == "message_stop"
-    (delta,) = [d for n, d in sse_events(raw) if n == "message_delta"]
+    (delta,) = [d for n, d in events if n == "message_delta"]
     assert delta["usage"]["ocr"]["images"] == 1
+    (sent,) = fake_anthropic.message_requests
+    assert_described(sent.json()["messages"][0]["content"][1]["text"], "slow one")
 
+    gate.close()
     async with sdk(proxy) as client:  # a new image: the SDK skips the pings and finishes
         async with client.messages.stream(
             model="deepseek-v4-pro-ocr",
             max_tokens=64,
             messages=[user("and this?", img("slow two"))],
         ) as stream:
+            assert gate.held == 2  # the headers came before the OCR answer
+            gate.open()
             text = "".join([t async for t in stream.text_stream])
             final = await stream.get_final_message()
     assert "A picture showing slow two." in text
     assert final.stop_reason == "end_turn"
+    assert final.content[0].text == text
     assert fake.ocr_calls == ["slow one", "slow two"]
 
 
-async def test_ocr_failure_after_commit_is_an_error_event(make_both, fake, fake_anthropic):
-    fake.ocr_delay = 1.0
+async def test_ocr_failure_after_commit_is_an_error_event(
+    make_both, fake, fake_anthropic, monkeypatch
+):
+    gate = Gate(fake, monkeypatch)
     fake.ocr_fail = {"broken"}
-    proxy = await make_both(ocr={"keepalive_after_s": 0.2, "on_error": "fail"})
+    proxy = await make_both(ocr={**KEEPALIVE, "on_error": "fail"})
     request = {
         "model": "deepseek-v4-pro-ocr",
         "max_tokens": 64,
@@ -516,6 +556,7 @@ async def test_ocr_failure_after_commit_is_an_error_event(make_both, fake, fake_
     }
     async with proxy.session.post(proxy.make_url("/v1/messages"), json=request) as r:
         assert r.status == 200
+        gate.open()
         raw = await r.read()
     events = sse_events(raw)
     assert events[0] == ("ping", {"type": "ping"})
@@ -526,24 +567,30 @@ async def test_ocr_failure_after_commit_is_an_error_event(make_both, fake, fake_
     assert data["error"]["type"] == "api_error"
     assert "messages[0].content[1]" in data["error"]["message"]
     assert {n for n, _ in events} == {"ping", "error"}
+    assert fake.ocr_calls == ["broken"]
     assert fake_anthropic.message_requests == []  # nothing went upstream
 
+    gate.close()
     async with sdk(proxy) as client:
         with pytest.raises(anthropic.APIStatusError) as info:
             async with client.messages.stream(
                 **{k: v for k, v in request.items() if k != "stream"}
             ) as stream:
+                gate.open()
                 async for _ in stream:
                     pass
     assert isinstance(info.value, anthropic.APIError)
     assert info.value.body["error"]["type"] == "api_error"
+    assert fake.ocr_calls == ["broken", "broken"]  # a failure is not cached
     assert fake_anthropic.message_requests == []
 
 
-async def test_upstream_error_after_commit_is_its_own_error_event(make_both, fake, fake_anthropic):
-    fake.ocr_delay = 1.0
+async def test_upstream_error_after_commit_is_its_own_error_event(
+    make_both, fake, fake_anthropic, monkeypatch
+):
+    gate = Gate(fake, monkeypatch)
     fake_anthropic.rate_limited = 1
-    proxy = await make_both(ocr={"keepalive_after_s": 0.2})
+    proxy = await make_both(ocr=KEEPALIVE)
     request = {
         "model": "fail-429-ocr",
         "max_tokens": 64,
@@ -552,6 +599,7 @@ async def test_upstream_error_after_commit_is_its_own_error_event(make_both, fak
     }
     async with proxy.session.post(proxy.make_url("/v1/messages"), json=request) as r:
         assert r.status == 200
+        gate.open()
         raw = await r.read()
     events = sse_events(raw)
     assert events[0] == ("ping", {"type": "ping"})
