@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 
 from ocrproxy import config
 from tests.conftest import anthropic_upstream, chat, spawn_proxy
@@ -54,9 +55,6 @@ def fake_count(body: dict[str, Any]) -> int:
     return size // 4
 
 
-# One description cache across dialects
-
-
 @pytest.mark.parametrize("first", ["chat", "messages"])
 async def test_an_image_described_in_one_dialect_is_a_cache_hit_in_the_other(
     make_both, fake, fake_anthropic, first
@@ -77,9 +75,6 @@ async def test_an_image_described_in_one_dialect_is_a_cache_hit_in_the_other(
     assert "A picture showing owl." in fake_anthropic.message_requests[0].body.decode()
     usage = (await r2.json())["usage"]["ocr"]
     assert usage["cache_hits"] == 1 and usage["images"] == 1
-
-
-# The OCR model may speak either dialect
 
 
 def the_ocr_call(fake_anthropic: FakeAnthropic) -> Any:
@@ -132,9 +127,6 @@ async def test_an_ocr_model_behind_an_anthropic_upstream_is_called_through_messa
         assert "Claude sees fox." in fake_anthropic.message_requests[0].body.decode()
         assert (ocr["input_tokens"], ocr["output_tokens"]) == (300, 30)
         assert "prompt_tokens" not in ocr
-
-
-# Upstreams that speak Messages
 
 
 async def test_messages_go_to_v1_messages_below_a_vendor_base_url(make_both, fake_anthropic):
@@ -313,9 +305,6 @@ async def test_messages_without_an_anthropic_upstream_say_so(make_proxy, fake):
     assert fake.received == []
 
 
-# No config file: the environment
-
-
 def test_anthropic_environment_adds_an_anthropic_upstream():
     env = {
         "OPENAI_BASE_URL": "http://127.0.0.1:1/v1",
@@ -388,9 +377,6 @@ async def test_a_real_process_configured_by_environment_answers_messages(
     assert "sk-env" not in log_path.read_text()
 
 
-# Client auth
-
-
 def auth_routes() -> list[tuple[str, str, Any, dict[str, str]]]:
     """(method, path, JSON body, extra headers) of one request to each kind of route."""
     return [
@@ -452,9 +438,6 @@ async def test_a_non_ascii_key_is_a_400(make_both, fake, fake_anthropic):
         if target == MESSAGES:
             assert error["error"]["type"] == "invalid_request_error"
     assert fake.received == [] and fake_anthropic.received == []
-
-
-# count_tokens
 
 
 async def test_count_tokens_uses_the_cached_description_and_never_calls_the_ocr_model(
@@ -519,7 +502,38 @@ async def test_fifty_concurrent_counts_all_succeed_without_an_ocr_call(
     assert len(fake_anthropic.received) == 50
 
 
-# Models
+async def test_count_tokens_never_fetches_a_remote_image(
+    make_both, fake, fake_anthropic, aiohttp_server
+):
+    fetched: list[str] = []
+
+    async def serve_png(request: web.Request) -> web.Response:
+        fetched.append(request.path)
+        return web.Response(body=png("remote"), content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/shot.png", serve_png)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("/shot.png"))
+    proxy = await make_both(
+        ocr={"allow_private_hosts": ["127.0.0.1/32"], "allowed_ports": [server.port]}
+    )
+    body = message("deepseek-v4-pro-ocr", "n", image_block(url=url))
+    r = await proxy.post(COUNT, json=body)
+    assert r.status == 200, await r.text()
+    assert fetched == [] and fake.ocr_calls == []
+    assert "(not described yet)" in fake_anthropic.received[-1].body.decode()
+
+    r = await proxy.post(MESSAGES, json=body)  # the real request fetches and describes it
+    assert r.status == 200, await r.text()
+    assert fetched == ["/shot.png"] and fake.ocr_calls == ["remote"]
+    assert "A picture showing remote." in fake_anthropic.received[-1].body.decode()
+
+    r = await proxy.post(COUNT, json=body)
+    assert r.status == 200
+    assert fetched == ["/shot.png"] and fake.ocr_calls == ["remote"]
+    # A remote image is known by its bytes, which only a fetch would give: still a placeholder.
+    assert "(not described yet)" in fake_anthropic.received[-1].body.decode()
 
 
 async def test_an_anthropic_client_gets_anthropics_page_from_anthropic_upstreams_only(
