@@ -342,14 +342,23 @@ def test_anthropic_environment_adds_an_anthropic_upstream():
         assert [up.api for up in cfg.upstreams] == ["openai"]
 
 
+@pytest.mark.parametrize(
+    ("variable", "sent"),
+    [
+        ("ANTHROPIC_API_KEY", ("x-api-key", "sk-env-anthropic")),
+        ("ANTHROPIC_AUTH_TOKEN", ("authorization", "Bearer sk-env-anthropic")),
+    ],
+)
 async def test_a_real_process_configured_by_environment_answers_messages(
-    tmp_path, fake, fake_anthropic
+    tmp_path, fake, fake_anthropic, variable, sent
 ):
     env = {
         "OPENAI_BASE_URL": fake.url,
         "OPENAI_API_KEY": "sk-env-openai",
         "ANTHROPIC_BASE_URL": fake_anthropic.url,
-        "ANTHROPIC_API_KEY": "sk-env-anthropic",
+        "ANTHROPIC_API_KEY": "",  # (empty: unset, whatever the test's own environment holds)
+        "ANTHROPIC_AUTH_TOKEN": "",
+        variable: "sk-env-anthropic",
     }
     async with spawn_proxy(tmp_path, "", env) as (_, base, session, log_path):
         body = message("deepseek-v4-pro-ocr", "what is on it?", picture("env"))
@@ -370,7 +379,10 @@ async def test_a_real_process_configured_by_environment_answers_messages(
     assert fake.received[0].headers["Authorization"] == "Bearer sk-env-openai"
     [first, second] = fake_anthropic.received
     assert first.path == "/v1/messages?beta=true"
-    assert lower(first.headers)["x-api-key"] == "sk-env-anthropic"
+    for received in (first, second):
+        headers = lower(received.headers)
+        assert headers[sent[0]] == sent[1]
+        assert {"authorization", "x-api-key"} & headers.keys() == {sent[0]}
     assert "A picture showing env." in first.body.decode()
     assert first.json()["model"] == "deepseek-v4-pro"
     assert second.json()["messages"][0]["content"] == "plain"
@@ -586,3 +598,4 @@ async def test_an_anthropic_client_gets_anthropics_page_from_anthropic_upstreams
     assert all(m["object"] == "model" for m in listing["data"])
     assert len(fake_anthropic.received) == 1 and len(other.received) == 1  # not asked again
     assert [x.path for x in fake.received] == ["/v1/models"]
+
