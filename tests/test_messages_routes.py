@@ -582,7 +582,7 @@ async def test_an_anthropic_client_gets_anthropics_page_from_anthropic_upstreams
     assert fake.received == []  # the OpenAI upstream was not asked
     for asked in (fake_anthropic, other):
         [request] = asked.received
-        assert request.path == "/v1/models"
+        assert request.path == "/v1/models?limit=1000"  # its largest page: the whole list
         assert lower(request.headers)["anthropic-version"] == "2023-06-01"
 
     r = await proxy.get("/v1/models")
@@ -599,3 +599,32 @@ async def test_an_anthropic_client_gets_anthropics_page_from_anthropic_upstreams
     assert len(fake_anthropic.received) == 1 and len(other.received) == 1  # not asked again
     assert [x.path for x in fake.received] == ["/v1/models"]
 
+
+async def test_an_anthropic_model_list_longer_than_a_default_page_is_listed_whole(
+    make_both, fake, fake_anthropic, aiohttp_server
+):
+    # Anthropic's GET /v1/models answers 20 models unless asked for more (`limit`, at most 1000).
+    ids = [f"claude-model-{i:02d}" for i in range(25)]
+    asked: list[str] = []
+
+    async def models(request: web.Request) -> web.Response:
+        asked.append(request.path_qs)
+        limit = min(int(request.query.get("limit", "20")), 1000)
+        data = [
+            {"type": "model", "id": m, "display_name": m, "created_at": "2026-01-01T00:00:00Z"}
+            for m in ids[:limit]
+        ]
+        page = {"data": data, "has_more": limit < len(ids)}
+        return web.json_response({**page, "first_id": ids[0], "last_id": data[-1]["id"]})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    server = await aiohttp_server(app)
+    listing = {**anthropic_upstream(fake_anthropic), "base_url": str(server.make_url(""))}
+    proxy = await make_both(upstreams=[listing])
+    r = await proxy.get("/v1/models", headers=VERSION)
+    assert r.status == 200
+    page = await r.json()
+    assert [m["id"] for m in page["data"]] == ids + [m + "-ocr" for m in ids]
+    assert page["has_more"] is False
+    assert len(asked) == 1
