@@ -2,7 +2,8 @@
 
 Theory of operation: the upstreams speaking the client's API are asked at once (OpenAI's
 ``{"object": "list", "data": [...]}``, or Anthropic's page ``{"data", "has_more", "first_id",
-"last_id"}`` for a client that sends ``anthropic-version``). The first upstream to list a model
+"last_id"}`` for a client that sends ``anthropic-version``; asked for its largest page, so that
+the one page the proxy answers is the whole list). The first upstream to list a model
 id wins; every id then gets an ``-ocr`` twin (unless it already ends with the suffix or has
 one). If no upstream answered with a list, the first failure is the answer: relayed as the
 upstream sent it (masked), or the proxy's own error.
@@ -22,15 +23,18 @@ from .schema import encoder, models_decoder
 from .state import CONFIG, ROUTER, SECRETS, SESSION
 
 Failure = ProxyError | tuple[int, bytes]  # the proxy's own error, or an upstream's answer
+# Anthropic's list answers 20 models unless asked for more; 1000 is its largest page.
+ANTHROPIC_PAGE = "limit=1000"
 
 
 async def _listing(request: web.Request, up: config.Upstream) -> list[dict[str, Any]] | Failure:
     """One upstream's model entries, or why there are none."""
     cfg = request.app[CONFIG]
     headers = upstream.request_headers(request.headers, up, relay_auth=not cfg.auth.keys)
+    target = upstream.url(up, "models", ANTHROPIC_PAGE if up.api == "anthropic" else "")
     try:
         source = await upstream.open_request(
-            request.app[SESSION], up, "GET", upstream.url(up, "models"), headers=headers
+            request.app[SESSION], up, "GET", target, headers=headers
         )
         async with source:
             status, payload = source.status, await source.read()
