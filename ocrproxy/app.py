@@ -199,8 +199,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
 
 
 def _render(request: web.Request, error: ProxyError) -> web.Response:
-    """``error`` in the shape of the dialect the path belongs to."""
-    return error.to_response(body=handlers.dialect_of(request.path).error_body(error))
+    """``error`` in the shape of the dialect the request speaks."""
+    return error.to_response(body=handlers.dialect_of(request).error_body(error))
 
 
 def _access_log(

@@ -57,8 +57,7 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
 async def models(request: web.Request) -> web.StreamResponse:
     """``GET /v1/models``: every upstream's models, each also offered with the OCR suffix; in
     Anthropic's shape, from Anthropic upstreams, for a client that sends ``anthropic-version``."""
-    api = "anthropic" if "anthropic-version" in request.headers else "openai"
-    return await model_list.serve(request, api)
+    return await model_list.serve(request, dialect_of(request).api)
 
 
 def routes_pattern(globs: tuple[str, ...]) -> re.Pattern[str]:
@@ -130,7 +129,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     if not request.app[PASSTHROUGH].match(path):
         raise NotFound(f"Unknown route {request.method} {request.path}")
     router = request.app[ROUTER]
-    dialect = dialect_of(request.path)
+    dialect = dialect_of(request)
     up = router.first(dialect.api)
     body: Any = None
     if request.body_exists:
@@ -146,9 +145,15 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     return await pipeline.forward(request, up, path, body, dialect)
 
 
-def dialect_of(path: str) -> Dialect:
-    """The dialect a path belongs to: its errors' shape, and the API of its upstreams."""
+def dialect_of(request: web.Request) -> Dialect:
+    """The dialect a request speaks: its errors' shape, and the API of its upstreams. The
+    model routes are shared, so there an Anthropic client is known by its ``anthropic-version``."""
+    path = request.path
     if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return MESSAGES
+    if (path == "/v1/models" or path.startswith("/v1/models/")) and (
+        "anthropic-version" in request.headers
+    ):
         return MESSAGES
     return CHAT
 

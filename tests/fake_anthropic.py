@@ -91,6 +91,7 @@ class FakeAnthropic:
         app.router.add_post("/v1/messages", self.messages)
         app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model_id}", self.model)
         return app
 
     @property
@@ -216,6 +217,13 @@ class FakeAnthropic:
             return self._error(400, "invalid_request_error", DEEPSEEK_REFUSAL.format(where=where))
         size = len(orjson.dumps(body.get("messages"))) + len(orjson.dumps(body.get("system", "")))
         return web.json_response({"input_tokens": size // 4})
+
+    async def model(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        model_id = request.match_info["model_id"]
+        if model_id not in self.models_list:
+            return self._error(404, "not_found_error", f"model: {model_id}")
+        return web.json_response({"type": "model", "id": model_id, "display_name": model_id})
 
     async def models(self, request: web.Request) -> web.Response:
         await self._record(request)

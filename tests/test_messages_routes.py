@@ -628,3 +628,23 @@ async def test_an_anthropic_model_list_longer_than_a_default_page_is_listed_whol
     assert [m["id"] for m in page["data"]] == ids + [m + "-ocr" for m in ids]
     assert page["has_more"] is False
     assert len(asked) == 1
+
+
+async def test_an_anthropic_client_gets_anthropic_shaped_model_errors_and_lookups(
+    make_proxy: Any, make_both: Any, fake_anthropic: Any
+) -> None:
+    """The model routes are shared by both APIs: a client sending ``anthropic-version`` gets
+    Anthropic's error shape there, and a single-model lookup goes to an Anthropic upstream."""
+    proxy = await make_proxy()  # no Anthropic upstream
+    r = await proxy.get("/v1/models", headers={"anthropic-version": "2023-06-01"})
+    assert r.status == 404
+    body = await r.json()
+    assert body["type"] == "error" and body["error"]["type"] == "not_found_error"
+    assert "Anthropic Messages API" in body["error"]["message"]
+    r = await proxy.get("/v1/models")  # an OpenAI client: OpenAI's shape, from OpenAI upstreams
+    assert r.status == 200 and (await r.json())["object"] == "list"
+    both = await make_both()
+    r = await both.get("/v1/models/deepseek-v4-pro", headers={"anthropic-version": "2023-06-01"})
+    assert (
+        fake_anthropic.received and fake_anthropic.received[-1].path == "/v1/models/deepseek-v4-pro"
+    )
