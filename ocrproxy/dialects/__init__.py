@@ -17,6 +17,7 @@ and its routes.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -26,8 +27,10 @@ import msgspec
 from .. import config
 from ..errors import BadRequest, ProxyError
 from ..guard import check_name, check_redirecting, deep
-from ..images import Image, str_decoder
+from ..images import Image, decode_raw, inline, raw_string_bytes, str_decoder
 from ..schema import RawObject, encoder, is_json, object_decoder
+
+log = logging.getLogger("ocrproxy.dialects")
 
 
 @dataclass(slots=True)
@@ -158,6 +161,33 @@ class Dialect:
         out["model"] = model
         out[self.items] = items
         return encoder.encode(out)
+
+
+def source_image(source: RawObject, where: str) -> Image | None:
+    """The image an Anthropic-style image ``source`` (of the block at ``where``) stands for: a
+    ``base64`` source is inline (its ``data`` stays a view into the client's body), a ``url``
+    source is remote. None for any other kind: a ``file`` source (Files API) is left as it is,
+    with a warning. Both the Messages dialect and chat clients that mix dialects send these."""
+    raw_kind = source.get("type")
+    kind = (
+        str_decoder.decode(raw_kind) if raw_kind is not None and is_json(raw_kind, b'"') else None
+    )
+    if kind == "base64":
+        data = source.get("data")
+        if data is None or not is_json(data, b'"'):
+            raise BadRequest(f"`{where}.source.data` must be a string", param=where)
+        media_type = source.get("media_type")
+        declared = decode_raw(str_decoder, media_type, where) if media_type else ""
+        payload, safe = raw_string_bytes(data, where)
+        return inline(where, payload, declared if isinstance(declared, str) else "", safe)
+    if kind == "url":
+        url = decode_raw(str_decoder, source.get("url", b"null"), f"{where}.source.url")
+        if not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
+            raise BadRequest(f"`{where}.source.url` must be an http(s) URL", param=where)
+        return Image(where, url=url, is_data=False)
+    if kind == "file":
+        log.warning("a Files API image at %s is passed on as it is", where)
+    return None
 
 
 def splice_point(body: bytes, mark: bytes) -> tuple[bytes, bytes]:

@@ -1,10 +1,15 @@
 """OpenAI Chat Completions: ``POST /v1/chat/completions``.
 
 Rules:
-- Every message of every role whose ``content`` is an array is walked. A part of type
-  ``image_url`` whose ``image_url`` is ``{"url": ...}`` or a bare string is an image: a base64
-  ``data:`` URL, or an ``http(s)`` URL. Parts are decoded one level only, so an image's URL
-  stays raw JSON (megabytes never become a ``str``).
+- Every message of every role whose ``content`` is an array is walked (``tool`` messages
+  carry MCP screenshots, ``assistant`` ones re-sent generated images). Three kinds of part are
+  images: ``image_url`` whose ``image_url`` is ``{"url": ...}`` or a bare string, a base64
+  ``data:`` URL or an ``http(s)`` URL; the Responses API's ``input_image`` (its ``image_url``
+  the same URL string, ``detail`` beside it) and the Anthropic-style ``image`` with a
+  ``base64`` or ``url`` ``source``, both sent here by clients that mix dialects. An
+  ``input_image`` with only a ``file_id``, an ``image`` with a ``file`` source, and ``file``
+  (PDF) and ``input_audio`` parts are passed on as they are. Parts are decoded one level only,
+  so an image's URL or base64 stays raw JSON (megabytes never become a ``str``).
 - Each image part becomes ``{"type": "text", "text": <reference block>}`` in place. A content
   array that then holds only plain text parts (``{"type": "text", "text": ...}`` and nothing
   else) is flattened into one string, parts joined by a blank line: many text-only upstreams
@@ -17,6 +22,7 @@ Rules:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +41,9 @@ from ..schema import (
     object_decoder,
     ocr_response_decoder,
 )
-from . import Dialect, Found, Parsed, field_value, splice_point
+from . import Dialect, Found, Parsed, field_value, source_image, splice_point
+
+log = logging.getLogger("ocrproxy.chat")
 
 
 @dataclass(slots=True)
@@ -91,6 +99,27 @@ def image_of(raw_url: msgspec.Raw, where: str, detail: str | None) -> Image:
     return image
 
 
+def _part_image(kind: str, part: RawObject, where: str) -> Image | None:
+    """The image a content part of type ``kind`` holds; None if it holds none the proxy can
+    describe (any other part, or an image given only by reference)."""
+    if kind == "image_url":
+        raw_url, detail = _image_url(part, where)
+        return image_of(raw_url, where, detail)
+    if kind == "input_image":
+        given = part.get("image_url")
+        if (given is None or is_json(given, b"n")) and "file_id" in part:
+            log.warning("a file_id image at %s is passed on as it is", where)
+            return None
+        raw_url, detail = _image_url(part, where)
+        raw_detail = part.get("detail")
+        if detail is None and raw_detail is not None and is_json(raw_detail, b'"'):
+            detail = decode_raw(str_decoder, raw_detail, f"{where}.detail")
+        return image_of(raw_url, where, detail)
+    if kind == "image" and "source" in part and is_json(part["source"], b"{"):
+        return source_image(decode_raw(object_decoder, part["source"], f"{where}.source"), where)
+    return None
+
+
 def scan(messages_raw: msgspec.Raw, max_images: int | None = None) -> Scan:
     """Decode the messages array and find every image; raise BadRequest on a malformed shape,
     or as soon as it finds image ``max_images + 1``."""
@@ -117,9 +146,9 @@ def scan(messages_raw: msgspec.Raw, max_images: int | None = None) -> Scan:
             if raw_type is None or not is_json(raw_type, b'"'):
                 raise BadRequest(f"`{where}` must be an object with a `type`", param=where)
             kind = decode_raw(str_decoder, raw_type, where)
-            if kind == "image_url":
-                raw_url, detail = _image_url(part, where)
-                images.append(image_of(raw_url, where, detail))
+            image = _part_image(kind, part, where)
+            if image is not None:
+                images.append(image)
                 if max_images is not None and len(images) > max_images:
                     raise too_many(f"more than {max_images}", max_images)
                 parts.append(Part(raw_part, image=len(images) - 1))

@@ -21,7 +21,6 @@ Rules:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,11 +29,9 @@ import msgspec
 
 from .. import config
 from ..errors import BadRequest, ProxyError, UpstreamError
-from ..images import Image, decode_raw, inline, raw_string_bytes, str_decoder, too_many
+from ..images import Image, decode_raw, str_decoder, too_many
 from ..schema import RawObject, array_decoder, encoder, is_json, messages_decoder, object_decoder
-from . import Dialect, Found, Parsed, reason, splice_point
-
-log = logging.getLogger("ocrproxy.messages")
+from . import Dialect, Found, Parsed, reason, source_image, splice_point
 
 # Anthropic's error type for each status the proxy answers with.
 ERROR_TYPES = {
@@ -104,24 +101,8 @@ class _Walker:
         raw_source = block.get("source")
         if raw_source is None or not is_json(raw_source, b"{"):
             raise BadRequest(f"`{where}.source` must be an object", param=f"{where}.source")
-        source = decode_raw(object_decoder, raw_source, f"{where}.source")
-        kind = _kind(source)
-        if kind == "base64":
-            data = source.get("data")
-            if data is None or not is_json(data, b'"'):
-                raise BadRequest(f"`{where}.source.data` must be a string", param=where)
-            media_type = source.get("media_type")
-            declared = decode_raw(str_decoder, media_type, where) if media_type else ""
-            payload, safe = raw_string_bytes(data, where)
-            image = inline(where, payload, declared if isinstance(declared, str) else "", safe)
-        elif kind == "url":
-            url = decode_raw(str_decoder, source.get("url", b"null"), f"{where}.source.url")
-            if not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
-                raise BadRequest(f"`{where}.source.url` must be an http(s) URL", param=where)
-            image = Image(where, url=url, is_data=False)
-        else:
-            if kind == "file":
-                log.warning("a Files API image at %s is passed on as it is", where)
+        image = source_image(decode_raw(object_decoder, raw_source, f"{where}.source"), where)
+        if image is None:
             return
         images = self.found.images
         images.append(image)
