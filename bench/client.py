@@ -4,7 +4,8 @@ Run as its own process (pinned next to the fakes): ``python -m bench.client '<js
 prints one JSON object. Specs (``kind`` selects):
 
 - ``streams``: ``concurrency`` workers share ``requests`` streaming requests; per request the
-  time to the first body byte (TTFB) and to the end of the stream (``[DONE]`` seen).
+  time to the first body byte (TTFB) and to the end of the stream (its last event seen:
+  ``[DONE]``, or ``message_stop`` with ``"api": "messages"``, an Anthropic Messages stream).
 - ``sequential``: ``n`` identical requests one after the other (``body``: a payload spec);
   with ``probe`` set, a second task meanwhile GETs that URL back to back and reports its worst
   latency: an upper bound on the longest event-loop stall of the server it probes.
@@ -36,23 +37,32 @@ from .fake import install_uvloop
 from .stats import rss_kb, summary
 
 Spec = dict[str, Any]
+DONE = payloads.CHAT.end.encode()  # a chat stream's last event
 
 
-def _body(spec: Spec) -> bytes:
-    """A payload from ``{"padded": size}``, ``{"chat": {...}}`` (payloads.chat keyword
-    arguments) or ``{"file": path}``."""
+def _body(spec: Spec) -> tuple[bytes, bytes]:
+    """A payload and the end of its stream, from ``{"padded": size}``, ``{"chat": {...}}``
+    (payloads.chat keyword arguments), ``{"messages": {...}}`` (payloads.messages) or
+    ``{"file": path}``."""
     if "file" in spec:
         with open(spec["file"], "rb") as f:
-            return f.read()
+            return f.read(), DONE
     if "padded" in spec:
-        return payloads.padded(spec["padded"], stream=spec.get("stream", False))
-    return payloads.chat(**spec.get("chat", {}))
+        return payloads.padded(spec["padded"], stream=spec.get("stream", False)), DONE
+    if "messages" in spec:
+        return payloads.messages(**spec["messages"]), payloads.MESSAGES.end.encode()
+    return payloads.chat(**spec.get("chat", {})), DONE
 
 
 async def _one(
-    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    end: bytes = DONE,
 ) -> tuple[float, float, int]:
-    """(ttfb seconds, total seconds, status) for one request read to its end."""
+    """(ttfb seconds, total seconds, status) for one request read to its end; a stream whose
+    last bytes lack ``end`` (its last event) is an error (599)."""
     started = time.perf_counter()
     async with session.post(url, data=body, headers=headers) as response:
         first = await response.content.readany()
@@ -66,7 +76,7 @@ async def _one(
         total = time.perf_counter() - started
         status = response.status
         if status == 200 and response.content_type == "text/event-stream":
-            status = 200 if b"[DONE]" in tail else 599
+            status = 200 if end in tail else 599
     return ttfb, total, status
 
 
@@ -95,8 +105,9 @@ def _session(limit: int = 0) -> aiohttp.ClientSession:
 
 
 async def streams(spec: Spec) -> Spec:
-    body = payloads.chat(stream=True)
-    headers = spec.get("headers", {})
+    api = payloads.API[spec.get("api", "chat")]
+    body, end = api.body(stream=True), api.end.encode()
+    headers = {**api.headers, **spec.get("headers", {})}
     left = spec["requests"]
     results: list[tuple[float, float, int]] = []
 
@@ -104,17 +115,17 @@ async def streams(spec: Spec) -> Spec:
         nonlocal left
         while left > 0:
             left -= 1
-            results.append(await _one(session, spec["url"], body, headers))
+            results.append(await _one(session, spec["url"], body, headers, end))
 
     async with _session() as session:
-        await _one(session, spec["url"], body, headers)  # open one connection, warm up
+        await _one(session, spec["url"], body, headers, end)  # open one connection, warm up
         started = time.perf_counter()
         await _workers(spec["concurrency"], work)
         return _report(results, time.perf_counter() - started)
 
 
 async def sequential(spec: Spec) -> Spec:
-    body = _body(spec["body"])
+    body, end = _body(spec["body"])
     headers = spec.get("headers", {})
     results: list[tuple[float, float, int]] = []
     probe_worst = 0.0
@@ -132,11 +143,11 @@ async def sequential(spec: Spec) -> Spec:
 
     async with _session() as session, _session() as probe_session:
         for _ in range(spec.get("warmup", 1)):
-            await _one(session, spec["url"], body, headers)
+            await _one(session, spec["url"], body, headers, end)
         prober = asyncio.ensure_future(probe(probe_session)) if spec.get("probe") else None
         started = time.perf_counter()
         for _ in range(spec["n"]):
-            results.append(await _one(session, spec["url"], body, headers))
+            results.append(await _one(session, spec["url"], body, headers, end))
         wall = time.perf_counter() - started
         running = False
         if prober is not None:

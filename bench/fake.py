@@ -9,6 +9,10 @@ middleware): keep-alive, ``Content-Length`` request bodies, fixed answers. Behav
   ``X-Bench-Chunks`` chunks (default 20), ``X-Bench-Delay`` seconds apart, then ``[DONE]``.
   ``X-Bench-Hold`` seconds after the first chunk keeps the stream idle (for the memory scenario).
 - Anything else gets a small chat completion. ``X-Bench-Latency`` delays any answer.
+- A request to ``/v1/messages`` is answered in Anthropic's shapes instead: a small ``message``,
+  or a stream of ``message_start``, ``content_block_start``, ``ping``, ``X-Bench-Chunks``
+  ``content_block_delta`` events (paced as above), ``content_block_stop``, ``message_delta``
+  (with ``usage``) and ``message_stop``, each event in a chunk of its own.
 
 Run: ``python -m bench.fake --port 9001 [--port 9002] --ocr-delay 0.3``; it prints ``READY``.
 """
@@ -37,6 +41,37 @@ CHUNK = (
     b"\n\n"
 )
 DONE = b"data: [DONE]\n\n"
+MESSAGE = (
+    b'{"id":"msg_bench","type":"message","role":"assistant","model":"bench",'
+    b'"content":[{"type":"text","text":"Hello! How can I help you today?"}],'
+    b'"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":12,'
+    b'"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":9}}'
+)
+MESSAGE_START = (
+    b"event: message_start\n"
+    b'data: {"type":"message_start","message":{"id":"msg_bench","type":"message",'
+    b'"role":"assistant","content":[],"model":"bench","stop_reason":null,"stop_sequence":null,'
+    b'"usage":{"input_tokens":12,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,'
+    b'"output_tokens":1}}}\n\n'
+)
+BLOCK_START = (
+    b"event: content_block_start\n"
+    b'data: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}'
+    b"\n\n"
+)
+PING = b'event: ping\ndata: {"type": "ping"}\n\n'
+DELTA = (
+    b"event: content_block_delta\n"
+    b'data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"tok "}}'
+    b"\n\n"
+)
+BLOCK_STOP = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+MESSAGE_DELTA = (
+    b"event: message_delta\n"
+    b'data: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},'
+    b'"usage":{"output_tokens":%d}}\n\n'
+)
+MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 
 
 def _plain(body: bytes) -> bytes:
@@ -60,6 +95,14 @@ PLAIN = _plain(COMPLETION)
 OCR_ANSWER = _plain(DESCRIPTION)
 CHUNK_FRAME = _chunk(CHUNK)
 END_FRAME = _chunk(DONE) + b"0\r\n\r\n"
+PLAIN_MESSAGE = _plain(MESSAGE)
+MESSAGES_HEAD = STREAM_HEAD + _chunk(MESSAGE_START) + _chunk(BLOCK_START) + _chunk(PING)
+DELTA_FRAME = _chunk(DELTA)
+
+
+def messages_end(deltas: int) -> bytes:
+    """The frames after the last delta, ``message_delta`` counting ``deltas`` output tokens."""
+    return _chunk(BLOCK_STOP) + _chunk(MESSAGE_DELTA % deltas) + _chunk(MESSAGE_STOP) + b"0\r\n\r\n"
 
 
 class FakeUpstream(asyncio.Protocol):
@@ -71,7 +114,7 @@ class FakeUpstream(asyncio.Protocol):
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
         self.busy: asyncio.Task[None] | None = None
-        self.head: tuple[dict[bytes, bytes], int] | None = None
+        self.head: tuple[dict[bytes, bytes], int, bool] | None = None  # headers, length, Messages
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -98,32 +141,38 @@ class FakeUpstream(asyncio.Protocol):
                 for line in lines[1:]:
                     name, _, value = line.partition(b":")
                     headers[name.strip().lower()] = value.strip()
-                self.head = headers, int(headers.get(b"content-length", b"0"))
-            headers, length = self.head
+                is_messages = lines[0].startswith(b"POST /v1/messages")
+                self.head = headers, int(headers.get(b"content-length", b"0")), is_messages
+            headers, length, is_messages = self.head
             if len(self.buffer) < length:
                 return
             body = bytes(self.buffer[:length])
             del self.buffer[:length]
             self.head = None
-            if not self._answer(headers, body):
+            if not self._answer(headers, body, is_messages):
                 return
 
-    def _answer(self, headers: dict[bytes, bytes], body: bytes) -> bool:
+    def _answer(self, headers: dict[bytes, bytes], body: bytes, is_messages: bool) -> bool:
         """Answer now (True), or start a task that answers and resumes parsing (False)."""
         assert self.transport is not None
         latency = float(headers.get(b"x-bench-latency", b"0"))
-        is_ocr = body.startswith(b'{"model":"vision')
+        is_ocr = not is_messages and body.startswith(b'{"model":"vision')
         stream = not is_ocr and b'"stream":true' in body
         if not stream and not is_ocr and not latency:
-            self.transport.write(PLAIN)
+            self.transport.write(PLAIN_MESSAGE if is_messages else PLAIN)
             return True
         self.busy = asyncio.get_running_loop().create_task(
-            self._slow(headers, latency, is_ocr, stream)
+            self._slow(headers, latency, is_ocr, stream, is_messages)
         )
         return False
 
     async def _slow(
-        self, headers: dict[bytes, bytes], latency: float, is_ocr: bool, stream: bool
+        self,
+        headers: dict[bytes, bytes],
+        latency: float,
+        is_ocr: bool,
+        stream: bool,
+        is_messages: bool,
     ) -> None:
         transport = self.transport
         assert transport is not None
@@ -136,9 +185,10 @@ class FakeUpstream(asyncio.Protocol):
             chunks = int(headers.get(b"x-bench-chunks", b"20"))
             delay = float(headers.get(b"x-bench-delay", b"0"))
             hold = float(headers.get(b"x-bench-hold", b"0"))
-            transport.write(STREAM_HEAD)
+            transport.write(MESSAGES_HEAD if is_messages else STREAM_HEAD)
+            frame = DELTA_FRAME if is_messages else CHUNK_FRAME
             for i in range(chunks):
-                transport.write(CHUNK_FRAME)
+                transport.write(frame)
                 if i == 0 and hold:
                     await asyncio.sleep(hold)
                 if delay:
@@ -147,9 +197,9 @@ class FakeUpstream(asyncio.Protocol):
                     await asyncio.sleep(0)  # let other connections and the reader in
                 if transport.is_closing():
                     return
-            transport.write(END_FRAME)
+            transport.write(messages_end(chunks) if is_messages else END_FRAME)
         else:
-            transport.write(PLAIN)
+            transport.write(PLAIN_MESSAGE if is_messages else PLAIN)
         self.busy = None
         if self.buffer:
             self._parse()

@@ -143,9 +143,13 @@ class Target:
     """A place to send chat requests: direct, bare relay, or proxy."""
 
     name: str
-    url: str
+    url: str  # its chat completions URL
     pid: int | None = None
     base: str = ""
+
+    def at(self, path: str) -> str:
+        """Its URL for ``path`` (``/v1/messages``...)."""
+        return self.base + path
 
 
 @dataclass
@@ -246,6 +250,11 @@ models = ["vision-*"]
 [[upstreams]]
 name = "fake"
 base_url = "{fake_base}/v1"
+
+[[upstreams]]
+name = "fake-anthropic"
+api = "anthropic"
+base_url = "{fake_base}"
 
 [ocr]
 model = "vision-bench"

@@ -1,9 +1,13 @@
-"""Request bodies for the scenarios: small chats, streams, and chats carrying distinct images."""
+"""Request bodies for the scenarios: small chats, streams, chats carrying distinct images, and
+their Anthropic Messages counterparts; ``API`` says where each dialect is posted and how its
+stream ends."""
 
 from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -50,3 +54,36 @@ def padded(size: int, *, stream: bool = False) -> bytes:
     body = orjson.loads(base)
     body["messages"].insert(0, {"role": "user", "content": filler})
     return orjson.dumps(body)
+
+
+def messages(model: str = PLAIN_MODEL, *, stream: bool = False) -> bytes:
+    """A one-message Anthropic Messages request, the chat request's counterpart (no OCR)."""
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": 1024,
+        "system": "You are a helpful assistant.",
+        "messages": [{"role": "user", "content": QUESTION}],
+        "temperature": 0.2,
+    }
+    if stream:
+        body["stream"] = True
+    return orjson.dumps(body)
+
+
+@dataclass(frozen=True)
+class Api:
+    """A dialect as the load drivers see it: its path, its bodies, its headers, and the text
+    its stream's last event carries (a stream without it did not end)."""
+
+    name: str
+    path: str
+    body: Callable[..., bytes]
+    end: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+CHAT = Api("chat", "/v1/chat/completions", chat, "[DONE]")
+MESSAGES = Api(
+    "messages", "/v1/messages", messages, "message_stop", {"anthropic-version": "2023-06-01"}
+)
+API = {api.name: api for api in (CHAT, MESSAGES)}

@@ -144,26 +144,41 @@ def errors(runs: dict[str, list[dict[str, Any]]]) -> int:
 
 
 def passthrough(b: Bench, s: Settings) -> Result:
-    """Scenario 1: small non-streaming chat; req/s and latency at concurrency 1, 16, 64."""
+    """Scenario 1: small non-streaming chat; req/s and latency at concurrency 1, 16, 64; and
+    an OCR cache hit at 16."""
+    return _passthrough(b, s, payloads.CHAT)
+
+
+def messages_passthrough(b: Bench, s: Settings) -> Result:
+    """Scenario 8: scenario 1 (without the OCR cache hit) for Anthropic Messages: a small
+    ``POST /v1/messages`` with no OCR switch, which the proxy forwards byte for byte to its
+    ``api = "anthropic"`` upstream."""
+    return _passthrough(b, s, payloads.MESSAGES)
+
+
+def _passthrough(b: Bench, s: Settings, api: payloads.Api) -> Result:
     rows: list[Row] = []
     raw: dict[str, Any] = {}
     targets: list[Row] = []
-    body = payloads.chat()
-    hit_body = payloads.chat(payloads.OCR_MODEL, images=1, size=2048)
-    hit_file = b.tmp / "ocr-hit.json"
-    hit_file.write_bytes(hit_body)
-    warm = {"kind": "sequential", "url": b.targets["proxy"].url, "n": 1, "warmup": 0}
-    b.client({**warm, "body": {"file": str(hit_file)}})  # the description is cached now
+    body = api.body()
+    with_hit = api is payloads.CHAT
+    hit_body = payloads.chat(payloads.OCR_MODEL, images=1, size=2048) if with_hit else b""
+    if with_hit:
+        hit_file = b.tmp / "ocr-hit.json"
+        hit_file.write_bytes(hit_body)
+        warm = {"kind": "sequential", "url": b.targets["proxy"].url, "n": 1, "warmup": 0}
+        b.client({**warm, "body": {"file": str(hit_file)}})  # the description is cached now
 
     def measure(name: str, conns: int) -> dict[str, Any]:
         if name == "ocr-hit":
             return b.wrk(
                 b.targets["proxy"].url, hit_body, connections=conns, duration=s.wrk_seconds
             )
-        return b.wrk(b.targets[name].url, body, connections=conns, duration=s.wrk_seconds)
+        url = b.targets[name].at(api.path)
+        return b.wrk(url, body, connections=conns, duration=s.wrk_seconds, headers=api.headers)
 
     for conns in s.concurrencies:
-        names = (*TARGETS, "ocr-hit") if conns == 16 else TARGETS
+        names = (*TARGETS, "ocr-hit") if conns == 16 and with_hit else TARGETS
         runs = repeat(s, names, lambda n, c=conns: measure(n, c))
         raw[f"c{conns}"] = runs
         rps, p50, p99 = med(runs, "rps"), med(runs, "p50_us"), med(runs, "p99_us")
@@ -173,9 +188,10 @@ def passthrough(b: Bench, s: Settings) -> Result:
         rows.append(row(f"c={conns} requests/s", rps, "req/s", higher_is_better=True))
         rows.append(row(f"c={conns} p50 latency", to_ms(p50), "ms", higher_is_better=False))
         rows.append(row(f"c={conns} p99 latency", to_ms(p99), "ms", higher_is_better=False))
-        if conns == 16 and hit is not None:
+        if conns == 16:
             ratio = rps["proxy"] / rps["relay"]
             targets.append(target("c=16 req/s ÷ bare relay", ratio, 0.8, "x", at_most=False))
+        if conns == 16 and hit is not None:
             hit_ratio = hit["proxy"] / rps["relay"]
             rows.append(
                 {
@@ -203,6 +219,17 @@ def streaming(b: Bench, s: Settings) -> Result:
     server is not saturated and the figures are latencies, not queueing; streams/s (wrk) uses
     back-to-back chunks, so it is the throughput ceiling.
     """
+    return _streaming(b, s, payloads.CHAT)
+
+
+def messages_streaming(b: Bench, s: Settings) -> Result:
+    """Scenario 9: scenario 2 for Anthropic Messages streams (no OCR switch): each chunk is a
+    ``content_block_delta`` event, between Anthropic's ``message_start``, ``content_block_start``
+    and ``ping`` and its ``content_block_stop``, ``message_delta`` and ``message_stop``."""
+    return _streaming(b, s, payloads.MESSAGES)
+
+
+def _streaming(b: Bench, s: Settings, api: payloads.Api) -> Result:
     rows: list[Row] = []
     targets: list[Row] = []
     headers = {"X-Bench-Chunks": "20", "X-Bench-Delay": "0.002"}  # tokens ~2 ms apart
@@ -212,14 +239,15 @@ def streaming(b: Bench, s: Settings) -> Result:
         lambda n: b.client(
             {
                 "kind": "streams",
-                "url": b.targets[n].url,
+                "api": api.name,
+                "url": b.targets[n].at(api.path),
                 "concurrency": 16,
                 "requests": s.streams,
                 "headers": headers,
             }
         ),
     )
-    for key, label in (("ttfb", "time to first byte"), ("total", "time to [DONE]")):
+    for key, label in (("ttfb", "time to first byte"), ("total", f"time to {api.end}")):
         for q in ("p50_ms", "p99_ms"):
             rows.append(
                 row(f"c=16 {label} {q[:3]}", med(runs, key, q), "ms", higher_is_better=False)
@@ -228,16 +256,16 @@ def streaming(b: Bench, s: Settings) -> Result:
     targets.append(
         target("added TTFB p50", ttfb["proxy"] - ttfb["direct"], 1.0, " ms", at_most=True)
     )
-    body = payloads.chat(stream=True)
+    body = api.body(stream=True)
     wrk_runs = repeat(
         s,
         TARGETS,
         lambda n: b.wrk(
-            b.targets[n].url,
+            b.targets[n].at(api.path),
             body,
             connections=16,
             duration=s.wrk_seconds,
-            headers={"X-Bench-Chunks": "20"},
+            headers={**api.headers, "X-Bench-Chunks": "20"},
         ),
     )
     per_s = med(wrk_runs, "rps")
@@ -252,16 +280,17 @@ def streaming(b: Bench, s: Settings) -> Result:
         lambda n: b.client(
             {
                 "kind": "sequential",
-                "url": b.targets[n].url,
+                "url": b.targets[n].at(api.path),
                 "n": s.long_streams,
                 "warmup": 0,
-                "body": {"chat": {"stream": True}},
-                "headers": {"X-Bench-Chunks": "1000"},
+                "body": {api.name: {"stream": True}},
+                "headers": {**api.headers, "X-Bench-Chunks": "1000"},
             }
         ),
     )
     done = med(long_runs, "total", "p50_ms")
-    rows.append(row("1,000 chunks back to back, to [DONE]", done, "ms", higher_is_better=False))
+    label = f"1,000 chunks back to back, to {api.end}"
+    rows.append(row(label, done, "ms", higher_is_better=False))
     added_us = {n: (done[n] - done["direct"]) for n in ("relay", "proxy")}  # ms/1000 = µs
     rows.append({"metric": "  per chunk, added over direct", "unit": "µs", **added_us})
 
@@ -273,7 +302,8 @@ def streaming(b: Bench, s: Settings) -> Result:
         result = b.client(
             {
                 "kind": "streams",
-                "url": t.url,
+                "api": api.name,
+                "url": t.at(api.path),
                 "concurrency": 8,
                 "requests": 8,
                 "headers": {"X-Bench-Chunks": str(s.spaced_chunks), "X-Bench-Delay": "0.001"},
@@ -613,4 +643,6 @@ SCENARIOS: dict[str, Callable[[Bench, Settings], Result]] = {
     "5-memory": memory,
     "6-mixed": mixed,
     "7-local-ocr": local_ocr,
+    "8-messages-passthrough": messages_passthrough,
+    "9-messages-streaming": messages_streaming,
 }

@@ -1,7 +1,7 @@
 """The benchmark harness end to end in seconds: it must run and say sane things, not be fast.
 
 ``python -m bench --smoke --json`` starts the fakes, the bare relay and the proxy as separate
-processes, runs all seven scenarios with tiny settings and prints one JSON report. Timings on a
+processes, runs all nine scenarios with tiny settings and prints one JSON report. Timings on a
 shared test machine mean nothing; what is checked is that every scenario ran without request
 errors, that each figure the report derives exists and is plausible, and that no process
 outlives the run: neither a run that ends normally nor one that is killed (SIGKILL, as a test
@@ -35,6 +35,8 @@ SCENARIOS = [
     "5-memory",
     "6-mixed",
     "7-local-ocr",
+    "8-messages-passthrough",
+    "9-messages-streaming",
 ]
 
 
@@ -45,7 +47,9 @@ def report() -> dict[str, Any]:
         [sys.executable, "-m", "bench", "--smoke", "--json"],
         cwd=ROOT,
         capture_output=True,
-        timeout=40,  # about 5 s on an idle 2-core machine, 27 s at a load average of 13
+        # 5-7 s on an idle 2-core machine (8.8 s at a load average of 4 since scenarios 8, 9;
+        # 27 s at 13 before them)
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     result: dict[str, Any] = orjson.loads(done.stdout)
@@ -68,22 +72,50 @@ def test_every_target_has_a_finite_figure(report: dict[str, Any]) -> None:
             assert target["met"] in (True, False, None)
 
 
-def test_throughput_is_measured_for_all_three_targets(report: dict[str, Any]) -> None:
-    runs = report["scenarios"]["1-passthrough"]["raw"]["c16"]
-    for name in ("direct", "relay", "proxy", "ocr-hit"):
+@pytest.mark.parametrize(
+    ("scenario", "names"),
+    [
+        ("1-passthrough", ("direct", "relay", "proxy", "ocr-hit")),
+        ("8-messages-passthrough", ("direct", "relay", "proxy")),
+    ],
+)
+def test_throughput_is_measured_for_all_three_targets(
+    report: dict[str, Any], scenario: str, names: tuple[str, ...]
+) -> None:
+    runs = report["scenarios"][scenario]["raw"]["c16"]
+    assert set(runs) == set(names)
+    for name in names:
         assert all(r["requests"] > 0 and r["rps"] > 0 for r in runs[name]), name
+        assert all(r["errors"] == 0 for r in runs[name]), name
         assert all(r["p50_us"] <= r["p99_us"] for r in runs[name]), name
+    rows = {r["metric"]: r for r in report["scenarios"][scenario]["rows"]}
+    assert rows["c=16 requests/s"]["proxy/relay"] > 0
+    assert math.isfinite(rows["c=16 p50 latency"]["proxy-direct"])
 
 
-def test_streams_reach_done_and_first_byte_comes_first(report: dict[str, Any]) -> None:
-    streams = report["scenarios"]["2-streaming"]["raw"]["streams"]
-    for name, results in streams.items():
+@pytest.mark.parametrize(
+    ("scenario", "end"), [("2-streaming", "[DONE]"), ("9-messages-streaming", "message_stop")]
+)
+def test_streams_reach_done_and_first_byte_comes_first(
+    report: dict[str, Any], scenario: str, end: str
+) -> None:
+    # bench.client counts a stream whose last bytes lack ``end`` (its dialect's last event:
+    # only the fake's Messages stream sends ``message_stop``) as an error
+    raw = report["scenarios"][scenario]["raw"]
+    for name, results in raw["streams"].items():
         for r in results:
             assert r["requests"] > 0 and r["errors"] == 0, name
             assert 0 < r["ttfb"]["p50_ms"] <= r["total"]["p50_ms"], name
-    spaced = report["scenarios"]["2-streaming"]["raw"]["spaced"]
-    for name, results in spaced.items():
+    for name, results in raw["long"].items():
+        assert all(r["requests"] > 0 and r["errors"] == 0 for r in results), name
+    for name, results in raw["wrk"].items():
+        assert all(r["requests"] > 0 and r["errors"] == 0 for r in results), name
+    for name, results in raw["spaced"].items():
         assert all(r["cpu_us_per_chunk"] > 0 for r in results), name
+        assert all(r["requests"] > 0 and r["errors"] == 0 for r in results), name
+    rows = {r["metric"]: r for r in report["scenarios"][scenario]["rows"]}
+    assert rows[f"c=16 time to {end} p50"]["proxy/relay"] > 0
+    assert rows["c=16 streams/s (wrk)"]["proxy/relay"] > 0
 
 
 def test_ocr_really_ran_through_the_fake_model(report: dict[str, Any]) -> None:
