@@ -49,9 +49,7 @@ DEFAULT_PASSTHROUGH_ROUTES = (
     "images/*",
     "responses",
     "responses/*",
-    "messages",
-    "messages/*",
-)
+)  # /v1/messages and its count_tokens are routes of their own; messages/batches is account state
 
 DEFAULT_PROMPT = """\
 You are the eyes of a language model that cannot see images. Your description will replace this \

@@ -211,6 +211,7 @@ ACCOUNT_ROUTES = [
     ("GET", "/v1/files/file-1/content"),
     ("DELETE", "/v1/files/file-1"),
     ("GET", "/v1/batches"),
+    ("GET", "/v1/messages/batches"),  # Anthropic's Message Batches: stored in the account
     ("POST", "/v1/fine_tuning/jobs"),
     ("GET", "/v1/vector_stores"),
     ("GET", "/v1/assistants"),
@@ -240,7 +241,9 @@ async def test_passthrough_relays_only_the_listed_routes(
     for method, path in ACCOUNT_ROUTES:
         r = await proxy.request(method, path, json=body)
         assert r.status == 404, path
-        assert (await r.json())["error"]["type"] == "invalid_request_error"
+        anthropic = path.startswith("/v1/messages/")  # answered in that API's error shape
+        kind = "not_found_error" if anthropic else "invalid_request_error"
+        assert (await r.json())["error"]["type"] == kind
     assert fake.received == []
     for method, path in MODEL_ROUTES:
         r = await proxy.request(method, path, json=body)
