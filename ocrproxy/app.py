@@ -43,6 +43,7 @@ from . import (
     relay,
     rewrite,
     state,
+    streams,
     tiers,
     upstream,
 )
@@ -181,7 +182,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             raise
     except (ConnectionResetError, asyncio.CancelledError):
         status = 499  # the client went away (or a shutdown cut the request)
-        response = relay.ended_by_shutdown(request)  # a stream a shutdown ended: logged as sent
+        response = streams.ended_by_shutdown(request)  # a stream a shutdown ended: logged as sent
         raise
     except Exception:
         log.exception("unhandled error")
@@ -394,7 +395,7 @@ def create_app(cfg: config.Config) -> web.Application:
     app[relay.STAMP] = _commit
     app[body.BUDGET] = body.Budget(cfg.server)
     app[LOCAL_BUDGET] = PixelBudget(cfg.ocr.local.max_decoded_bytes)
-    app[relay.STREAMS] = relay.Streams()
+    app[streams.STREAMS] = streams.Streams()
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_post("/v1/messages", handlers.messages)
     app.router.add_post("/v1/messages/count_tokens", handlers.count_tokens)

@@ -16,10 +16,10 @@ Once a stream's headers are committed (early, as keep-alive, while OCR runs) an 
 longer change the status: it is sent as an error event and the stream ends. The SSE framing
 (keep-alives, error events, where usage sits) is the dialect's, passed in as a ``Framing``.
 A shutdown that outlasts its grace period ends every SSE stream still open the same way, with
-code ``server_shutting_down`` (``Streams``). An error event is only ever written at an event
+code ``server_shutting_down`` (``streams.Streams``). An error event is only ever written at an event
 boundary: a pass-through stream whose last bytes sent are mid-event (the upstream's reads cut
 it there) is cut instead, a truncated body, so that no parser gets a half event glued to an
-error one (``_Edge``).
+error one (``streams.Edge``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -37,6 +37,7 @@ from . import upstream
 from .errors import ProxyError, UpstreamError, UpstreamTimeout
 from .redact import Redactor, redact, redact_headers
 from .schema import encoder
+from .streams import EDGE, EVENT_ENDS, Edge, Framing, register
 from .usage import UsageEditor, with_ocr_usage
 
 # Upstream bodies at most this large (with a Content-Length) are read whole and sent in one write.
@@ -116,142 +117,13 @@ async def commit(request: web.Request, response: web.StreamResponse) -> None:
     await response.prepare(request)
 
 
-class Framing(Protocol):
-    """What the relay needs of a dialect (``dialects.Dialect`` is one)."""
-
-    @property
-    def keep_alive(self) -> bytes: ...
-
-    @property
-    def usage_path(self) -> tuple[str, ...]: ...
-
-    def error_event(self, error: ProxyError | bytes) -> bytes: ...
-
-    def upstream_error_event(self, status: int, payload: bytes) -> bytes: ...
-
-    def as_events(self, payload: bytes) -> bytes: ...
-
-
-class _Edge:
-    """Whether the last piece of an SSE stream handed to the transport ended an event.
-
-    The pass-through relay writes pieces where the upstream's reads cut them, so the bytes on
-    the wire may end mid ``data:`` line. An error event written then would be glued to the half
-    event and corrupt both for the client's parser, and ending the half event with a blank line
-    would complete a truncated JSON line. So the error event is written only at an event
-    boundary; elsewhere the connection is cut instead (a truncated body, which the client sees
-    as an error). One ``endswith`` per piece; a boundary split across two pieces (``\n`` then
-    ``\n``) is not seen, and counts as mid-event: the safe side.
-    """
-
-    __slots__ = ("clean",)
-
-    def __init__(self) -> None:
-        self.clean = True
-
-
-_EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
-
-
-class Streams:
-    """The SSE streams an application has open, each with the task of the request serving it.
-
-    A stream is added when its headers are sent and leaves when its request's task ends, however
-    it ends. ``end_all`` is for a shutdown whose grace period ran out: it gives each client an
-    error event and a proper end of the chunked body, then cancels the request's task (which
-    stops the upstream read or the OCR wait); the request middleware still writes its access
-    line, with the status the client got (``ended_by_shutdown``). All streams are ended at once,
-    each write within END_TIMEOUT: a client that does not take its event in time (it stopped
-    reading) has its connection aborted, so one stalled client cannot hold up the others or the
-    shutdown. A stream whose last bytes are mid-event (``_Edge``) is cut without the event.
-    """
-
-    def __init__(self) -> None:
-        self._open: dict[asyncio.Task[Any], tuple[web.Request, web.StreamResponse, Framing]] = {}
-
-    def __len__(self) -> int:
-        return len(self._open)
-
-    def add(self, request: web.Request, response: web.StreamResponse, framing: Framing) -> None:
-        task = asyncio.current_task()
-        if task is None or task in self._open:
-            return
-        self._open[task] = (request, response, framing)
-        task.add_done_callback(self._forget)
-
-    def _forget(self, task: asyncio.Task[Any]) -> None:
-        self._open.pop(task, None)
-
-    async def end_all(self) -> int:
-        """End every open stream now; the number that got the error event."""
-        ending = [
-            self._end(task, request, response, framing)
-            for task, (request, response, framing) in list(self._open.items())
-            if not task.done()
-        ]
-        return sum(await asyncio.gather(*ending))
-
-    @staticmethod
-    async def _end(
-        task: asyncio.Task[Any],
-        request: web.Request,
-        response: web.StreamResponse,
-        framing: Framing,
-    ) -> bool:
-        ended = False
-        transport = request.transport
-        edge = request.get(_EDGE)
-        if transport is None:
-            pass
-        elif edge is not None and not edge.clean:
-            transport.close()  # mid-event: what was sent goes out, then the cut
-        elif request.protocol.writing_paused:
-            transport.abort()  # a client that stopped reading would make the write wait
-        else:
-            try:
-                # One write, with the end of the chunked body: nothing can come between.
-                async with asyncio.timeout(END_TIMEOUT):
-                    await response.write_eof(framing.error_event(SHUTTING_DOWN))
-            except TimeoutError:  # its buffer filled up: it is not reading
-                transport.abort()
-            except (ConnectionError, RuntimeError):  # gone, or it had just ended
-                pass
-            else:
-                request[_ENDED] = response
-                ended = True
-        task.cancel()
-        return ended
-
-
-# Seconds a stream's ending write may wait on its client at shutdown (``Streams``).
-END_TIMEOUT = 0.5
-STREAMS: web.AppKey[Streams] = web.AppKey("streams", Streams)
-_ENDED: web.RequestKey[web.StreamResponse] = web.RequestKey("ended_by_shutdown", web.StreamResponse)
-_EDGE: web.RequestKey[_Edge] = web.RequestKey("sse_edge", _Edge)
-SHUTTING_DOWN = ProxyError(
-    "The server is shutting down; retry the request", code="server_shutting_down"
-)
-
-
-def ended_by_shutdown(request: web.Request) -> web.StreamResponse | None:
-    """The stream of ``request`` if a shutdown ended it (its task was then cancelled)."""
-    return request.get(_ENDED)
-
-
-def _register(request: web.Request, response: web.StreamResponse, framing: Framing) -> None:
-    streams = request.app.get(STREAMS)
-    if streams is not None:
-        streams.add(request, response, framing)
-    request[_EDGE] = _Edge()
-
-
 async def start_sse(
     request: web.Request, headers: Mapping[str, str], framing: Framing
 ) -> web.StreamResponse:
     """Commit a 200 SSE response now (before the upstream answered)."""
     response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
     await commit(request, response)
-    _register(request, response, framing)
+    register(request, response, framing)
     return response
 
 
@@ -341,7 +213,7 @@ async def _pump(
     redactor: Redactor | None = None,
     request: web.Request | None = None,
     first: Iterable[bytes] = (),
-    edge: _Edge | None = None,
+    edge: Edge | None = None,
 ) -> None:
     """Copy the upstream body to the client piece by piece, as it arrives.
 
@@ -376,7 +248,7 @@ async def _pump(
             if not piece:
                 continue
             if edge is not None:  # set before the write: the transport has the piece then
-                edge.clean = piece.endswith(_EVENT_ENDS)
+                edge.clean = piece.endswith(EVENT_ENDS)
             if watch is None:
                 await write(piece)
             else:
@@ -390,7 +262,7 @@ async def _pump(
             tail = (editor.feed(tail) if tail else b"") + editor.flush()
         if tail:
             if edge is not None:
-                edge.clean = tail.endswith(_EVENT_ENDS)
+                edge.clean = tail.endswith(EVENT_ENDS)
             if watch is not None:
                 watch.since = clock()
             await write(tail)
@@ -410,10 +282,11 @@ async def _pump_sse(
 ) -> None:
     """Relay an SSE body; if the upstream breaks, end with an error event instead of hanging.
 
-    The error event is written only if the last bytes sent ended an event (``_Edge``); mid-event
-    the connection is cut instead (ConnectionResetError), so no parser gets a corrupted event.
+    The error event is written only if the last bytes sent ended an event (``streams.Edge``);
+    mid-event the connection is cut instead (ConnectionResetError), so no parser gets a
+    corrupted event.
     """
-    edge = request.get(_EDGE) if request is not None else None
+    edge = request.get(EDGE) if request is not None else None
     try:
         await _pump(source, response, editor, redactor=redactor, request=request, edge=edge)
     except UpstreamBroke as exc:
@@ -456,7 +329,7 @@ async def relay(
             status=source.status, reason=source.reason, headers=out_headers
         )
         await commit(request, response)
-        _register(request, response, framing)
+        register(request, response, framing)
         editor = _editor(ocr_usage, edit_stream and not encoded, framing)
         redactor = Redactor(secrets) if secrets else None
         await _pump_sse(source, response, editor, framing, redactor=redactor, request=request)

@@ -177,7 +177,7 @@ class Generation:
             await runner.cleanup()
 
     async def drain(self) -> None:
-        from .relay import STREAMS
+        from .streams import STREAMS
 
         timeout = self.cfg.server.shutdown_timeout
         servers = [r.server for r in self.runners if r.server is not None]

@@ -528,8 +528,9 @@ async def test_end_all_is_not_held_up_by_a_stream_whose_ending_write_waits(
     other stream must still get its event, and end_all must return."""
     from ocrproxy import relay
     from ocrproxy.dialects.chat import CHAT
+    from ocrproxy.streams import STREAMS, Streams
 
-    streams = relay.Streams()
+    streams = Streams()
 
     async def never(*args: Any) -> None:
         await asyncio.Event().wait()
@@ -543,7 +544,7 @@ async def test_end_all_is_not_held_up_by_a_stream_whose_ending_write_waits(
         return response
 
     app = web.Application()
-    app[relay.STREAMS] = streams
+    app[STREAMS] = streams
     app.router.add_get("/", handler)
     client = await aiohttp_client(app)
     async with client.get("/?stuck=1") as stuck, client.get("/") as normal:
