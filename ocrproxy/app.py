@@ -129,16 +129,17 @@ def _check_key(request: web.Request, keys: tuple[str, ...]) -> None:
     """The client's key, as ``Authorization: Bearer`` or as ``x-api-key`` (Anthropic clients),
     must be one of ``keys``."""
     headers = request.headers
-    authorization = headers.get("Authorization")
-    if authorization is not None:
-        scheme, _, value = authorization.partition(" ")
-        token = value.strip().encode() if scheme.lower() == "bearer" else b""
-    else:
-        token = headers.get("x-api-key", "").strip().encode()  # ASCII: checked above
+    scheme, _, value = headers.get("Authorization", "").partition(" ")
+    # Either may hold it: the anthropic SDK sends both when given an api_key and a token.
+    tokens = (
+        value.strip().encode() if scheme.lower() == "bearer" else b"",
+        headers.get("x-api-key", "").strip().encode(),  # ASCII: checked above
+    )
     matched = False
     for key in keys:
-        matched |= hmac.compare_digest(token, key.encode())
-    if not (token and matched):
+        for token in tokens:
+            matched |= bool(token) and hmac.compare_digest(token, key.encode())
+    if not matched:
         raise Unauthorized(
             "Incorrect or missing API key. Send `Authorization: Bearer <key>` or "
             "`x-api-key: <key>` with a key this proxy was configured with."

@@ -145,14 +145,31 @@ class Describer:
             return b""
         return credential_digest(upstream.client_credential(client_headers) or "")
 
-    def check_model(self, model: str) -> None:
-        """Refuse an OCR model before any work: 404 if unrouted, 400 if the engine can't run."""
+    def check_model(self, model: str, home: config.Upstream | None = None) -> None:
+        """Refuse an OCR model before any work: 404 if unrouted, 400 if the engine can't run,
+        or if only the client's key could pay for it at an upstream the request is not for."""
         if model != self.settings.local_alias:
-            self.router.route(model, None)
+            up = self.router.route(model, None)
+            if not self._may_relay(up, home) and not up.api_key and not self.client_keys:
+                assert home is not None  # `_may_relay` holds without one
+                raise BadRequest(
+                    f"The OCR model `{model}` is served by the upstream `{up.name}`, which has "
+                    "no api_key of its own; in relay mode a client's key is only sent to the "
+                    f"upstream its request is for (`{home.name}`). Give `{up.name}` an "
+                    f"api_key, or pick an OCR model that `{home.name}` serves",
+                    param="ocr_model",
+                    code="ocr_model_unavailable",
+                )
             return
         problem = self.engine.problem() if self.engine else local.INSTALL_HINT
         if problem is not None:
             raise BadRequest(problem, code="ocr_model_unavailable")
+
+    @staticmethod
+    def _may_relay(up: config.Upstream, home: config.Upstream | None) -> bool:
+        """Whether the client's own key may go to ``up``: only to the upstream the request is
+        for (a key for one vendor must never reach another), or anywhere from the CLI."""
+        return home is None or up is home
 
     def _key_model(self, model: str) -> tuple[str, ...]:
         """The reader as the cache key knows it: a remote model by name, the local engine by
@@ -191,10 +208,13 @@ class Describer:
         model: str,
         client_headers: Mapping[str, str],
         hits: dict[bytes, Outcome] | None = None,
+        home: config.Upstream | None = None,
     ) -> OcrReport:
         """Describe every distinct image concurrently; raise OcrFailed only under ``fail``.
 
         ``hits`` are ``memory_hits`` found earlier; images not among them are validated first.
+        ``home`` is the upstream the request is for: the only one the client's own key may go
+        to (relay mode).
         """
         started = time.monotonic()
         distinct: dict[bytes, Image] = {}
@@ -210,7 +230,8 @@ class Describer:
             create = functools.partial(self._read, model=model)
         else:
             up = self.router.route(model, None)
-            auth = upstream.auth_headers(client_headers, up, relay_auth=not self.client_keys)
+            relay = not self.client_keys and self._may_relay(up, home)
+            auth = upstream.auth_headers(client_headers, up, relay_auth=relay)
             create = functools.partial(self.reader.read, model=model, up=up, auth=auth)
             relayed = upstream.client_credential(client_headers)
             if auth and not up.api_key and not credential and relayed:

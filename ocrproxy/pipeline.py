@@ -127,7 +127,7 @@ async def _prepare(
     up = request.app[ROUTER].route(real_model, dialect.api)
     trace.routed(up)
     describer = request.app[DESCRIBER]
-    describer.check_model(ocr_model)  # 404 unknown, 400 unavailable: before work
+    describer.check_model(ocr_model, up)  # 404 unknown, 400 unavailable: before work
     settings = request.app[CONFIG].ocr
     found = await _find(dialect, parsed, settings, len(memoryview(parsed.obj[dialect.items])))
     return up, found, describer.memory_hits(found.images, ocr_model, request.headers)
@@ -166,7 +166,7 @@ async def _run(
     up, found, hits = await _prepare(request, dialect, parsed, real_model, ocr_model)
     await images.validate([im for im in found.images if im.digest not in hits], cfg.ocr)
 
-    described = await _describe_alive(request, dialect, parsed, found, ocr_model, hits)
+    described = await _describe_alive(request, dialect, parsed, found, ocr_model, hits, up)
     if isinstance(described, web.StreamResponse):
         return described  # committed early, then failed: the error event was sent
     report, response = described
@@ -224,6 +224,7 @@ async def _describe_alive(
     found: Found,
     model: str,
     hits: dict[bytes, Outcome],
+    home: config.Upstream,
 ) -> tuple[OcrReport, web.StreamResponse | None] | web.StreamResponse:
     """The OCR step; a stream that waits past ``keepalive_after_s`` is committed meanwhile.
 
@@ -231,9 +232,11 @@ async def _describe_alive(
     step failed after the commit (the error event was then written and the stream ended).
     """
     if not (parsed.stream and found.images):  # nothing to keep alive meanwhile: no task needed
-        return await _describe(request, found.images, model, hits), None
+        return await _describe(request, found.images, model, hits, home), None
     settings = request.app[CONFIG].ocr
-    task = asyncio.get_running_loop().create_task(_describe(request, found.images, model, hits))
+    task = asyncio.get_running_loop().create_task(
+        _describe(request, found.images, model, hits, home)
+    )
     response: web.StreamResponse | None = None
     try:
         done, _ = await asyncio.wait({task}, timeout=settings.keepalive_after_s)
@@ -255,11 +258,15 @@ async def _describe_alive(
 
 
 async def _describe(
-    request: web.Request, found: list[images.Image], model: str, hits: dict[bytes, Outcome]
+    request: web.Request,
+    found: list[images.Image],
+    model: str,
+    hits: dict[bytes, Outcome],
+    home: config.Upstream,
 ) -> OcrReport:
     app = request.app
     return await describe(
-        found, model, request.headers, app[DESCRIBER], app[CONFIG], app.get(FETCHER), hits
+        found, model, request.headers, app[DESCRIBER], app[CONFIG], app.get(FETCHER), hits, home
     )
 
 
@@ -271,11 +278,13 @@ async def describe(
     cfg: config.Config,
     fetcher: Fetcher | None,
     hits: dict[bytes, Outcome] | None = None,
+    home: config.Upstream | None = None,
 ) -> OcrReport:
-    """The OCR step as one task: fetch remote images (if on), then describe them all."""
+    """The OCR step as one task: fetch remote images (if on), then describe them all
+    (``home``: the upstream the request is for, see ``Describer.describe_all``)."""
     if fetcher is not None:
         await images.fetch_remote(found, cfg.ocr, fetcher, cfg.server.max_body_bytes)
-    return await describer.describe_all(found, model, headers, hits)
+    return await describer.describe_all(found, model, headers, hits, home)
 
 
 def _send(

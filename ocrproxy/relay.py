@@ -412,7 +412,11 @@ async def relay_into(
             pieces, ended = await _read_upto(source, MAX_EDIT)
             if not ended:
                 raise UpstreamError("The upstream's answer is too large to relay as an event")
-            events = framing.as_events(b"".join(pieces))
+            payload = b"".join(pieces)
+            if ocr_usage is not None and edit_stream:  # where a stream would carry it
+                ocr = msgspec.Raw(encoder.encode(ocr_usage))
+                payload = with_ocr_usage(payload, ocr, framing.usage_path) or payload
+            events = framing.as_events(payload)
         except ProxyError as exc:
             await response.write(framing.error_event(exc))
         except msgspec.DecodeError:

@@ -7,7 +7,7 @@ exact 400. Models named ``claude-haiku*`` can see: they act as an OCR model and 
 image from its label (``tests.fakes.png``). ``fail-429`` answers 429 (``rate_limited`` times,
 then normally). Everything else echoes: the plain answer's text is the last user message's text,
 and a stream is Anthropic's event sequence with ``usage`` in ``message_start`` and
-``message_delta``.
+``message_delta``; ``deepseek-plain`` answers a plain message even when asked to stream.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ class FakeAnthropic:
             response.headers["retry-after"] = "0"
             return response
         text = "echo: " + _text_of(body["messages"][-1]["content"])
-        if body.get("stream"):
+        if body.get("stream") and model != "deepseek-plain":  # that one never streams
             return await self.stream(request, model, text)
         return web.json_response(
             {

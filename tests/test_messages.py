@@ -872,3 +872,47 @@ async def test_same_image_in_chat_then_messages_is_one_ocr_call(make_both, fake,
     assert fake.ocr_calls == ["shared"]
     (block,) = fake_anthropic.message_requests[0].json()["messages"][0]["content"]
     assert_described(block["text"], "shared")
+
+
+async def test_a_plain_answer_to_a_committed_stream_arrives_as_its_events(
+    make_both: Any, fake: Any
+) -> None:
+    """The stream was committed while the image was read; the upstream then answered with a
+    plain message: the client still gets a well-formed Messages stream, with usage.ocr in its
+    message_delta, and the SDK reads it to the end."""
+    fake.ocr_delay = 1.0  # far past keepalive_after_s: the 200 is committed meanwhile
+    proxy = await make_both(ocr={"keepalive_after_s": 0.2, "keepalive_interval_s": 0.2})
+    client = anthropic.AsyncAnthropic(
+        base_url=str(proxy.make_url("")).rstrip("/"), api_key="k", max_retries=0
+    )
+    try:
+        async with client.messages.stream(
+            model="deepseek-plain-ocr",
+            max_tokens=64,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [image_block(b64(png("late"))), {"type": "text", "text": "say"}],
+                }
+            ],
+        ) as stream:
+            deltas = [e async for e in stream if e.type == "message_delta"]
+            final = await stream.get_final_message()
+    finally:
+        await client.close()
+    assert final.content[0].type == "text" and "A picture showing late." in final.content[0].text
+    assert final.stop_reason == "end_turn"
+    assert len(deltas) == 1
+    ocr = (deltas[0].usage.model_extra or {}).get("ocr")
+    assert ocr is not None and ocr["images"] == 1 and ocr["input_tokens"] == 100
+
+
+def test_an_upstream_529_after_the_commit_is_an_overloaded_error_event() -> None:
+    """Anthropic's 529 (overloaded) keeps its error type when the proxy must render it."""
+    from ocrproxy.dialects.messages import MESSAGES
+
+    event = MESSAGES.upstream_error_event(529, b"<html>busy</html>")
+    name, data = event.split(b"\n", 1)
+    assert name == b"event: error"
+    error = json.loads(data.removeprefix(b"data: "))["error"]
+    assert error["type"] == "overloaded_error" and "529" in error["message"]

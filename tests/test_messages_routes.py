@@ -224,14 +224,17 @@ async def test_relay_mode_relays_the_clients_key_in_the_upstreams_style(
         headers = lower(received.headers)
         assert {"authorization", "x-api-key"} & headers.keys() == expected.keys()
         assert {k: headers[k] for k in expected} == expected
-    # The OCR model behind the OpenAI upstream gets the client's key as a Bearer token.
+    # The OCR model behind the OpenAI upstream (no key of its own) is refused before any
+    # work: the client's key is for the Anthropic upstream, and must not reach another vendor.
+    sent = len(fake_anthropic.received)
     r = await proxy.post(
         MESSAGES, json=message("deepseek-v4-pro-ocr", "hi", picture("o")), headers=client
     )
-    assert r.status == 200, await r.text()
-    assert fake.ocr_calls == ["o"]
-    assert fake.received[-1].headers["Authorization"] == "Bearer sk-users-own"
-    assert lower(fake_anthropic.received[-1].headers).items() >= expected.items()
+    assert r.status == 400, await r.text()
+    error = (await r.json())["error"]
+    assert error["type"] == "invalid_request_error" and "no api_key" in error["message"]
+    assert fake.received == [] and len(fake_anthropic.received) == sent
+    assert "sk-users-own" not in error["message"]
     # An OpenAI upstream in relay mode gets an x-api-key client's key as a Bearer token.
     r = await proxy.post(CHAT, json=chat("gpt-4.1", "hi"), headers=client)
     assert r.status == 200
@@ -649,3 +652,45 @@ async def test_an_anthropic_client_gets_anthropic_shaped_model_errors_and_lookup
     assert (
         fake_anthropic.received and fake_anthropic.received[-1].path == "/v1/models/deepseek-v4-pro"
     )
+
+
+async def test_relay_mode_sends_a_clients_key_only_to_the_upstream_its_request_is_for(
+    make_both, fake, fake_anthropic
+):
+    """Two upstreams without keys (pure relay): a Claude Code user's key for the Anthropic
+    upstream must never go to the OpenAI upstream that serves the OCR model, and the other way
+    round; the OCR model of the request's own upstream still gets it."""
+    ups = [
+        {**anthropic_upstream(fake_anthropic), "api_key": ""},
+        {"name": "fake", "base_url": fake.url},
+    ]
+    proxy = await make_both(upstreams=ups)
+    vendor_key = {"x-api-key": "sk-deepseek-CLIENT-KEY"}
+    body = message("deepseek-v4-pro-ocr", "hi", picture("v"))  # OCR model vision-1: OpenAI's
+    r = await proxy.post(MESSAGES, json=body, headers=vendor_key)
+    assert r.status == 400 and "no api_key" in (await r.json())["error"]["message"]
+    chat_body = chat("gpt-4.1-ocr", image_part(data_url("c")), ocr_model="claude-haiku-4-5")
+    r = await proxy.post(CHAT, json=chat_body, headers={"Authorization": "Bearer sk-openai-KEY"})
+    assert r.status == 400
+    assert fake.received == [] and fake_anthropic.received == []
+    # The OCR model behind the request's own upstream: the client's key goes there, once.
+    body = message("deepseek-v4-pro-ocr", "hi", picture("w"), ocr_model="claude-haiku-4-5")
+    r = await proxy.post(MESSAGES, json=body, headers=vendor_key)
+    assert r.status == 200, await r.text()
+    assert fake_anthropic.ocr_calls == ["w"] and fake.received == []
+    for received in fake_anthropic.received:
+        assert lower(received.headers)["x-api-key"] == "sk-deepseek-CLIENT-KEY"
+
+
+async def test_a_proxy_key_in_x_api_key_counts_beside_another_bearer_token(make_both):
+    """The anthropic SDK sends both headers when given an api_key and an auth token."""
+    proxy = await make_both(auth={"keys": ["proxy-key"]})
+    both = {"x-api-key": "proxy-key", "Authorization": "Bearer sk-something-else"}
+    r = await proxy.post(MESSAGES, json=message("deepseek-v4-pro", "hi"), headers=both)
+    assert r.status == 200, await r.text()
+    swapped = {"x-api-key": "sk-something-else", "Authorization": "Bearer proxy-key"}
+    r = await proxy.post(MESSAGES, json=message("deepseek-v4-pro", "hi"), headers=swapped)
+    assert r.status == 200
+    neither = {"x-api-key": "nope", "Authorization": "Bearer nope"}
+    r = await proxy.post(MESSAGES, json=message("deepseek-v4-pro", "hi"), headers=neither)
+    assert r.status == 401

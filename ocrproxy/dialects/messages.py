@@ -46,6 +46,7 @@ ERROR_TYPES = {
     502: "api_error",
     503: "overloaded_error",
     504: "timeout_error",
+    529: "overloaded_error",
 }
 
 
@@ -72,8 +73,10 @@ class _Walker:
         self.found = Walk()
         self.max_images = max_images
 
-    def content(self, raw: msgspec.Raw, where: str) -> Blocks | None:
-        """The blocks of a content array, if any image is inside (else None: left as sent)."""
+    def content(self, raw: msgspec.Raw, where: str, flattens: bool = False) -> Blocks | None:
+        """The blocks of a content array, if any image is inside (else None: left as sent).
+        Only an array that may become one string (``flattens``: a tool_result's) has its plain
+        text blocks decoded."""
         blocks = Blocks(decode_raw(array_decoder, raw, where))
         for j, block_raw in enumerate(blocks.raws):
             at = f"{where}[{j}]"
@@ -83,10 +86,10 @@ class _Walker:
             kind = _kind(block)
             if kind == "image":
                 self._image(blocks, j, block, at)
-            elif kind == "text" and len(block) == 2 and is_json(block.get("text", b"0"), b'"'):
+            elif kind == "text" and flattens and len(block) == 2 and _is_string(block, "text"):
                 blocks.texts[j] = decode_raw(str_decoder, block["text"], at)
             elif kind == "tool_result" and is_json(block.get("content", b"0"), b"["):
-                inner = self.content(block["content"], f"{at}.content")
+                inner = self.content(block["content"], f"{at}.content", flattens=True)
                 if inner is not None:
                     blocks.nested[j] = (block, inner)
             elif kind == "document" and is_json(block.get("source", b"0"), b"{"):
@@ -109,6 +112,11 @@ class _Walker:
         if len(images) > self.max_images:
             raise too_many(f"more than {self.max_images}", self.max_images)
         blocks.images[j] = (len(images) - 1, block.get("cache_control"))
+
+
+def _is_string(obj: RawObject, name: str) -> bool:
+    raw = obj.get(name)
+    return raw is not None and is_json(raw, b'"')
 
 
 def _kind(obj: RawObject) -> str | None:
@@ -152,6 +160,38 @@ def _nested(block: RawObject, inner: Blocks, text: Sequence[str]) -> dict[str, A
         return {**block, "content": _rebuild(inner, text, flatten=True)}
     source = object_decoder.decode(block["source"])  # a document: its source holds the blocks
     return {**block, "source": {**source, "content": _rebuild(inner, text, flatten=False)}}
+
+
+def _event(name: str, data: Any) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + encoder.encode(data) + b"\n\n"
+
+
+# How a finished block of each kind is streamed: its empty start and the delta that fills it.
+_DELTAS = {"text": ("text", "text_delta"), "thinking": ("thinking", "thinking_delta")}
+
+
+def _block_events(index: int, block: Any) -> list[bytes]:
+    kind = block.get("type") if isinstance(block, dict) else None
+    deltas: list[dict[str, Any]] = []
+    empty = block
+    if kind in _DELTAS:
+        field_name, delta_type = _DELTAS[kind]
+        empty = {**block, field_name: ""}
+        deltas.append({"type": delta_type, field_name: block.get(field_name, "")})
+        if kind == "thinking" and "signature" in block:
+            empty.pop("signature", None)
+            deltas.append({"type": "signature_delta", "signature": block["signature"]})
+    elif kind == "tool_use":
+        empty = {**block, "input": {}}
+        partial = encoder.encode(block.get("input", {})).decode()
+        deltas.append({"type": "input_json_delta", "partial_json": partial})
+    start = {"type": "content_block_start", "index": index, "content_block": empty}
+    events = [_event("content_block_start", start)]
+    for delta in deltas:
+        data = {"type": "content_block_delta", "index": index, "delta": delta}
+        events.append(_event("content_block_delta", data))
+    events.append(_event("content_block_stop", {"type": "content_block_stop", "index": index}))
+    return events
 
 
 class _OcrAnswerBlock(msgspec.Struct):
@@ -228,8 +268,25 @@ class Messages(Dialect):
         return self.error_event(error)
 
     def as_events(self, payload: bytes) -> bytes:
-        error = UpstreamError("The upstream answered a streaming request with a plain body")
-        return self.error_event(error)
+        """A plain message as the stream it stands for: message_start, each block's start,
+        one delta and stop, message_delta (stop reason, usage), message_stop."""
+        message = msgspec.json.decode(payload)
+        if not isinstance(message, dict) or not isinstance(message.get("content"), list):
+            raise msgspec.DecodeError("not a message")
+        usage = message.get("usage") or {}
+        start = {**message, "content": [], "stop_reason": None, "stop_sequence": None}
+        events = [_event("message_start", {"type": "message_start", "message": start})]
+        for index, block in enumerate(message["content"]):
+            events += _block_events(index, block)
+        delta = {
+            "stop_reason": message.get("stop_reason"),
+            "stop_sequence": message.get("stop_sequence"),
+        }
+        events.append(
+            _event("message_delta", {"type": "message_delta", "delta": delta, "usage": usage})
+        )
+        events.append(_event("message_stop", {"type": "message_stop"}))
+        return b"".join(events)
 
     def ocr_request(
         self, model: str, settings: config.Ocr, image: Image
