@@ -118,7 +118,8 @@ async def _find(dialect: Dialect, parsed: Parsed, settings: config.Ocr, size: in
 
 
 def _size(parsed: Parsed, dialect: Dialect) -> int:
-    return len(memoryview(parsed.obj[dialect.items]))
+    items = parsed.obj.get(dialect.items)  # a dialect may let it be absent (Responses' input)
+    return len(memoryview(items)) if items is not None else 0
 
 
 def ocr_headers(report: OcrReport | None, model: str) -> dict[str, str]:

@@ -125,6 +125,12 @@ class Framing(Protocol):
     @property
     def usage_path(self) -> tuple[str, ...]: ...
 
+    @property
+    def stream_usage_path(self) -> tuple[str, ...]: ...
+
+    @property
+    def stream_usage_events(self) -> frozenset[str]: ...
+
     def error_event(self, error: ProxyError | bytes) -> bytes: ...
 
     def upstream_error_event(self, status: int, payload: bytes) -> bytes: ...
@@ -509,7 +515,9 @@ async def relay(
 def _editor(
     ocr_usage: Mapping[str, Any] | None, edit: bool, framing: Framing
 ) -> UsageEditor | None:
-    return UsageEditor(ocr_usage, framing.usage_path) if ocr_usage is not None and edit else None
+    if ocr_usage is None or not edit:
+        return None
+    return UsageEditor(ocr_usage, framing.stream_usage_path, framing.stream_usage_events)
 
 
 async def relay_into(
