@@ -200,7 +200,7 @@ def responses_upstream(fake: FakeResponses, **extra: Any) -> dict[str, Any]:
         "name": "responses",
         "base_url": fake.url,
         "api_key": "sk-responses-secret",
-        "models": ["glm-*", "codex-*", "fail-*", "incomplete-*"],
+        "models": ["glm-*", "codex-*", "fail-*", "incomplete-*", "plain-*"],
         **extra,
     }
 

@@ -7,7 +7,8 @@ item (the string ``input`` itself, a message's text parts, a tool output's text)
 Responses event sequence (``event:`` + ``data:``, no ``[DONE]``), ending in
 ``response.completed`` with ``usage`` (``response.incomplete`` for ``incomplete-*`` models); its
 ``response.in_progress`` event carries a usage object of its own, so that a test can tell that
-only the final event gains ``usage.ocr``. ``fail-400`` answers a 400 of its own.
+only the final event gains ``usage.ocr``. ``fail-400`` answers a 400 of its own; ``plain-*``
+models answer a plain JSON response even to a streaming request.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class FakeResponses:
         last = items[-1] if isinstance(items, list) and items else items
         text = "echo: " + text_of(last)
         status = "incomplete" if model.startswith("incomplete-") else "completed"
-        if obj.get("stream"):
+        if obj.get("stream") and not model.startswith("plain-"):
             return await self.stream(request, model, text, status)
         return web.json_response(self._response(model, text, status, USAGE))
 

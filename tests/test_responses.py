@@ -441,3 +441,55 @@ async def test_same_image_in_chat_then_responses_is_described_once(sdk, fake, fa
     assert fake.ocr_calls == ["shared"]
     assert response.usage.model_extra["ocr"]["cache_hits"] == 1
     assert "A picture showing shared." in sent(fake_responses)["input"][0]["content"][0]["text"]
+
+
+@pytest.mark.parametrize(
+    ("model", "sections", "extra"),
+    [
+        ("glm-5.2", {}, {"extra_body": {"ocr_model": "vision-1"}}),
+        ("glm-5.2", {}, {"extra_headers": {"X-OCR-Model": "vision-1"}}),
+        ("glm-5.2", {"ocr": {"text_only_models": ["glm-*"]}}, {}),
+    ],
+    ids=["ocr_model", "header", "text_only_models"],
+)
+async def test_the_other_ocr_switches(make_responses, fake, fake_responses, model, sections, extra):
+    proxy = await make_responses(**sections)
+    client = openai.AsyncOpenAI(
+        base_url=str(proxy.make_url("/v1")), api_key="sk-client", max_retries=0
+    )
+    try:
+        response = await client.responses.create(
+            model=model, input=[{"role": "user", "content": [image("switch")]}], **extra
+        )
+    finally:
+        await client.close()
+    assert fake.ocr_calls == ["switch"]
+    assert response.usage.model_extra["ocr"]["images"] == 1
+    body = sent(fake_responses)
+    assert body["model"] == "glm-5.2" and "ocr_model" not in body
+    assert "A picture showing switch." in body["input"][0]["content"][0]["text"]
+
+
+async def test_a_remote_image_url_is_described(make_responses, fake, fake_responses):
+    proxy = await make_responses(ocr={"fetch_images": False})
+    url = "https://images.example/signed/a.png?X-Amz-Signature=abc"
+    remote = {"type": "input_image", "image_url": url, "detail": "auto"}
+    request = {"model": "glm-5.2-ocr", "input": [{"role": "user", "content": [remote]}]}
+    r = await proxy.post(URL, json=request)
+    assert r.status == 200, await r.text()
+    assert fake.ocr_calls == [label_of(url)]  # the OCR model was given the URL
+    assert sent(fake_responses)["input"][0]["content"][0]["type"] == "input_text"
+
+
+async def test_a_plain_answer_to_a_committed_stream_becomes_its_final_event(
+    make_responses, fake, fake_responses
+):
+    proxy = await make_responses(ocr={"keepalive_after_s": 0.05, "keepalive_interval_s": 0.05})
+    fake.ocr_delay = 0.3
+    request = {"model": "plain-1-ocr", "stream": True, "input": codex_input("plain")}
+    body = await (await proxy.post(URL, json=request)).read()
+    assert body.startswith(b": keep-alive\n\n")
+    [(name, data)] = events_of(body)
+    assert name == "response.completed"
+    assert data["response"]["status"] == "completed"
+    assert data["response"]["output"][0]["content"][0]["text"].startswith("echo: [Image 2 ")

@@ -111,7 +111,7 @@ class _Walker:
     def image(self, part: RawObject, where: str) -> int | None:
         """The number of the image ``part`` holds; None for a ``file_id``-only one."""
         raw_url = part.get("image_url")
-        if raw_url is None or raw_url == b"null":
+        if raw_url is None or is_json(raw_url, b"n"):  # absent or null
             if "file_id" in part:
                 log.warning("a Files API image at %s is passed on as it is", where)
                 return None
@@ -148,20 +148,23 @@ class _Walker:
         where = f"input[{i}]"
         obj = decode_raw(object_decoder, raw, where)
         kind = _kind(obj)
-        key = "output" if kind in _TOOL_OUTPUTS or kind == "computer_call_output" else "content"
-        if kind not in (None, "message") and key == "content":
+        if kind is None or kind == "message":  # a message, in the long or the short form
+            key = "content"
+        elif kind in _TOOL_OUTPUTS or kind == "computer_call_output":
+            key = "output"
+        else:
             return  # reasoning, function_call, item_reference...: no images, left as sent
         value = obj.get(key)
         if value is None:
             return
         edit: Parts | int | None = None
-        if is_json(value, b"["):
-            if kind != "computer_call_output":
-                edit = self.parts(value, f"{where}.{key}")
-        elif kind == "computer_call_output" and is_json(value, b"{"):
-            output = decode_raw(object_decoder, value, f"{where}.output")
-            if _kind(output) == "computer_screenshot":
-                edit = self.image(output, f"{where}.output")
+        if kind == "computer_call_output":
+            if is_json(value, b"{"):
+                output = decode_raw(object_decoder, value, f"{where}.output")
+                if _kind(output) == "computer_screenshot":
+                    edit = self.image(output, f"{where}.output")
+        elif is_json(value, b"["):  # a string content or output has no images
+            edit = self.parts(value, f"{where}.{key}")
         if edit is not None:
             self.found.objects[i] = obj
             self.found.edits[i] = (key, edit)
@@ -197,6 +200,9 @@ _FINAL_EVENTS = {b'"incomplete"': "response.incomplete", b'"failed"': "response.
 
 
 class Responses(Dialect):
+    """Responses requests go to ``api = "openai"`` upstreams; the OCR model is never asked in
+    this dialect (it is called in its own upstream's, ``registry.BY_API``)."""
+
     name = "responses"
     api = "openai"
     path = "responses"
