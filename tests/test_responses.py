@@ -11,6 +11,8 @@ import openai
 import orjson
 import pytest
 
+from ocrproxy.dialects.responses import RESPONSES
+from ocrproxy.usage import UsageEditor
 from tests.fakes import data_url, image_part, label_of
 
 URL = "/v1/responses"
@@ -493,3 +495,23 @@ async def test_a_plain_answer_to_a_committed_stream_becomes_its_final_event(
     assert name == "response.completed"
     assert data["response"]["status"] == "completed"
     assert data["response"]["output"][0]["content"][0]["text"].startswith("echo: [Image 2 ")
+
+
+@pytest.mark.parametrize("piece", [1, 7, 10_000])
+def test_the_stream_editor_finds_the_final_usage_however_the_stream_is_cut(piece):
+    usage = {"input_tokens": 1, "output_tokens": 2, "total_tokens": 3}
+    events = [
+        {"type": "response.created", "response": {"id": "r", "usage": None}},
+        {"type": "response.in_progress", "response": {"id": "r", "usage": dict(usage)}},
+        {"type": "response.output_text.delta", "delta": '{"usage": {"a": 1}}'},
+        {"type": "response.completed", "response": {"id": "r", "usage": dict(usage)}},
+    ]
+    stream = b"".join(
+        b"event: " + e["type"].encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n" for e in events
+    )
+    editor = UsageEditor({"images": 1}, RESPONSES.stream_usage_path, RESPONSES.stream_usage_events)
+    out = b"".join(editor.feed(stream[i : i + piece]) for i in range(0, len(stream), piece))
+    out += editor.flush()
+    got = [data for _, data in events_of(out)]
+    assert got[:3] == events[:3]  # every other event as it came, usage or not
+    assert got[3]["response"]["usage"] == {**usage, "ocr": {"images": 1}}
