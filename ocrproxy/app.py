@@ -398,6 +398,7 @@ def create_app(cfg: config.Config) -> web.Application:
     app[LOCAL_BUDGET] = PixelBudget(cfg.ocr.local.max_decoded_bytes)
     app[streams.STREAMS] = streams.Streams()
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
+    app.router.add_post("/v1/responses", handlers.responses)
     app.router.add_post("/v1/messages", handlers.messages)
     app.router.add_post("/v1/messages/count_tokens", handlers.count_tokens)
     app.router.add_get("/v1/models", handlers.models)

@@ -1,7 +1,8 @@
 """Route handlers: thin functions that hand each request to its stage.
 
-The dialects' main routes go to the pipeline (``pipeline.serve``): Chat Completions, Anthropic
-Messages and its token count. ``models`` merges the upstreams' model lists (``models.py``).
+The dialects' main routes go to the pipeline (``pipeline.serve``): Chat Completions, Responses,
+Anthropic Messages and its token count. ``models`` merges the upstreams' model lists
+(``models.py``).
 Every other listed ``/v1/*`` route is the pass-through: relayed both ways, routed by ``model``
 if its body is JSON, in the API its path belongs to (``/v1/messages/...`` to Anthropic
 upstreams). Every body the proxy reads is judged by ``guard`` before any upstream call (names,
@@ -32,6 +33,7 @@ from .body import read_body
 from .dialects import Dialect, field_value
 from .dialects.chat import CHAT
 from .dialects.messages import MESSAGES
+from .dialects.responses import RESPONSES
 from .errors import BodyTimeout, NotFound, PayloadTooLarge
 from .guard import check_name, check_redirecting, deep
 from .schema import object_decoder
@@ -41,6 +43,11 @@ from .state import CONFIG, PASSTHROUGH, ROUTER, TRACE
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/chat/completions``: the product, for OpenAI clients."""
     return await pipeline.serve(request, CHAT)
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/responses``: the product, for Responses clients (Codex CLI, openai-agents)."""
+    return await pipeline.serve(request, RESPONSES)
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
@@ -155,6 +162,8 @@ def dialect_of(request: web.Request) -> Dialect:
         "anthropic-version" in request.headers
     ):
         return MESSAGES
+    if path == "/v1/responses":  # its other routes (retrieve, cancel...) are the pass-through
+        return RESPONSES
     return CHAT
 
 

@@ -129,7 +129,9 @@ async def _prepare(
     describer = request.app[DESCRIBER]
     describer.check_model(ocr_model, up)  # 404 unknown, 400 unavailable: before work
     settings = request.app[CONFIG].ocr
-    found = await _find(dialect, parsed, settings, len(memoryview(parsed.obj[dialect.items])))
+    items = parsed.obj.get(dialect.items)  # a dialect may let it be absent (Responses' input)
+    size = len(memoryview(items)) if items is not None else 0
+    found = await _find(dialect, parsed, settings, size)
     return up, found, describer.memory_hits(found.images, ocr_model, request.headers)
 
 

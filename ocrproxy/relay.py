@@ -382,7 +382,9 @@ async def relay(
 def _editor(
     ocr_usage: Mapping[str, Any] | None, edit: bool, framing: Framing
 ) -> UsageEditor | None:
-    return UsageEditor(ocr_usage, framing.usage_path) if ocr_usage is not None and edit else None
+    if ocr_usage is None or not edit:
+        return None
+    return UsageEditor(ocr_usage, framing.stream_usage_path, framing.stream_usage_events)
 
 
 async def relay_into(

@@ -1,11 +1,13 @@
 """Add ``usage.ocr`` to an answer: a plain JSON body or the SSE event that carries usage.
 
 Theory of operation: a plain answer is decoded only down the path to its ``usage`` object (the
-dialect's ``usage_path``: top-level for Chat Completions and Messages), which gains ``ocr``;
-everything else is re-encoded as it came (``msgspec.Raw``). In a stream, whole SSE
-events are reassembled only to find the one carrying ``usage``; every other byte passes through
-as it arrived. Whatever the editor must hold is bounded: one SSE event at most MAX_EVENT bytes
-(past that the event goes through unedited).
+dialect's ``usage_path``: top-level for every dialect so far), which gains ``ocr``; everything
+else is re-encoded as it came (``msgspec.Raw``). In a stream, whole SSE events are reassembled
+only to find the one carrying ``usage`` (at the dialect's ``stream_usage_path``, and only in an
+event of one of its ``stream_usage_events`` types when it names some: Responses nests a usage
+in events that must stay as they are); every other byte passes through as it arrived. Whatever
+the editor must hold is bounded: one SSE event at most MAX_EVENT bytes (past that the event
+goes through unedited).
 """
 
 from __future__ import annotations
@@ -24,18 +26,28 @@ _SEAM = 3  # bytes of the previous piece that can begin a separator ending in th
 
 
 def with_ocr_usage(
-    payload: bytes, ocr: msgspec.Raw, path: tuple[str, ...] = ("usage",)
+    payload: bytes,
+    ocr: msgspec.Raw,
+    path: tuple[str, ...] = ("usage",),
+    types: frozenset[bytes] = frozenset(),
 ) -> bytes | None:
     """``payload`` (a JSON object with an object at ``path``) with ``ocr`` added there, else
-    None."""
+    None. Given ``types`` (raw JSON strings), only an object whose ``type`` is one of them."""
     try:
-        return _with(payload, ocr, path)
+        return _with(payload, ocr, path, types)
     except msgspec.DecodeError:
         return None
 
 
-def _with(payload: bytes | msgspec.Raw, ocr: msgspec.Raw, path: tuple[str, ...]) -> bytes | None:
+def _with(
+    payload: bytes | msgspec.Raw,
+    ocr: msgspec.Raw,
+    path: tuple[str, ...],
+    types: frozenset[bytes] = frozenset(),
+) -> bytes | None:
     obj = object_decoder.decode(payload)
+    if types and bytes(obj.get("type", b"")) not in types:
+        return None
     inner = obj.get(path[0])
     if inner is None or not is_json(inner, b"{"):
         return None
@@ -80,10 +92,18 @@ class UsageEditor:
     editor passes bytes through until the next event boundary, where it resumes.
     """
 
-    def __init__(self, ocr_usage: Mapping[str, Any], path: tuple[str, ...] = ("usage",)) -> None:
+    def __init__(
+        self,
+        ocr_usage: Mapping[str, Any],
+        path: tuple[str, ...] = ("usage",),
+        events: frozenset[str] = frozenset(),
+    ) -> None:
+        """``events``: if any, only an event whose data has one of these ``type`` values is
+        edited."""
         self.ocr = msgspec.Raw(encoder.encode(ocr_usage))
         self.path = path
         self._mark = f'"{path[-1]}"'.encode()
+        self._types = frozenset(encoder.encode(name) for name in events)
         self._pending: list[bytes] = []
         self._size = 0
         self._tail = b""  # the last bytes seen of the event under way (to spot a split separator)
@@ -151,8 +171,10 @@ class UsageEditor:
     def _edit(self, line: bytes) -> bytes:
         if not line.startswith(b"data:") or self._mark not in line:
             return line
+        if self._types and not any(name in line for name in self._types):
+            return line  # not an event that may gain usage.ocr: not even decoded
         body = line[5:].strip()
-        edited = with_ocr_usage(body, self.ocr, self.path)
+        edited = with_ocr_usage(body, self.ocr, self.path, self._types)
         if edited is None:
             return line
         ending = line[len(line.rstrip(b"\r\n")) :]

@@ -180,3 +180,42 @@ def require_binary(name: str) -> str:
     if path is None:
         missing(f"`{name}` is not installed (apt-get install the package that provides it)")
     return path
+
+
+from tests.fake_responses import FakeResponses  # noqa: E402  (appended with its fixtures)
+
+
+@pytest.fixture
+async def fake_responses(aiohttp_server: Any) -> FakeResponses:
+    state = FakeResponses()
+    server: TestServer = await aiohttp_server(state.app())
+    state.url = str(server.make_url("/v1"))
+    return state
+
+
+def responses_upstream(fake: FakeResponses, **extra: Any) -> dict[str, Any]:
+    """An ``[[upstreams]]`` entry (``api = "openai"``) for the fake Responses upstream, listed
+    before the OpenAI one, which stays the OCR model's (``vision-1``) and serves other models."""
+    return {
+        "name": "responses",
+        "base_url": fake.url,
+        "api_key": "sk-responses-secret",
+        "models": ["glm-*", "codex-*", "fail-*", "incomplete-*", "plain-*"],
+        **extra,
+    }
+
+
+@pytest.fixture
+def make_responses(
+    aiohttp_client: Any, fake: FakeOpenAI, fake_responses: FakeResponses
+) -> ProxyFactory:
+    """A proxy with two OpenAI-API upstreams: the fake Responses one, then the fake OpenAI one."""
+
+    async def factory(**sections: dict[str, Any]) -> TestClient[Any, Any]:
+        openai = {"name": "fake", "base_url": fake.url, "api_key": "sk-upstream-secret"}
+        upstreams = [responses_upstream(fake_responses), openai]
+        cfg = make_config(fake, upstreams=upstreams, **sections)  # type: ignore[arg-type]
+        client: TestClient[Any, Any] = await aiohttp_client(create_app(cfg))
+        return client
+
+    return factory

@@ -4,7 +4,8 @@ Theory of operation: the OCR pipeline (``pipeline``) runs the same steps for eve
 the shapes differ. A dialect is one module holding one ``Dialect`` object that knows its own
 shapes and nothing else: the top-level fields of a request (``parse``), where its images live
 and how to put text in their place (``find``, ``splice``), where its answers carry ``usage``
-(``usage_path``) and what ``usage.ocr`` looks like there, its SSE framing (keep-alives, error
+(``usage_path``; in a stream, ``stream_usage_path`` in ``stream_usage_events``), what
+``usage.ocr`` looks like there, its SSE framing (keep-alives, error
 events) and its error JSON, and how a model behind an upstream that speaks it is asked to
 describe an image (``ocr_request``, ``ocr_answer``). Images leave a dialect as neutral
 ``images.Image`` records, so one description cache serves every dialect.
@@ -83,7 +84,11 @@ class Dialect:
     path: ClassVar[str]  # the upstream route, below the API's root
     items: ClassVar[str]  # the top-level array holding the conversation
     keep_alive: ClassVar[bytes]  # an SSE keep-alive the official clients skip
-    usage_path: ClassVar[tuple[str, ...]] = ("usage",)  # where a body or event holds usage
+    usage_path: ClassVar[tuple[str, ...]] = ("usage",)  # where a plain answer holds usage
+    # Where a stream's usage event holds it (as a plain answer, unless a dialect says not), and
+    # the event types that may carry it (none named: any event with an object there).
+    stream_usage_path: ClassVar[tuple[str, ...]] = ("usage",)
+    stream_usage_events: ClassVar[frozenset[str]] = frozenset()
     answer_name: ClassVar[str]  # what its answers are called, in error messages
 
     def parse(self, body: bytes | bytearray) -> Parsed:
@@ -97,11 +102,7 @@ class Dialect:
         if not model:
             raise BadRequest("`model` is required and must be a non-empty string", param="model")
         check_name(model, "model")
-        items = obj.get(self.items)
-        if items is None:
-            raise BadRequest(f"`{self.items}` is required", param=self.items)
-        if not is_json(items, b"["):
-            raise BadRequest(f"`{self.items}` must be an array", param=self.items)
+        self.check_items(obj.get(self.items))
         check_redirecting(obj)
         ocr_model = field_value(obj, "ocr_model")
         if ocr_model is not None and (not isinstance(ocr_model, str) or not ocr_model):
@@ -109,6 +110,13 @@ class Dialect:
         if ocr_model is not None:
             check_name(ocr_model, "ocr_model")
         return Parsed(obj, model, ocr_model, field_value(obj, "stream") is True)
+
+    def check_items(self, items: msgspec.Raw | None) -> None:
+        """A 400 unless the conversation field is there, as an array."""
+        if items is None:
+            raise BadRequest(f"`{self.items}` is required", param=self.items)
+        if not is_json(items, b"["):
+            raise BadRequest(f"`{self.items}` must be an array", param=self.items)
 
     def find(self, parsed: Parsed, max_images: int) -> Found:
         """Every image of the request; a 400 on a malformed shape, or at image
