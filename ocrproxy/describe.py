@@ -145,21 +145,10 @@ class Describer:
             return b""
         return credential_digest(upstream.client_credential(client_headers) or "")
 
-    def check_model(self, model: str, home: config.Upstream | None = None) -> None:
-        """Refuse an OCR model before any work: 404 if unrouted, 400 if the engine can't run,
-        or if only the client's key could pay for it at an upstream the request is not for."""
+    def check_model(self, model: str) -> None:
+        """Refuse an OCR model before any work: 404 if unrouted, 400 if the engine can't run."""
         if model != self.settings.local_alias:
-            up = self.router.route(model, None)
-            if not self._may_relay(up, home) and not up.api_key and not self.client_keys:
-                assert home is not None  # `_may_relay` holds without one
-                raise BadRequest(
-                    f"The OCR model `{model}` is served by the upstream `{up.name}`, which has "
-                    "no api_key of its own; in relay mode a client's key is only sent to the "
-                    f"upstream its request is for (`{home.name}`). Give `{up.name}` an "
-                    f"api_key, or pick an OCR model that `{home.name}` serves",
-                    param="ocr_model",
-                    code="ocr_model_unavailable",
-                )
+            self.router.route(model, None)
             return
         problem = self.engine.problem() if self.engine else local.INSTALL_HINT
         if problem is not None:
@@ -167,8 +156,9 @@ class Describer:
 
     @staticmethod
     def _may_relay(up: config.Upstream, home: config.Upstream | None) -> bool:
-        """Whether the client's own key may go to ``up``: only to the upstream the request is
-        for (a key for one vendor must never reach another), or anywhere from the CLI."""
+        """Whether the client's own key may go to ``up`` (relay mode): only to the upstream the
+        request is for, so a key for one vendor never reaches another; an OCR upstream of its
+        own without an api_key is called with no credentials (a local model needs none)."""
         return home is None or up is home
 
     def _key_model(self, model: str) -> tuple[str, ...]:

@@ -127,7 +127,7 @@ async def _prepare(
     up = request.app[ROUTER].route(real_model, dialect.api)
     trace.routed(up)
     describer = request.app[DESCRIBER]
-    describer.check_model(ocr_model, up)  # 404 unknown, 400 unavailable: before work
+    describer.check_model(ocr_model)  # 404 unknown, 400 unavailable: before work
     settings = request.app[CONFIG].ocr
     items = parsed.obj.get(dialect.items)  # a dialect may let it be absent (Responses' input)
     size = len(memoryview(items)) if items is not None else 0

@@ -603,11 +603,7 @@ async def test_ocr_retry_honours_retry_after(make_proxy, fake):
 async def test_ocr_connect_errors_are_retried(make_proxy, fake, unused_tcp_port):
     proxy = await make_proxy(
         upstreams=[
-            {  # a key of its own: a client's key would go only to its request's upstream
-                "base_url": f"http://127.0.0.1:{unused_tcp_port}/v1",
-                "models": ["vision-*"],
-                "api_key": "sk-ocr",
-            },
+            {"base_url": f"http://127.0.0.1:{unused_tcp_port}/v1", "models": ["vision-*"]},
             {"base_url": fake.url},
         ],
         ocr={"retries": 2, "retry_backoff_s": 0.2},
