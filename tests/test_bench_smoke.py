@@ -1,7 +1,7 @@
 """The benchmark harness end to end in seconds: it must run and say sane things, not be fast.
 
 ``python -m bench --smoke --json`` starts the fakes, the bare relay and the proxy as separate
-processes, runs all nine scenarios with tiny settings and prints one JSON report. Timings on a
+processes, runs all eleven scenarios with tiny settings and prints one JSON report. Timings on a
 shared test machine mean nothing; what is checked is that every scenario ran without request
 errors, that each figure the report derives exists and is plausible, and that no process
 outlives the run: neither a run that ends normally nor one that is killed (SIGKILL, as a test
@@ -37,6 +37,8 @@ SCENARIOS = [
     "7-local-ocr",
     "8-messages-passthrough",
     "9-messages-streaming",
+    "10-responses-passthrough",
+    "11-responses-streaming",
 ]
 
 
@@ -77,6 +79,7 @@ def test_every_target_has_a_finite_figure(report: dict[str, Any]) -> None:
     [
         ("1-passthrough", ("direct", "relay", "proxy", "ocr-hit")),
         ("8-messages-passthrough", ("direct", "relay", "proxy")),
+        ("10-responses-passthrough", ("direct", "relay", "proxy")),
     ],
 )
 def test_throughput_is_measured_for_all_three_targets(
@@ -94,13 +97,19 @@ def test_throughput_is_measured_for_all_three_targets(
 
 
 @pytest.mark.parametrize(
-    ("scenario", "end"), [("2-streaming", "[DONE]"), ("9-messages-streaming", "message_stop")]
+    ("scenario", "end"),
+    [
+        ("2-streaming", "[DONE]"),
+        ("9-messages-streaming", "message_stop"),
+        ("11-responses-streaming", "response.completed"),
+    ],
 )
 def test_streams_reach_done_and_first_byte_comes_first(
     report: dict[str, Any], scenario: str, end: str
 ) -> None:
-    # bench.client counts a stream whose last bytes lack ``end`` (its dialect's last event:
-    # only the fake's Messages stream sends ``message_stop``) as an error
+    # bench.client counts a stream that never sends ``end`` (its dialect's last event: only the
+    # fake's Messages stream sends ``message_stop``, only its Responses stream
+    # ``response.completed``) as an error
     raw = report["scenarios"][scenario]["raw"]
     for name, results in raw["streams"].items():
         for r in results:
