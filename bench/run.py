@@ -121,7 +121,7 @@ def targets_table(report: dict[str, Any]) -> str:
             met = {True: "yes", False: "NO", None: "-"}[t["met"]]
             rows.append(
                 {
-                    "metric": f"{name.split("-", 1)[0]}: {t['target']}",
+                    "metric": f"{name.split('-', 1)[0]}: {t['target']}",
                     "unit": t["unit"].strip(),
                     "measured": t["measured"],
                     "met": met,
