@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 import pytest
 
+from bench.run import _chosen
 from tests.conftest import require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -237,3 +238,17 @@ def test_no_child_outlives_a_killed_runner(how: signal.Signals, tmp_path: Path) 
             if _alive(pid, started):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    ("wanted", "picked"),
+    [
+        ("1", ["1-passthrough"]),  # not 10 and 11
+        ("10", ["10-responses-passthrough"]),
+        ("11", ["11-responses-streaming"]),
+        ("streaming", ["2-streaming", "9-messages-streaming", "11-responses-streaming"]),
+        ("responses", []),  # neither the start nor the end of a name
+    ],
+)
+def test_only_picks_scenarios_by_number_or_name(wanted: str, picked: list[str]) -> None:
+    assert [name for name in SCENARIOS if _chosen(name, wanted)] == picked
