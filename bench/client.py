@@ -4,8 +4,9 @@ Run as its own process (pinned next to the fakes): ``python -m bench.client '<js
 prints one JSON object. Specs (``kind`` selects):
 
 - ``streams``: ``concurrency`` workers share ``requests`` streaming requests; per request the
-  time to the first body byte (TTFB) and to the end of the stream (its last event seen:
-  ``[DONE]``, or ``message_stop`` with ``"api": "messages"``, an Anthropic Messages stream).
+  time to the first body byte (TTFB) and to the end of the stream; a stream that never sends
+  its dialect's last event (``[DONE]``; ``message_stop`` with ``"api": "messages"``, an
+  Anthropic Messages stream; ``response.completed`` with ``"api": "responses"``) is an error.
 - ``sequential``: ``n`` identical requests one after the other (``body``: a payload spec);
   with ``probe`` set, a second task meanwhile GETs that URL back to back and reports its worst
   latency: an upper bound on the longest event-loop stall of the server it probes.
@@ -41,17 +42,18 @@ DONE = payloads.CHAT.end.encode()  # a chat stream's last event
 
 
 def _body(spec: Spec) -> tuple[bytes, bytes]:
-    """A payload and the end of its stream, from ``{"padded": size}``, ``{"chat": {...}}``
-    (payloads.chat keyword arguments), ``{"messages": {...}}`` (payloads.messages) or
-    ``{"file": path}``."""
+    """A payload and the end of its stream, from ``{"padded": size}``, ``{"file": path}``, or
+    ``{API name: {...}}`` (``"chat"``, ``"messages"``, ``"responses"``: keyword arguments of its
+    payloads function; chat when none is named)."""
     if "file" in spec:
         with open(spec["file"], "rb") as f:
             return f.read(), DONE
     if "padded" in spec:
         return payloads.padded(spec["padded"], stream=spec.get("stream", False)), DONE
-    if "messages" in spec:
-        return payloads.messages(**spec["messages"]), payloads.MESSAGES.end.encode()
-    return payloads.chat(**spec.get("chat", {})), DONE
+    for name, api in payloads.API.items():
+        if name in spec:
+            return api.body(**spec[name]), api.end.encode()
+    return payloads.chat(), DONE
 
 
 async def _one(
@@ -61,22 +63,25 @@ async def _one(
     headers: dict[str, str],
     end: bytes = DONE,
 ) -> tuple[float, float, int]:
-    """(ttfb seconds, total seconds, status) for one request read to its end; a stream whose
-    last bytes lack ``end`` (its last event) is an error (599)."""
+    """(ttfb seconds, total seconds, status) for one request read to its end; a stream that
+    never sends ``end`` (its last event: a Responses stream's carries the whole response, so
+    look for it anywhere, not in the last bytes) is an error (599)."""
     started = time.perf_counter()
     async with session.post(url, data=body, headers=headers) as response:
         first = await response.content.readany()
         ttfb = time.perf_counter() - started
-        tail = first
+        window, seen, keep = first, end in first, len(end)
         while True:
             piece = await response.content.readany()
             if not piece:
                 break
-            tail = (tail + piece)[-64:]
+            if not seen:  # ``end`` may straddle two pieces
+                window = window[-keep:] + piece
+                seen = end in window
         total = time.perf_counter() - started
         status = response.status
         if status == 200 and response.content_type == "text/event-stream":
-            status = 200 if end in tail else 599
+            status = 200 if seen else 599
     return ttfb, total, status
 
 

@@ -13,6 +13,11 @@ middleware): keep-alive, ``Content-Length`` request bodies, fixed answers. Behav
   or a stream of ``message_start``, ``content_block_start``, ``ping``, ``X-Bench-Chunks``
   ``content_block_delta`` events (paced as above), ``content_block_stop``, ``message_delta``
   (with ``usage``) and ``message_stop``, each event in a chunk of its own.
+- A request to ``/v1/responses`` is answered in the OpenAI Responses shapes: a small
+  ``response`` object, or a stream of ``response.created``, ``response.output_item.added``,
+  ``response.content_part.added``, ``X-Bench-Chunks`` ``response.output_text.delta`` events,
+  ``response.output_text.done`` and ``response.completed`` (with ``usage``), numbered by
+  ``sequence_number``, without ``[DONE]``.
 
 Run: ``python -m bench.fake --port 9001 [--port 9002] --ocr-delay 0.3``; it prints ``READY``.
 """
@@ -22,6 +27,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 COMPLETION = (
     b'{"id":"chatcmpl-bench","object":"chat.completion","created":1,"model":"bench",'
@@ -72,6 +79,56 @@ MESSAGE_DELTA = (
     b'"usage":{"output_tokens":%d}}\n\n'
 )
 MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+OUTPUT = (
+    b'[{"id":"msg_bench","type":"message","role":"assistant","status":"completed",'
+    b'"content":[{"type":"output_text","text":"%s","annotations":[]}]}]'
+)
+RESPONSES_USAGE = (
+    b'{"input_tokens":12,"input_tokens_details":{"cached_tokens":0},"output_tokens":%d,'
+    b'"output_tokens_details":{"reasoning_tokens":0},"total_tokens":%d}'
+)
+RESPONSE = (
+    b'{"id":"resp_bench","object":"response","created_at":1,"status":"completed",'
+    b'"model":"bench","output":'
+    + OUTPUT % b"Hello! How can I help you today?"
+    + b',"usage":'
+    + RESPONSES_USAGE % (9, 21)
+    + b"}"
+)
+RESPONSE_CREATED = (
+    b"event: response.created\n"
+    b'data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_bench",'
+    b'"object":"response","created_at":1,"status":"in_progress","model":"bench","output":[],'
+    b'"usage":null}}\n\n'
+)
+ITEM_ADDED = (
+    b"event: response.output_item.added\n"
+    b'data: {"type":"response.output_item.added","sequence_number":1,"output_index":0,'
+    b'"item":{"id":"msg_bench","type":"message","role":"assistant","status":"in_progress",'
+    b'"content":[]}}\n\n'
+)
+PART_ADDED = (
+    b"event: response.content_part.added\n"
+    b'data: {"type":"response.content_part.added","sequence_number":2,"item_id":"msg_bench",'
+    b'"output_index":0,"content_index":0,"part":{"type":"output_text","text":"",'
+    b'"annotations":[]}}\n\n'
+)
+TEXT_DELTA = (
+    b"event: response.output_text.delta\n"
+    b'data: {"type":"response.output_text.delta","sequence_number":%d,"item_id":"msg_bench",'
+    b'"output_index":0,"content_index":0,"delta":"tok ","logprobs":[]}\n\n'
+)
+TEXT_DONE = (
+    b"event: response.output_text.done\n"
+    b'data: {"type":"response.output_text.done","sequence_number":%d,"item_id":"msg_bench",'
+    b'"output_index":0,"content_index":0,"text":"%s","logprobs":[]}\n\n'
+)
+RESPONSE_COMPLETED = (
+    b"event: response.completed\n"
+    b'data: {"type":"response.completed","sequence_number":%d,"response":{"id":"resp_bench",'
+    b'"object":"response","created_at":1,"status":"completed","model":"bench","output":%s,'
+    b'"usage":%s}}\n\n'
+)
 
 
 def _plain(body: bytes) -> bytes:
@@ -91,18 +148,64 @@ STREAM_HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
     b"Transfer-Encoding: chunked\r\n\r\n"
 )
-PLAIN = _plain(COMPLETION)
 OCR_ANSWER = _plain(DESCRIPTION)
-CHUNK_FRAME = _chunk(CHUNK)
-END_FRAME = _chunk(DONE) + b"0\r\n\r\n"
-PLAIN_MESSAGE = _plain(MESSAGE)
-MESSAGES_HEAD = STREAM_HEAD + _chunk(MESSAGE_START) + _chunk(BLOCK_START) + _chunk(PING)
-DELTA_FRAME = _chunk(DELTA)
+END = b"0\r\n\r\n"  # the last chunk of a chunked body
 
 
-def messages_end(deltas: int) -> bytes:
-    """The frames after the last delta, ``message_delta`` counting ``deltas`` output tokens."""
-    return _chunk(BLOCK_STOP) + _chunk(MESSAGE_DELTA % deltas) + _chunk(MESSAGE_STOP) + b"0\r\n\r\n"
+@dataclass(frozen=True)
+class Shapes:
+    """How one dialect answers: its plain answer, its stream's opening frames, its ``i``-th
+    chunk (0-based), and the frames after ``n`` chunks (the chunked body's end included)."""
+
+    plain: bytes
+    head: bytes
+    chunk: Callable[[int], bytes]
+    end: Callable[[int], bytes]
+
+
+def _frames(*events: bytes) -> bytes:
+    return b"".join(_chunk(event) for event in events)
+
+
+def _constant(frame: bytes) -> Callable[[int], bytes]:
+    return lambda _: frame
+
+
+def _messages_end(n: int) -> bytes:
+    return _frames(BLOCK_STOP, MESSAGE_DELTA % n, MESSAGE_STOP) + END
+
+
+def _responses_end(n: int) -> bytes:
+    text = b"tok " * n
+    usage = RESPONSES_USAGE % (n, 12 + n)
+    done = TEXT_DONE % (3 + n, text)
+    return _frames(done, RESPONSE_COMPLETED % (4 + n, OUTPUT % text, usage)) + END
+
+
+CHAT = Shapes(
+    _plain(COMPLETION), STREAM_HEAD, _constant(_chunk(CHUNK)), _constant(_chunk(DONE) + END)
+)
+MESSAGES = Shapes(
+    _plain(MESSAGE),
+    STREAM_HEAD + _frames(MESSAGE_START, BLOCK_START, PING),
+    _constant(_chunk(DELTA)),
+    _messages_end,
+)
+RESPONSES = Shapes(
+    _plain(RESPONSE),
+    STREAM_HEAD + _frames(RESPONSE_CREATED, ITEM_ADDED, PART_ADDED),
+    lambda i: _chunk(TEXT_DELTA % (3 + i)),
+    _responses_end,
+)
+ROUTES = ((b"POST /v1/messages", MESSAGES), (b"POST /v1/responses", RESPONSES))
+
+
+def shapes(request_line: bytes) -> Shapes:
+    """The dialect a request line asks for: Messages, Responses, or (any other path) chat."""
+    for prefix, found in ROUTES:
+        if request_line.startswith(prefix):
+            return found
+    return CHAT
 
 
 class FakeUpstream(asyncio.Protocol):
@@ -114,7 +217,7 @@ class FakeUpstream(asyncio.Protocol):
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
         self.busy: asyncio.Task[None] | None = None
-        self.head: tuple[dict[bytes, bytes], int, bool] | None = None  # headers, length, Messages
+        self.head: tuple[dict[bytes, bytes], int, Shapes] | None = None  # headers, length
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -141,28 +244,27 @@ class FakeUpstream(asyncio.Protocol):
                 for line in lines[1:]:
                     name, _, value = line.partition(b":")
                     headers[name.strip().lower()] = value.strip()
-                is_messages = lines[0].startswith(b"POST /v1/messages")
-                self.head = headers, int(headers.get(b"content-length", b"0")), is_messages
-            headers, length, is_messages = self.head
+                self.head = headers, int(headers.get(b"content-length", b"0")), shapes(lines[0])
+            headers, length, dialect = self.head
             if len(self.buffer) < length:
                 return
             body = bytes(self.buffer[:length])
             del self.buffer[:length]
             self.head = None
-            if not self._answer(headers, body, is_messages):
+            if not self._answer(headers, body, dialect):
                 return
 
-    def _answer(self, headers: dict[bytes, bytes], body: bytes, is_messages: bool) -> bool:
+    def _answer(self, headers: dict[bytes, bytes], body: bytes, dialect: Shapes) -> bool:
         """Answer now (True), or start a task that answers and resumes parsing (False)."""
         assert self.transport is not None
         latency = float(headers.get(b"x-bench-latency", b"0"))
-        is_ocr = not is_messages and body.startswith(b'{"model":"vision')
+        is_ocr = dialect is CHAT and body.startswith(b'{"model":"vision')
         stream = not is_ocr and b'"stream":true' in body
         if not stream and not is_ocr and not latency:
-            self.transport.write(PLAIN_MESSAGE if is_messages else PLAIN)
+            self.transport.write(dialect.plain)
             return True
         self.busy = asyncio.get_running_loop().create_task(
-            self._slow(headers, latency, is_ocr, stream, is_messages)
+            self._slow(headers, latency, is_ocr, stream, dialect)
         )
         return False
 
@@ -172,7 +274,7 @@ class FakeUpstream(asyncio.Protocol):
         latency: float,
         is_ocr: bool,
         stream: bool,
-        is_messages: bool,
+        dialect: Shapes,
     ) -> None:
         transport = self.transport
         assert transport is not None
@@ -185,10 +287,10 @@ class FakeUpstream(asyncio.Protocol):
             chunks = int(headers.get(b"x-bench-chunks", b"20"))
             delay = float(headers.get(b"x-bench-delay", b"0"))
             hold = float(headers.get(b"x-bench-hold", b"0"))
-            transport.write(MESSAGES_HEAD if is_messages else STREAM_HEAD)
-            frame = DELTA_FRAME if is_messages else CHUNK_FRAME
+            transport.write(dialect.head)
+            chunk = dialect.chunk
             for i in range(chunks):
-                transport.write(frame)
+                transport.write(chunk(i))
                 if i == 0 and hold:
                     await asyncio.sleep(hold)
                 if delay:
@@ -197,9 +299,9 @@ class FakeUpstream(asyncio.Protocol):
                     await asyncio.sleep(0)  # let other connections and the reader in
                 if transport.is_closing():
                     return
-            transport.write(messages_end(chunks) if is_messages else END_FRAME)
+            transport.write(dialect.end(chunks))
         else:
-            transport.write(PLAIN_MESSAGE if is_messages else PLAIN)
+            transport.write(dialect.plain)
         self.busy = None
         if self.buffer:
             self._parse()

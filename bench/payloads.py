@@ -1,6 +1,6 @@
 """Request bodies for the scenarios: small chats, streams, chats carrying distinct images, and
-their Anthropic Messages counterparts; ``API`` says where each dialect is posted and how its
-stream ends."""
+their Anthropic Messages and OpenAI Responses counterparts; ``API`` says where each dialect is
+posted and how its stream ends."""
 
 from __future__ import annotations
 
@@ -70,10 +70,24 @@ def messages(model: str = PLAIN_MODEL, *, stream: bool = False) -> bytes:
     return orjson.dumps(body)
 
 
+def responses(model: str = PLAIN_MODEL, *, stream: bool = False) -> bytes:
+    """A one-message OpenAI Responses request, the chat request's counterpart (no OCR)."""
+    body: dict[str, Any] = {
+        "model": model,
+        "instructions": "You are a helpful assistant.",
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": QUESTION}]}],
+        "store": False,
+        "temperature": 0.2,
+    }
+    if stream:
+        body["stream"] = True
+    return orjson.dumps(body)
+
+
 @dataclass(frozen=True)
 class Api:
     """A dialect as the load drivers see it: its path, its bodies, its headers, and the text
-    its stream's last event carries (a stream without it did not end)."""
+    its stream's last event carries (a stream that never sent it did not end)."""
 
     name: str
     path: str
@@ -86,4 +100,5 @@ CHAT = Api("chat", "/v1/chat/completions", chat, "[DONE]")
 MESSAGES = Api(
     "messages", "/v1/messages", messages, "message_stop", {"anthropic-version": "2023-06-01"}
 )
-API = {api.name: api for api in (CHAT, MESSAGES)}
+RESPONSES = Api("responses", "/v1/responses", responses, "response.completed")
+API = {api.name: api for api in (CHAT, MESSAGES, RESPONSES)}

@@ -156,6 +156,12 @@ def messages_passthrough(b: Bench, s: Settings) -> Result:
     return _passthrough(b, s, payloads.MESSAGES)
 
 
+def responses_passthrough(b: Bench, s: Settings) -> Result:
+    """Scenario 10: scenario 8 for the OpenAI Responses API: a small ``POST /v1/responses``
+    with no OCR switch, forwarded byte for byte to the ``api = "openai"`` upstream."""
+    return _passthrough(b, s, payloads.RESPONSES)
+
+
 def _passthrough(b: Bench, s: Settings, api: payloads.Api) -> Result:
     rows: list[Row] = []
     raw: dict[str, Any] = {}
@@ -227,6 +233,14 @@ def messages_streaming(b: Bench, s: Settings) -> Result:
     ``content_block_delta`` event, between Anthropic's ``message_start``, ``content_block_start``
     and ``ping`` and its ``content_block_stop``, ``message_delta`` and ``message_stop``."""
     return _streaming(b, s, payloads.MESSAGES)
+
+
+def responses_streaming(b: Bench, s: Settings) -> Result:
+    """Scenario 11: scenario 2 for Responses streams (no OCR switch): each chunk is a
+    ``response.output_text.delta`` event, after ``response.created``,
+    ``response.output_item.added`` and ``response.content_part.added``, before
+    ``response.output_text.done`` and ``response.completed`` (with ``usage``); no ``[DONE]``."""
+    return _streaming(b, s, payloads.RESPONSES)
 
 
 def _streaming(b: Bench, s: Settings, api: payloads.Api) -> Result:
@@ -645,4 +659,6 @@ SCENARIOS: dict[str, Callable[[Bench, Settings], Result]] = {
     "7-local-ocr": local_ocr,
     "8-messages-passthrough": messages_passthrough,
     "9-messages-streaming": messages_streaming,
+    "10-responses-passthrough": responses_passthrough,
+    "11-responses-streaming": responses_streaming,
 }

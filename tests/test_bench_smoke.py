@@ -1,7 +1,7 @@
 """The benchmark harness end to end in seconds: it must run and say sane things, not be fast.
 
 ``python -m bench --smoke --json`` starts the fakes, the bare relay and the proxy as separate
-processes, runs all nine scenarios with tiny settings and prints one JSON report. Timings on a
+processes, runs all eleven scenarios with tiny settings and prints one JSON report. Timings on a
 shared test machine mean nothing; what is checked is that every scenario ran without request
 errors, that each figure the report derives exists and is plausible, and that no process
 outlives the run: neither a run that ends normally nor one that is killed (SIGKILL, as a test
@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 import pytest
 
+from bench.run import _chosen
 from tests.conftest import require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,8 @@ SCENARIOS = [
     "7-local-ocr",
     "8-messages-passthrough",
     "9-messages-streaming",
+    "10-responses-passthrough",
+    "11-responses-streaming",
 ]
 
 
@@ -77,6 +80,7 @@ def test_every_target_has_a_finite_figure(report: dict[str, Any]) -> None:
     [
         ("1-passthrough", ("direct", "relay", "proxy", "ocr-hit")),
         ("8-messages-passthrough", ("direct", "relay", "proxy")),
+        ("10-responses-passthrough", ("direct", "relay", "proxy")),
     ],
 )
 def test_throughput_is_measured_for_all_three_targets(
@@ -94,13 +98,19 @@ def test_throughput_is_measured_for_all_three_targets(
 
 
 @pytest.mark.parametrize(
-    ("scenario", "end"), [("2-streaming", "[DONE]"), ("9-messages-streaming", "message_stop")]
+    ("scenario", "end"),
+    [
+        ("2-streaming", "[DONE]"),
+        ("9-messages-streaming", "message_stop"),
+        ("11-responses-streaming", "response.completed"),
+    ],
 )
 def test_streams_reach_done_and_first_byte_comes_first(
     report: dict[str, Any], scenario: str, end: str
 ) -> None:
-    # bench.client counts a stream whose last bytes lack ``end`` (its dialect's last event:
-    # only the fake's Messages stream sends ``message_stop``) as an error
+    # bench.client counts a stream that never sends ``end`` (its dialect's last event: only the
+    # fake's Messages stream sends ``message_stop``, only its Responses stream
+    # ``response.completed``) as an error
     raw = report["scenarios"][scenario]["raw"]
     for name, results in raw["streams"].items():
         for r in results:
@@ -228,3 +238,17 @@ def test_no_child_outlives_a_killed_runner(how: signal.Signals, tmp_path: Path) 
             if _alive(pid, started):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    ("wanted", "picked"),
+    [
+        ("1", ["1-passthrough"]),  # not 10 and 11
+        ("10", ["10-responses-passthrough"]),
+        ("11", ["11-responses-streaming"]),
+        ("streaming", ["2-streaming", "9-messages-streaming", "11-responses-streaming"]),
+        ("responses", []),  # neither the start nor the end of a name
+    ],
+)
+def test_only_picks_scenarios_by_number_or_name(wanted: str, picked: list[str]) -> None:
+    assert [name for name in SCENARIOS if _chosen(name, wanted)] == picked
