@@ -13,8 +13,9 @@ the dialect's answers carry usage.
 A streaming request whose OCR step outlasts ``keepalive_after_s`` gets its 200 and SSE headers
 early, then the dialect's keep-alives, so that nginx and chat frontends do not give up while
 the images are being described; an error after that point is an error event in the dialect's
-framing. ``count`` is the token-counting variant: it rewrites with cached descriptions only
-(a placeholder of typical size for the others) and never calls the OCR model.
+framing. ``serve(..., counting=True)`` is the token-counting variant (``_count``): it rewrites
+with descriptions cached in memory only (a placeholder of typical size for the others) and never
+calls the OCR model or fetches an image.
 """
 
 from __future__ import annotations
