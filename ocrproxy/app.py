@@ -3,12 +3,11 @@
 One middleware wraps every request: it assigns the request id (kept from a sane incoming
 ``X-Request-Id``, else new), refuses a path that is not spelled canonically, checks the client
 key on ``/v1`` routes (``Authorization: Bearer`` or ``x-api-key``), renders every
-``ProxyError`` in the error shape of the path's dialect (Anthropic's under ``/v1/messages``,
-OpenAI's elsewhere), turns anything
+``ProxyError`` in the error shape of the request's dialect (Anthropic's under ``/v1/messages``
+and for an Anthropic client of the model routes, OpenAI's elsewhere), turns anything
 unexpected into a 500 without leaking internals, counts the request in the metrics and writes
 the one access-log line (one layer: each middleware is a wrapper and a coroutine more on every
-request). The client session, cache and describer are
-opened and closed in a ``cleanup_ctx``.
+request). The client session, cache and describer are opened and closed in a ``cleanup_ctx``.
 
 Paths are judged as the client sent them (``rel_url.raw_path``), not as aiohttp decoded them:
 the pass-through forwards the raw path, so a dot segment (``..``, ``%2e%2e``, ``.%2E``), an
