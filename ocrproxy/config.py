@@ -139,6 +139,11 @@ class Ocr(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     suffix: str = DEFAULT_SUFFIX
     # Globs of models that cannot see: their images are described without any suffix.
     text_only_models: tuple[str, ...] = ()
+    # Which listed models get an `-ocr` twin in /v1/models: those matching `list_twins` (empty:
+    # every chat model, i.e. not an embedding, tts, whisper, dall-e, image, moderation or rerank
+    # model), minus those matching `hide_twins` and `text_only_models` (already OCR'd).
+    list_twins: tuple[str, ...] = ()
+    hide_twins: tuple[str, ...] = ()
     prompt: str = DEFAULT_PROMPT
     max_tokens: int = 1500
     max_concurrency: int = 32

@@ -3,15 +3,19 @@
 Theory of operation: the upstreams speaking the client's API are asked at once (OpenAI's
 ``{"object": "list", "data": [...]}``, or Anthropic's page ``{"data", "has_more", "first_id",
 "last_id"}`` for a client that sends ``anthropic-version``; asked for its largest page, so that
-the one page the proxy answers is the whole list). The first upstream to list a model
-id wins; every id then gets an ``-ocr`` twin (unless it already ends with the suffix or has
-one). If no upstream answered with a list, the first failure is the answer: relayed as the
-upstream sent it (masked), or the proxy's own error.
+the one page the proxy answers is the whole list). The first upstream to list a model id
+wins. Each chat model's ``-ocr`` twin comes right after it, so a picker shows the pair
+together; models that are not chat models (embeddings, speech, image generation, moderation,
+rerankers: ``NOT_CHAT``), ids already ending with the suffix, and models in
+``text_only_models`` (already OCR'd) get none; ``[ocr] list_twins``/``hide_twins`` let the
+operator choose otherwise. If no upstream answered with a list, the first failure is the
+answer: relayed as the upstream sent it (masked), or the proxy's own error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 from typing import Any
 
 import msgspec
@@ -48,20 +52,56 @@ async def _listing(request: web.Request, up: config.Upstream) -> list[dict[str, 
         return UpstreamError("An upstream's model list is malformed")
 
 
-def merge(listings: list[list[dict[str, Any]]], suffix: str) -> list[dict[str, Any]]:
-    """The entries by id (first listing wins), then an OCR twin of each."""
+# Ids of models that take no chat messages, matched case-insensitively: no OCR twin for them.
+NOT_CHAT = (
+    "*embed*",
+    "*tts*",
+    "*whisper*",
+    "*transcribe*",
+    "dall-e*",
+    "*image*",
+    "*moderation*",
+    "*rerank*",
+)
+
+
+def _matches(model_id: str, globs: tuple[str, ...]) -> bool:
+    low = model_id.lower()
+    return any(fnmatch.fnmatchcase(low, glob.lower()) for glob in globs)
+
+
+def wants_twin(model_id: str, settings: config.Ocr) -> bool:
+    """Whether ``model_id`` is offered with the OCR suffix too."""
+    if model_id.endswith(settings.suffix):
+        return False
+    if settings.list_twins:
+        if not _matches(model_id, settings.list_twins):
+            return False
+    elif _matches(model_id, NOT_CHAT):
+        return False
+    return not _matches(model_id, settings.hide_twins + settings.text_only_models)
+
+
+def merge(listings: list[list[dict[str, Any]]], settings: config.Ocr) -> list[dict[str, Any]]:
+    """The entries by id (first listing wins), each followed by its OCR twin if it gets one
+    (an upstream's own ``-ocr`` entry stands in for the twin, right after its base)."""
     seen: dict[str, dict[str, Any]] = {}
     for entries in listings:
         for entry in entries:
             model_id = entry.get("id")
             if isinstance(model_id, str):
                 seen.setdefault(model_id, entry)
-    twins = [
-        _twin(entry, model_id + suffix)
-        for model_id, entry in seen.items()
-        if not model_id.endswith(suffix) and model_id + suffix not in seen
-    ]
-    return list(seen.values()) + twins
+    suffix = settings.suffix
+    out: list[dict[str, Any]] = []
+    for model_id, entry in seen.items():
+        if model_id.endswith(suffix) and model_id[: -len(suffix)] in seen:
+            continue  # placed after its base
+        out.append(entry)
+        if model_id + suffix in seen:
+            out.append(seen[model_id + suffix])
+        elif wants_twin(model_id, settings):
+            out.append(_twin(entry, model_id + suffix))
+    return out
 
 
 def _twin(entry: dict[str, Any], twin_id: str) -> dict[str, Any]:
@@ -98,6 +138,6 @@ async def serve(request: web.Request, api: str) -> web.Response:
         return web.Response(
             status=status, body=redact.redact(payload, secrets), content_type="application/json"
         )
-    data = merge(listings, request.app[CONFIG].ocr.suffix)
+    data = merge(listings, request.app[CONFIG].ocr)
     body = redact.redact(encoder.encode(_page(data, api)), secrets)
     return web.Response(body=body, content_type="application/json")

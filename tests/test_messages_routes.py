@@ -564,18 +564,18 @@ async def test_an_anthropic_client_gets_anthropics_page_from_anthropic_upstreams
     assert r.status == 200
     page = await r.json()
     ids = [entry["id"] for entry in page["data"]]
-    assert ids == [
+    assert ids == [  # each twin right after its base model
         "deepseek-v4-pro",
-        "claude-haiku-4-5",
-        "glm-4.6",
         "deepseek-v4-pro-ocr",
+        "claude-haiku-4-5",
         "claude-haiku-4-5-ocr",
+        "glm-4.6",
         "glm-4.6-ocr",
     ]
     for entry in page["data"]:
         assert set(entry) == {"type", "id", "display_name", "created_at"}
         assert entry["type"] == "model"
-    twin = page["data"][3]
+    twin = page["data"][1]
     assert twin["display_name"] == "Deepseek V4 Pro (OCR)"
     assert twin["created_at"] == "2026-01-01T00:00:00Z"
     assert page["has_more"] is False
@@ -593,8 +593,8 @@ async def test_an_anthropic_client_gets_anthropics_page_from_anthropic_upstreams
     assert listing["object"] == "list"
     assert [m["id"] for m in listing["data"]] == [
         "gpt-3.5-turbo",
-        "deepseek-chat",
         "gpt-3.5-turbo-ocr",
+        "deepseek-chat",
         "deepseek-chat-ocr",
     ]
     assert all(m["object"] == "model" for m in listing["data"])
@@ -627,7 +627,7 @@ async def test_an_anthropic_model_list_longer_than_a_default_page_is_listed_whol
     r = await proxy.get("/v1/models", headers=VERSION)
     assert r.status == 200
     page = await r.json()
-    assert [m["id"] for m in page["data"]] == ids + [m + "-ocr" for m in ids]
+    assert [m["id"] for m in page["data"]] == [i for m in ids for i in (m, m + "-ocr")]
     assert page["has_more"] is False
     assert len(asked) == 1
 

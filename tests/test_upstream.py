@@ -210,12 +210,12 @@ async def test_models_are_merged_and_offered_with_suffix(make_proxy, fake, aioht
     r = await proxy.get("/v1/models")
     assert r.status == 200
     ids = [m["id"] for m in (await r.json())["data"]]
-    assert ids == [
+    assert ids == [  # each twin right after its base model
         "gpt-3.5-turbo",
-        "deepseek-chat",
-        "llama3",
         "gpt-3.5-turbo-ocr",
+        "deepseek-chat",
         "deepseek-chat-ocr",
+        "llama3",
         "llama3-ocr",
     ]
 
