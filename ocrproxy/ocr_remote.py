@@ -1,6 +1,6 @@
 """The OCR model over HTTP: one call per image, in the API its upstream speaks, with retries.
 
-Theory of operation: the request body is the OCR model's dialect's (``Dialect.ocr_request``):
+Theory of operation: the request body is the OCR model's dialect's (``OcrCall.ocr_request``):
 the analysis prompt, the image and a bounded ``max_tokens``, non-streaming. A long base64 text
 is sent a piece at a time straight from the client's own body (or the fetcher's encoding), so
 the body is never held as one more copy of the image. Calls run under one semaphore
@@ -26,7 +26,7 @@ import aiohttp
 
 from . import config, upstream
 from .cache import Description
-from .dialects import Dialect, reason
+from .dialects import OcrCall, reason
 from .dialects.registry import BY_API
 from .images import Image
 from .logs import redact
@@ -119,7 +119,7 @@ class RemoteReader:
         self.semaphore = asyncio.Semaphore(settings.max_concurrency)
         self.on_call = on_call  # (model, ok, seconds): metrics
 
-    def _body(self, dialect: Dialect, image: Image, model: str) -> bytes | _Pieces:
+    def _body(self, dialect: OcrCall, image: Image, model: str) -> bytes | _Pieces:
         """The OCR request body: bytes, or pieces to send one after another for a long one."""
         head, middle, tail = dialect.ocr_request(model, self.settings, image)
         if len(middle) < upstream.PIECE:

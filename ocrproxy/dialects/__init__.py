@@ -5,9 +5,9 @@ the shapes differ. A dialect is one module holding one ``Dialect`` object that k
 shapes and nothing else: the top-level fields of a request (``parse``), where its images live
 and how to put text in their place (``find``, ``splice``), where its answers carry ``usage``
 (``usage_path``; in a stream, ``stream_usage_path`` in ``stream_usage_events``), what
-``usage.ocr`` looks like there, its SSE framing (keep-alives, error
-events) and its error JSON, and how a model behind an upstream that speaks it is asked to
-describe an image (``ocr_request``, ``ocr_answer``). Images leave a dialect as neutral
+``usage.ocr`` looks like there, its SSE framing (keep-alives, error events) and its error JSON.
+A dialect that upstreams speak also says how a model behind one is asked to describe an image
+(``OcrCall``: ``ocr_request``, ``ocr_answer``). Images leave a dialect as neutral
 ``images.Image`` records, so one description cache serves every dialect.
 
 An upstream speaks one API (``[[upstreams]] api``); a dialect's requests go only to upstreams
@@ -19,17 +19,18 @@ and its routes.
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import msgspec
 
 from .. import config
-from ..errors import BadRequest, ProxyError
+from ..errors import BadRequest, InvalidImage, ProxyError
 from ..guard import check_name, check_redirecting, deep
-from ..images import Image, decode_raw, inline, raw_string_bytes, str_decoder
-from ..schema import RawObject, encoder, is_json, object_decoder
+from ..images import Image, decode_raw, from_data_url, inline, raw_string_bytes, str_decoder
+from ..schema import RawObject, encoder, is_json, messages_decoder, object_decoder
 
 log = logging.getLogger("ocrproxy.dialects")
 
@@ -76,8 +77,8 @@ def decode_top(body: bytes | bytearray) -> RawObject:
         raise deep() from None
 
 
-class Dialect:
-    """One API's shapes. Subclasses fill in the class attributes and the shape methods."""
+class Dialect(ABC):
+    """One API's shapes. Subclasses fill in the class attributes and the abstract methods."""
 
     name: ClassVar[str]  # in logs and metrics: "chat", "messages"
     api: ClassVar[str]  # the `[[upstreams]] api` its requests go to
@@ -89,7 +90,6 @@ class Dialect:
     # the event types that may carry it (none named: any event with an object there).
     stream_usage_path: ClassVar[tuple[str, ...]] = ("usage",)
     stream_usage_events: ClassVar[frozenset[str]] = frozenset()
-    answer_name: ClassVar[str]  # what its answers are called, in error messages
 
     def parse(self, body: bytes | bytearray) -> Parsed:
         """Decode the top level and check what the proxy reads of it (400 otherwise)."""
@@ -118,49 +118,39 @@ class Dialect:
         if not is_json(items, b"["):
             raise BadRequest(f"`{self.items}` must be an array", param=self.items)
 
+    @abstractmethod
     def find(self, parsed: Parsed, max_images: int) -> Found:
         """Every image of the request; a 400 on a malformed shape, or at image
         ``max_images + 1``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def splice(self, parsed: Parsed, found: Found, blocks: Sequence[str], model: str) -> bytes:
         """The text-only request: ``blocks[i]`` in place of ``found.images[i]``, ``model`` as
         the model, ``ocr_model`` gone, every other byte as the client sent it."""
-        raise NotImplementedError
 
     def edits_stream(self, parsed: Parsed) -> bool:
         """Whether the stream's usage event gains ``usage.ocr``."""
         return True
 
+    @abstractmethod
     def ocr_usage(self, usage: Mapping[str, Any]) -> dict[str, Any]:
         """``usage.ocr`` in this dialect's words, from ``describe.OcrReport.usage``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def error_body(self, error: ProxyError) -> bytes:
-        raise NotImplementedError
+        """An error the proxy makes, as this dialect's error JSON."""
 
+    @abstractmethod
     def error_event(self, error: ProxyError | bytes) -> bytes:
         """An SSE event carrying an error (``bytes``: an error body already in this shape)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def upstream_error_event(self, status: int, payload: bytes) -> bytes:
         """An error event for an upstream's non-200 answer to a stream already committed."""
-        raise NotImplementedError
 
+    @abstractmethod
     def as_events(self, payload: bytes) -> bytes:
         """A plain JSON answer to a streaming request, as this dialect's events."""
-        raise NotImplementedError
-
-    def ocr_request(
-        self, model: str, settings: config.Ocr, image: Image
-    ) -> tuple[bytes, bytes | memoryview, bytes]:
-        """The body asking ``model`` to describe ``image``: (head, image characters, tail),
-        so that a long base64 text is sent from where it lies."""
-        raise NotImplementedError
-
-    def ocr_answer(self, payload: bytes) -> tuple[str, int, int] | None:
-        """(text, input tokens, output tokens) of the OCR model's answer; None if malformed."""
-        raise NotImplementedError
 
     def encode(self, obj: RawObject, items: Any, model: str) -> bytes:
         """The top level with ``items`` and ``model`` replaced and ``ocr_model`` dropped."""
@@ -171,15 +161,74 @@ class Dialect:
         return encoder.encode(out)
 
 
+class OcrCall(Protocol):
+    """How a model behind an upstream of one API is asked to describe an image: what the
+    dialects that upstreams speak (``registry.BY_API``) add to ``Dialect``."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def answer_name(self) -> str:
+        """What its answers are called, in error messages."""
+        ...
+
+    def ocr_request(
+        self, model: str, settings: config.Ocr, image: Image
+    ) -> tuple[bytes, bytes | memoryview, bytes]:
+        """The body asking ``model`` to describe ``image``: (head, image characters, tail),
+        so that a long base64 text is sent from where it lies."""
+        ...
+
+    def ocr_answer(self, payload: bytes) -> tuple[str, int, int] | None:
+        """(text, input tokens, output tokens) of the OCR model's answer; None if malformed."""
+        ...
+
+
+def string_field(obj: RawObject, name: str) -> str | None:
+    """A string field of a raw JSON object; None if it is absent or not a string."""
+    raw = obj.get(name)
+    if raw is None or not is_json(raw, b'"'):
+        return None
+    value: str = str_decoder.decode(raw)
+    return value
+
+
+def kind_of(obj: RawObject) -> str | None:
+    """An item's, part's or block's ``type``; None if it has none (or not a string)."""
+    return string_field(obj, "type")
+
+
+def decode_messages(raw: msgspec.Raw) -> list[RawObject]:
+    """A ``messages`` array of objects, decoded one level; a 400 naming what is malformed."""
+    try:
+        messages: list[RawObject] = messages_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        where = str(exc).replace("`$", "`messages")
+        raise BadRequest(f"`messages` is malformed: {where}", param="messages") from None
+    return messages
+
+
+def url_image(raw_url: msgspec.Raw, where: str, named: str) -> Image:
+    """The image a raw JSON URL string (the field ``named``) stands for: a base64 data: URL
+    (its characters a view into the client's body) or an http(s) URL; a 400 otherwise."""
+    scheme = bytes(memoryview(raw_url)[1:9]).lower()  # schemes are case-insensitive
+    if scheme.startswith(b"data:"):
+        data, safe = raw_string_bytes(raw_url, where)
+        return from_data_url(where, data, safe)
+    if scheme.startswith((b"http://", b"https://")):
+        return Image(where, url=decode_raw(str_decoder, raw_url, where), is_data=False)
+    raise InvalidImage(
+        f"`{named}` must be a data: URL or an http(s) URL", param=f"{where}.image_url"
+    )
+
+
 def source_image(source: RawObject, where: str) -> Image | None:
     """The image an Anthropic-style image ``source`` (of the block at ``where``) stands for: a
     ``base64`` source is inline (its ``data`` stays a view into the client's body), a ``url``
     source is remote. None for any other kind: a ``file`` source (Files API) is left as it is,
     with a warning. Both the Messages dialect and chat clients that mix dialects send these."""
-    raw_kind = source.get("type")
-    kind = (
-        str_decoder.decode(raw_kind) if raw_kind is not None and is_json(raw_kind, b'"') else None
-    )
+    kind = kind_of(source)
     if kind == "base64":
         data = source.get("data")
         if data is None or not is_json(data, b'"'):

@@ -31,17 +31,25 @@ import msgspec
 
 from .. import config
 from ..errors import BadRequest, InvalidImage, ProxyError, UpstreamError
-from ..images import Image, decode_raw, from_data_url, raw_string_bytes, str_decoder, too_many
+from ..images import Image, decode_raw, str_decoder, too_many
 from ..schema import (
     RawObject,
     array_decoder,
     encoder,
     is_json,
-    messages_decoder,
     object_decoder,
     ocr_response_decoder,
 )
-from . import Dialect, Found, Parsed, field_value, source_image, splice_point
+from . import (
+    Dialect,
+    Found,
+    Parsed,
+    decode_messages,
+    field_value,
+    source_image,
+    splice_point,
+    url_image,
+)
 
 log = logging.getLogger("ocrproxy.chat")
 
@@ -83,18 +91,8 @@ def _image_url(part: RawObject, where: str) -> tuple[msgspec.Raw, str | None]:
 
 
 def image_of(raw_url: msgspec.Raw, where: str, detail: str | None) -> Image:
-    """The image a raw JSON URL string stands for: a data: URL or an http(s) URL."""
-    scheme = bytes(memoryview(raw_url)[1:9]).lower()  # schemes are case-insensitive
-    if scheme.startswith(b"data:"):
-        data, safe = raw_string_bytes(raw_url, where)
-        image = from_data_url(where, data, safe)
-    elif scheme.startswith((b"http://", b"https://")):
-        image = Image(where, url=decode_raw(str_decoder, raw_url, where), is_data=False)
-    else:
-        raise InvalidImage(
-            f"`{where}.image_url.url` must be a data: URL or an http(s) URL",
-            param=f"{where}.image_url",
-        )
+    """The image a part's raw JSON URL string stands for: a data: URL or an http(s) URL."""
+    image = url_image(raw_url, where, f"{where}.image_url.url")
     image.detail = detail
     return image
 
@@ -123,11 +121,7 @@ def _part_image(kind: str, part: RawObject, where: str) -> Image | None:
 def scan(messages_raw: msgspec.Raw, max_images: int | None = None) -> Scan:
     """Decode the messages array and find every image; raise BadRequest on a malformed shape,
     or as soon as it finds image ``max_images + 1``."""
-    try:
-        messages: list[RawObject] = messages_decoder.decode(messages_raw)
-    except msgspec.ValidationError as exc:
-        where = str(exc).replace("`$", "`messages")
-        raise BadRequest(f"`messages` is malformed: {where}", param="messages") from None
+    messages = decode_messages(messages_raw)
     if not messages:
         raise BadRequest("`messages` must not be empty", param="messages")
     found = Scan(messages=messages)

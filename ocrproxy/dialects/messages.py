@@ -30,8 +30,8 @@ import msgspec
 from .. import config
 from ..errors import BadRequest, ProxyError, UpstreamError
 from ..images import Image, decode_raw, str_decoder, too_many
-from ..schema import RawObject, array_decoder, encoder, is_json, messages_decoder, object_decoder
-from . import Dialect, Found, Parsed, reason, source_image, splice_point
+from ..schema import RawObject, array_decoder, encoder, is_json, object_decoder
+from . import Dialect, Found, Parsed, decode_messages, kind_of, reason, source_image, splice_point
 
 # Anthropic's error type for each status the proxy answers with.
 ERROR_TYPES = {
@@ -83,7 +83,7 @@ class _Walker:
             if not is_json(block_raw, b"{"):
                 continue  # not ours to judge: the upstream will
             block = decode_raw(object_decoder, block_raw, at)
-            kind = _kind(block)
+            kind = kind_of(block)
             if kind == "image":
                 self._image(blocks, j, block, at)
             elif kind == "text" and flattens and len(block) == 2 and _is_string(block, "text"):
@@ -94,7 +94,7 @@ class _Walker:
                     blocks.nested[j] = (block, inner)
             elif kind == "document" and is_json(block.get("source", b"0"), b"{"):
                 source = decode_raw(object_decoder, block["source"], f"{at}.source")
-                if _kind(source) == "content" and is_json(source.get("content", b"0"), b"["):
+                if kind_of(source) == "content" and is_json(source.get("content", b"0"), b"["):
                     inner = self.content(source["content"], f"{at}.source.content")
                     if inner is not None:
                         blocks.nested[j] = (block, inner)
@@ -117,14 +117,6 @@ class _Walker:
 def _is_string(obj: RawObject, name: str) -> bool:
     raw = obj.get(name)
     return raw is not None and is_json(raw, b'"')
-
-
-def _kind(obj: RawObject) -> str | None:
-    raw = obj.get("type")
-    if raw is None or not is_json(raw, b'"'):
-        return None
-    kind = str_decoder.decode(raw)
-    return kind
 
 
 def _rebuild(blocks: Blocks, text: Sequence[str], flatten: bool) -> Any:
@@ -156,7 +148,7 @@ def _rebuild(blocks: Blocks, text: Sequence[str], flatten: bool) -> Any:
 
 
 def _nested(block: RawObject, inner: Blocks, text: Sequence[str]) -> dict[str, Any]:
-    if _kind(block) == "tool_result":
+    if kind_of(block) == "tool_result":
         return {**block, "content": _rebuild(inner, text, flatten=True)}
     source = object_decoder.decode(block["source"])  # a document: its source holds the blocks
     return {**block, "source": {**source, "content": _rebuild(inner, text, flatten=False)}}
@@ -222,11 +214,7 @@ class Messages(Dialect):
     answer_name = "message"
 
     def find(self, parsed: Parsed, max_images: int) -> Found:
-        try:
-            messages: list[RawObject] = messages_decoder.decode(parsed.obj["messages"])
-        except msgspec.ValidationError as exc:
-            where = str(exc).replace("`$", "`messages")
-            raise BadRequest(f"`messages` is malformed: {where}", param="messages") from None
+        messages = decode_messages(parsed.obj["messages"])
         walker = _Walker(max_images)
         walker.found.messages = messages
         for i, message in enumerate(messages):

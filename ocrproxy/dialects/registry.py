@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from . import Dialect
+from . import OcrCall
 from .chat import CHAT
 from .messages import MESSAGES
 
-BY_API: dict[str, Dialect] = {"openai": CHAT, "anthropic": MESSAGES}
+BY_API: dict[str, OcrCall] = {"openai": CHAT, "anthropic": MESSAGES}

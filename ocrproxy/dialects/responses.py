@@ -40,9 +40,9 @@ from typing import Any
 import msgspec
 
 from ..errors import BadRequest, InvalidImage, ProxyError, UpstreamError
-from ..images import Image, decode_raw, from_data_url, raw_string_bytes, str_decoder, too_many
+from ..images import decode_raw, str_decoder, too_many
 from ..schema import RawObject, array_decoder, encoder, is_json, object_decoder
-from . import Dialect, Found, Parsed
+from . import Dialect, Found, Parsed, kind_of, string_field, url_image
 
 log = logging.getLogger("ocrproxy.responses")
 
@@ -69,23 +69,6 @@ class Walk(Found):
     edits: dict[int, tuple[str, Parts | int]] = field(default_factory=dict)  # (key, parts | n)
 
 
-def _kind(obj: RawObject) -> str | None:
-    raw = obj.get("type")
-    if raw is None or not is_json(raw, b'"'):
-        return None
-    kind: str = str_decoder.decode(raw)
-    return kind
-
-
-def _string(obj: RawObject, name: str) -> str | None:
-    """A string field of a raw object; None if absent or not a string."""
-    raw = obj.get(name)
-    if raw is None or not is_json(raw, b'"'):
-        return None
-    value: str = str_decoder.decode(raw)
-    return value
-
-
 class _Walker:
     def __init__(self, max_images: int) -> None:
         self.found = Walk()
@@ -99,7 +82,7 @@ class _Walker:
             if not is_json(part_raw, b"{"):
                 continue  # not ours to judge: the upstream will
             part = decode_raw(object_decoder, part_raw, at)
-            kind = _kind(part)
+            kind = kind_of(part)
             if kind == "input_image":
                 number = self.image(part, at)
                 if number is not None:
@@ -122,17 +105,7 @@ class _Walker:
             raise InvalidImage(
                 f"`{where}.image_url` must be a URL string", param=f"{where}.image_url"
             )
-        scheme = bytes(memoryview(raw_url)[1:9]).lower()  # schemes are case-insensitive
-        if scheme.startswith(b"data:"):
-            data, safe = raw_string_bytes(raw_url, where)
-            image = from_data_url(where, data, safe)
-        elif scheme.startswith((b"http://", b"https://")):
-            image = Image(where, url=decode_raw(str_decoder, raw_url, where), is_data=False)
-        else:
-            raise InvalidImage(
-                f"`{where}.image_url` must be a data: URL or an http(s) URL",
-                param=f"{where}.image_url",
-            )
+        image = url_image(raw_url, where, f"{where}.image_url")
         raw_detail = part.get("detail")
         if raw_detail is not None and is_json(raw_detail, b'"'):
             image.detail = _DETAILS.get(decode_raw(str_decoder, raw_detail, f"{where}.detail"))
@@ -147,7 +120,7 @@ class _Walker:
             return
         where = f"input[{i}]"
         obj = decode_raw(object_decoder, raw, where)
-        kind = _kind(obj)
+        kind = kind_of(obj)
         if kind is None or kind == "message":  # a message, in the long or the short form
             key = "content"
         elif kind in _TOOL_OUTPUTS or kind == "computer_call_output":
@@ -161,7 +134,7 @@ class _Walker:
         if kind == "computer_call_output":
             if is_json(value, b"{"):
                 output = decode_raw(object_decoder, value, f"{where}.output")
-                if _kind(output) == "computer_screenshot":
+                if kind_of(output) == "computer_screenshot":
                     edit = self.image(output, f"{where}.output")
         elif is_json(value, b"["):  # a string content or output has no images
             edit = self.parts(value, f"{where}.{key}")
@@ -210,7 +183,6 @@ class Responses(Dialect):
     keep_alive = b": keep-alive\n\n"
     stream_usage_path = ("response", "usage")
     stream_usage_events = frozenset({"response.completed", "response.incomplete"})
-    answer_name = "response"
 
     def check_items(self, items: msgspec.Raw | None) -> None:
         if items is not None and not (is_json(items, b"[") or is_json(items, b'"')):
@@ -236,7 +208,7 @@ class Responses(Dialect):
             if isinstance(edit, int):
                 value: Any = {"type": "input_text", "text": blocks[edit]}
             else:
-                value = _rebuild(edit, blocks, flatten=_kind(obj) in _TOOL_OUTPUTS)
+                value = _rebuild(edit, blocks, flatten=kind_of(obj) in _TOOL_OUTPUTS)
             items[i] = {**obj, key: value}
         return self.encode(parsed.obj, items, model)
 
@@ -263,8 +235,8 @@ class Responses(Dialect):
         try:
             inner = object_decoder.decode(object_decoder.decode(payload)["error"])
             message = str_decoder.decode(inner["message"])
-            code = _string(inner, "code") or _string(inner, "type") or str(status)
-            return _error_event(code, message, _string(inner, "param"))
+            code = string_field(inner, "code") or string_field(inner, "type") or str(status)
+            return _error_event(code, message, string_field(inner, "param"))
         except (msgspec.DecodeError, KeyError):
             failed = UpstreamError(f"The upstream answered HTTP {status}", code=str(status))
             return self.error_event(failed)
