@@ -153,6 +153,9 @@ class Ocr(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     retry_backoff_s: float = 0.5
     keepalive_after_s: float = 3.0
     keepalive_interval_s: float = 5.0
+    # "reasoning": a Chat Completions stream whose images must be read is committed at once and
+    # told how the reading goes in `delta.reasoning_content` chunks (``progress``). Chat only.
+    progress: Literal["off", "reasoning"] = "off"
     fetch_images: bool = True
     allow_private_hosts: tuple[str, ...] = ()
     allowed_ports: tuple[int, ...] = (80, 443)

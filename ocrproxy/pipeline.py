@@ -12,7 +12,8 @@ the dialect's answers carry usage.
 
 A streaming request whose OCR step outlasts ``keepalive_after_s`` gets its 200 and SSE headers
 early, then the dialect's keep-alives, so that nginx and chat frontends do not give up while
-the images are being described; an error after that point is an error event in the dialect's
+the images are being described (with ``[ocr] progress``, a chat stream at once, with notes on
+the reading: ``progress``); an error after that point is an error event in the dialect's
 framing. ``serve(..., counting=True)`` is the token-counting variant (``_count``): it rewrites
 with descriptions cached in memory only (a placeholder of typical size for the others) and never
 calls the OCR model or fetches an image.
@@ -28,7 +29,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from . import config, images, relay, upstream
+from . import config, images, progress, relay, upstream
 from .body import read_body
 from .describe import Describer, OcrReport, Outcome
 from .dialects import Dialect, Found, Parsed
@@ -237,18 +238,24 @@ async def _describe_alive(
     if not (parsed.stream and found.images):  # nothing to keep alive meanwhile: no task needed
         return await _describe(request, found.images, model, hits, home), None
     settings = request.app[CONFIG].ocr
+    note = progress.plan(request, dialect, parsed, found, hits, model)
     task = asyncio.get_running_loop().create_task(
         _describe(request, found.images, model, hits, home)
     )
     response: web.StreamResponse | None = None
     try:
-        done, _ = await asyncio.wait({task}, timeout=settings.keepalive_after_s)
-        if not done:
+        after = settings.keepalive_after_s  # with progress notes: commit at once
+        if note is not None or not (await asyncio.wait({task}, timeout=after))[0]:
             early = ocr_headers(None, model)
             early["X-OCR-Images"] = str(len({im.digest for im in found.images}))
             response = await relay.start_sse(request, early, dialect)
-            await relay.keep_alive(response, task, settings.keepalive_interval_s, dialect)
-        return await task, response
+            opening = note.opening if note else None
+            interval = settings.keepalive_interval_s
+            await relay.keep_alive(response, task, interval, dialect, opening=opening)
+        report = await task
+        if note is not None and response is not None:
+            await response.write(note.closing(report))
+        return report, response
     except ProxyError as exc:
         if response is None:
             raise

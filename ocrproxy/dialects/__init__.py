@@ -152,6 +152,15 @@ class Dialect(ABC):
     def as_events(self, payload: bytes) -> bytes:
         """A plain JSON answer to a streaming request, as this dialect's events."""
 
+    def progress_event(
+        self, text: str, *, stream_id: str, model: str, created: int, first: bool
+    ) -> bytes | None:
+        """A note on the OCR step (``progress``) as an event a client shows but no parser of
+        the upstream's answer counts, or None where the dialect has no such event (the
+        default). ``first``: the stream's first event; ``stream_id``, ``model``, ``created``:
+        what stands in for the upstream's, which are not known yet."""
+        return None
+
     def encode(self, obj: RawObject, items: Any, model: str) -> bytes:
         """The top level with ``items`` and ``model`` replaced and ``ocr_model`` dropped."""
         out: dict[str, Any] = dict(obj)

@@ -17,7 +17,8 @@ Rules:
 - ``usage`` is top-level in a plain answer and in the stream's usage chunk, which only comes
   when the client asked for it (``stream_options.include_usage``); ``usage.ocr`` counts tokens
   as ``prompt_tokens``/``completion_tokens``. Events are ``data:`` lines ending in
-  ``data: [DONE]``; keep-alives are SSE comments; errors are ``{"error": {...}}``.
+  ``data: [DONE]``; keep-alives are SSE comments; errors are ``{"error": {...}}``. Notes on
+  the OCR step (``[ocr] progress``) are chunks whose delta holds only ``reasoning_content``.
 """
 
 from __future__ import annotations
@@ -237,6 +238,22 @@ class Chat(Dialect):
 
     def as_events(self, payload: bytes) -> bytes:
         return b"data: " + msgspec.json.format(payload, indent=0) + b"\n\ndata: [DONE]\n\n"
+
+    def progress_event(
+        self, text: str, *, stream_id: str, model: str, created: int, first: bool
+    ) -> bytes:
+        # The field DeepSeek's reasoners stream their thinking in; Open WebUI, Cherry Studio
+        # and LobeChat show it as a collapsible box, and the usage chunk never counts it.
+        delta: dict[str, str] = {"role": "assistant"} if first else {}
+        delta["reasoning_content"] = text
+        chunk = {
+            "id": stream_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+        }
+        return b"data: " + encoder.encode(chunk) + b"\n\n"
 
     def ocr_request(
         self, model: str, settings: config.Ocr, image: Image

@@ -16,7 +16,8 @@ Rules:
   where ``usage.ocr`` goes, counting tokens as ``input_tokens``/``output_tokens``;
   ``message_start`` carries its usage one level down and is left alone. Keep-alives are
   ``event: ping``; errors are ``{"type": "error", "error": {"type", "message"}}``, as a body or
-  an ``event: error``.
+  an ``event: error``. There is no progress event (``[ocr] progress``): a thinking block the
+  proxy made up would have no valid signature, and clients send thinking blocks back.
 """
 
 from __future__ import annotations

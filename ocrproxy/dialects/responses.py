@@ -28,6 +28,8 @@ Rules:
   ``input_tokens``/``output_tokens``. Events are ``event:``/``data:`` pairs with no ``[DONE]``;
   keep-alives are SSE comments; an error in a stream is ``event: error`` with
   ``{"type": "error", "code", "message", "param"}``, a body error is OpenAI's ``{"error": {...}}``.
+  There is no progress event (``[ocr] progress``): every event belongs to the response the
+  upstream's ``response.created`` opens, and its id is not known while the images are read.
 """
 
 from __future__ import annotations
