@@ -37,13 +37,22 @@ def sent_text(fake: FakeOpenAI) -> str:
 
 @pytest.fixture
 async def image_host(aiohttp_server: Any) -> TestServer:
-    """A loopback image host that serves a 404 and an HTML page, never an image."""
+    """A loopback image host: an HTML page, a large image, a slow one; anything else is 404."""
 
     async def not_an_image(request: web.Request) -> web.Response:
         return web.Response(body=png("cat", 100), content_type="text/html")
 
+    async def large(request: web.Request) -> web.Response:
+        return web.Response(body=png("big", 50_000), content_type="image/png")
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(1.0)  # past the test's fetch_timeout_s
+        return web.Response(body=png("late", 100), content_type="image/png")
+
     app = web.Application()
     app.router.add_get("/page.html", not_an_image)
+    app.router.add_get("/large.png", large)
+    app.router.add_get("/slow.png", slow)
     server: TestServer = await aiohttp_server(app)
     return server
 
@@ -80,11 +89,17 @@ async def test_refused_image_url_says_refused_and_counts_as_a_failure(
 
 @pytest.mark.parametrize(
     ("path", "reason"),
-    [("/missing.png", Reason.DOWNLOAD_FAILED), ("/page.html", Reason.NOT_AN_IMAGE)],
+    [
+        ("/missing.png", Reason.DOWNLOAD_FAILED),
+        ("/page.html", Reason.NOT_AN_IMAGE),
+        ("/large.png", Reason.TOO_LARGE),
+        ("/slow.png", Reason.TIMED_OUT),
+    ],
 )
 async def test_download_failures_name_their_reason(make_proxy, fake, image_host, path, reason):
     port = image_host.port
-    proxy = await make_proxy(ocr={"allow_private_hosts": ["127.0.0.1"], "allowed_ports": [port]})
+    ocr = {"allow_private_hosts": ["127.0.0.1"], "allowed_ports": [port]}
+    proxy = await make_proxy(ocr={**ocr, "max_image_bytes": 10_000, "fetch_timeout_s": 0.2})
     url = str(image_host.make_url(path))
     r = await proxy.post(URL, json=chat("m-ocr", image_part(url)))
     assert r.status == 200 and r.headers["X-OCR-Failures"] == "1"
