@@ -15,6 +15,8 @@ prints one JSON object. Specs (``kind`` selects):
 - ``idle``: ``n`` streams opened and held after their first chunk; reads ``pid``'s RSS then.
 - ``mixed``: ``streams`` stream workers and ``ocr`` OCR workers loop for ``duration`` seconds
   (each stream worker's first stream, which opens its connection, is not recorded).
+- ``sdk-retry``: scenario 12's ``cases``, each a streaming request through the ``openai`` SDK
+  (``bench.retry.sdk_cases``).
 
 ``python -m bench.client --serve`` (the smoke run) reads one spec per line on stdin and answers
 each with one line, ``{"result": ...}`` or ``{"error": traceback}``, until stdin closes: the
@@ -35,6 +37,7 @@ import orjson
 
 from . import payloads
 from .fake import install_uvloop
+from .retry import sdk_cases
 from .stats import rss_kb, summary
 
 Spec = dict[str, Any]
@@ -260,6 +263,7 @@ KINDS: dict[str, Callable[[Spec], Awaitable[Spec]]] = {
     "burst": burst,
     "idle": idle,
     "mixed": mixed,
+    "sdk-retry": sdk_cases,
 }
 
 

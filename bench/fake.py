@@ -4,11 +4,16 @@ It must cost far less than the proxy, so it is a bare ``asyncio.Protocol`` (no r
 middleware): keep-alive, ``Content-Length`` request bodies, fixed answers. Behaviour per request:
 
 - A body that starts with ``{"model":"vision`` is an OCR call (the proxy's describer encodes
-  ``model`` first): the answer is a fixed description after ``--ocr-delay`` seconds.
+  ``model`` first): the answer is a fixed description after ``--ocr-delay`` seconds, or after
+  the model name's seconds for ``vision-delay-<seconds>`` (the retry scenario's OCR latency).
 - A body containing ``"stream":true`` gets an SSE stream (chunked encoding) of
   ``X-Bench-Chunks`` chunks (default 20), ``X-Bench-Delay`` seconds apart, then ``[DONE]``.
   ``X-Bench-Hold`` seconds after the first chunk keeps the stream idle (for the memory scenario).
 - Anything else gets a small chat completion. ``X-Bench-Latency`` delays any answer.
+- ``X-Bench-Fail-Once: <token>`` on a request that is not an OCR call: the first such request
+  with that token gets a 429 rate-limit error (with ``retry-after-ms: 10``, so an SDK retries at
+  once), later ones are answered as usual; ``X-Bench-Calls: <token>`` on any request answers
+  ``{"calls": n}``, how many requests carried that token (the retry scenario's upstream calls).
 - A request to ``/v1/messages`` is answered in Anthropic's shapes instead: a small ``message``,
   or a stream of ``message_start``, ``content_block_start``, ``ping``, ``X-Bench-Chunks``
   ``content_block_delta`` events (paced as above), ``content_block_stop``, ``message_delta``
@@ -29,6 +34,7 @@ import asyncio
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 COMPLETION = (
     b'{"id":"chatcmpl-bench","object":"chat.completion","created":1,"model":"bench",'
@@ -149,6 +155,15 @@ STREAM_HEAD = (
     b"Transfer-Encoding: chunked\r\n\r\n"
 )
 OCR_ANSWER = _plain(DESCRIPTION)
+RATE_LIMITED_BODY = (
+    b'{"error":{"message":"Rate limit reached for bench (fake): try again","type":"requests",'
+    b'"param":null,"code":"rate_limit_exceeded"}}'
+)
+RATE_LIMITED = (
+    b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nretry-after-ms: 10\r\n"
+    b"Content-Length: " + str(len(RATE_LIMITED_BODY)).encode() + b"\r\n\r\n" + RATE_LIMITED_BODY
+)
+_DELAY_MODEL = b'{"model":"vision-delay-'
 END = b"0\r\n\r\n"  # the last chunk of a chunked body
 
 
@@ -212,6 +227,7 @@ class FakeUpstream(asyncio.Protocol):
     """One connection: parse requests one at a time, answer each."""
 
     ocr_delay = 0.0
+    fail_once: ClassVar[dict[bytes, int]] = {}  # X-Bench-Fail-Once token -> requests with it
 
     def __init__(self) -> None:
         self.buffer = bytearray()
@@ -260,11 +276,24 @@ class FakeUpstream(asyncio.Protocol):
         latency = float(headers.get(b"x-bench-latency", b"0"))
         is_ocr = dialect is CHAT and body.startswith(b'{"model":"vision')
         stream = not is_ocr and b'"stream":true' in body
+        asked = headers.get(b"x-bench-calls")
+        if asked is not None:
+            self.transport.write(_plain(b'{"calls":%d}' % self.fail_once.get(asked, 0)))
+            return True
+        token = None if is_ocr else headers.get(b"x-bench-fail-once")
+        if token is not None:
+            self.fail_once[token] = self.fail_once.get(token, 0) + 1
+            if self.fail_once[token] == 1:
+                self.transport.write(RATE_LIMITED)
+                return True
+        ocr_delay = self.ocr_delay
+        if is_ocr and body.startswith(_DELAY_MODEL):
+            ocr_delay = float(body[len(_DELAY_MODEL) : body.index(b'"', len(_DELAY_MODEL))])
         if not stream and not is_ocr and not latency:
             self.transport.write(dialect.plain)
             return True
         self.busy = asyncio.get_running_loop().create_task(
-            self._slow(headers, latency, is_ocr, stream, dialect)
+            self._slow(headers, latency, ocr_delay if is_ocr else None, stream, dialect)
         )
         return False
 
@@ -272,7 +301,7 @@ class FakeUpstream(asyncio.Protocol):
         self,
         headers: dict[bytes, bytes],
         latency: float,
-        is_ocr: bool,
+        ocr_delay: float | None,  # an OCR call's latency; None: not an OCR call
         stream: bool,
         dialect: Shapes,
     ) -> None:
@@ -280,8 +309,8 @@ class FakeUpstream(asyncio.Protocol):
         assert transport is not None
         if latency:
             await asyncio.sleep(latency)
-        if is_ocr:
-            await asyncio.sleep(self.ocr_delay)
+        if ocr_delay is not None:
+            await asyncio.sleep(ocr_delay)
             transport.write(OCR_ANSWER)
         elif stream:
             chunks = int(headers.get(b"x-bench-chunks", b"20"))

@@ -288,16 +288,34 @@ model = "vision-bench"
         self._starting[name] = (target, proc, port)
         return target
 
-    def _proxy(self, name: str, module: list[str], env: dict[str, str] | None = None) -> Target:
+    def _proxy(
+        self, name: str, module: list[str], env: dict[str, str] | None = None, ocr: str = ""
+    ) -> Target:
         port = free_port()
         config = self.tmp / f"{name}.toml"
-        config.write_text(self.config_text.replace("{port}", str(port)))
+        config.write_text(self.config_text.replace("{port}", str(port)) + ocr)
         argv = [sys.executable, *module, "serve", "--config", str(config)]
         proc = self.spawn(argv, "server", f"{name}.log", env)
         base = f"http://127.0.0.1:{port}"
         target = Target(name, base + "/v1/chat/completions", proc.pid, base)
         self._starting[name] = (target, proc, port)
         return target
+
+    def variant(self, name: str, ocr: str) -> None:
+        """Start another proxy, the run's own but for ``ocr`` (TOML lines appended to its
+        ``[ocr]`` table, the config's last); ``target(name)`` waits for it, ``retire(name)``
+        (or ``stop``) ends it. Start several before waiting for any: they start side by side."""
+        self._proxy(name, ["-m", "ocrproxy"], ocr=ocr)
+
+    def retire(self, name: str) -> None:
+        """Stop the server of target ``name`` now (one started for a scenario alone)."""
+        if name in self._starting:
+            self.target(name)
+        target = self.targets.pop(name)
+        proc = next(p for p in self.procs if p.pid == target.pid)
+        stop_group(proc)
+        self.retired.append(proc.pid)
+        self.procs.remove(proc)
 
     @contextlib.contextmanager
     def fresh(self, kind: str) -> Iterator[Target]:
@@ -311,14 +329,10 @@ model = "vision-bench"
         else:
             name = self._proxy("fresh-proxy", ["-m", "ocrproxy"]).name
         target = self.target(name)
-        proc = next(p for p in self.procs if p.pid == target.pid)
         try:
             yield target
         finally:
-            self.targets.pop(name, None)
-            stop_group(proc)
-            self.retired.append(proc.pid)
-            self.procs.remove(proc)
+            self.retire(name)
 
     def _watched(self, name: str) -> None:
         env = {"BENCH_LOOPWATCH": str(self.tmp / "stall.txt")}

@@ -18,6 +18,7 @@ import orjson
 
 from . import payloads
 from .harness import Bench
+from .retry import retry
 from .stats import cpu_ns, median, peak_rss_kb, reset_peak, rss_kb
 
 TARGETS = ("direct", "relay", "proxy")
@@ -44,6 +45,7 @@ class Settings:
     ocr_delay: float = 0.3  # the fake OCR model's latency
     hit_image_size: int = MB  # each of scenario 4's 8 images
     idle_settle: float = 0.5  # seconds the idle streams are held open before RSS is read
+    retry_scale: float = 1.0  # scenario 12's OCR latencies and keepalive_after_s, scaled
     # The smoke run's savings (harness.Bench ``lean``): fewer processes, none pinned apart, and
     # scenario 7 in the background on one image. Timings then mean nothing.
     lean: bool = False
@@ -61,6 +63,7 @@ QUICK = Settings(
     idle_streams=200,
     mixed_seconds=1.0,
     mixed_delay=0.02,
+    retry_scale=0.25,
 )
 # For the test suite's smoke run: the harness end to end in a few seconds, timings meaningless.
 # Every scenario and every code path of the full run, each measurement once and tiny.
@@ -83,6 +86,7 @@ SMOKE = Settings(
     mixed_ocr=2,
     hit_image_size=64 * 1024,
     idle_settle=0.05,
+    retry_scale=0.05,
     lean=True,
 )
 
@@ -661,4 +665,5 @@ SCENARIOS: dict[str, Callable[[Bench, Settings], Result]] = {
     "9-messages-streaming": messages_streaming,
     "10-responses-passthrough": responses_passthrough,
     "11-responses-streaming": responses_streaming,
+    "12-retry": retry,
 }

@@ -244,7 +244,8 @@ def _access_log(
 
 
 _EXPOSED = (
-    "X-Request-Id, X-Upstream-Request-Id, X-OCR-Model, X-OCR-Images, X-OCR-Cache-Hits, X-OCR-Ms"
+    "X-Request-Id, X-Upstream-Request-Id, X-OCR-Model, X-OCR-Images, X-OCR-Cache-Hits, "
+    "X-OCR-Failures, X-OCR-Ms"
 )
 
 

@@ -102,7 +102,7 @@ async def describe(cfg: config.Config, source: str, model: str) -> int:
     outcome = report.outcomes[image.digest]
     if outcome.description is None:
         sys.stderr.write(f"ocrproxy: the image could not be analysed: {outcome.error}\n")
-        sys.stdout.write(placeholder_block(1) + "\n")
+        sys.stdout.write(placeholder_block(1, reason=outcome.reason) + "\n")
         return 1
     sys.stdout.write(reference_block(1, model, outcome.description.text) + "\n")
     return 0

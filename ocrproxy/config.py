@@ -151,7 +151,11 @@ class Ocr(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     on_error: Literal["placeholder", "fail"] = "placeholder"
     retries: int = 2
     retry_backoff_s: float = 0.5
-    keepalive_after_s: float = 3.0
+    # A stream whose OCR step outlasts this is committed (200, SSE headers) and kept alive. Past
+    # that point an upstream 429 or 5xx is an in-stream error no SDK retries, so only OCR that
+    # is really slow commits; 15 s is still far below nginx's default proxy_read_timeout (60 s)
+    # and Cloudflare's 100 s.
+    keepalive_after_s: float = 15.0
     keepalive_interval_s: float = 5.0
     # "reasoning": a Chat Completions stream whose images must be read is committed at once and
     # told how the reading goes in `delta.reasoning_content` chunks (``progress``). Chat only.

@@ -5,7 +5,8 @@ described once (at the ``detail`` of its first appearance). Each distinct image 
 description cache (memory LRU, shared tier, single-flight), and only a miss asks a reader: the
 OCR model over HTTP (``ocr_remote``, in the API of the upstream the model routes to) or the
 built-in engine (``local``). A failure never escapes as an exception unless the policy is
-``fail``: under ``placeholder`` the image gets a short note saying it could not be analysed.
+``fail``: under ``placeholder`` the image gets a short note saying it could not be analysed,
+and why in a few fixed words (``Outcome.reason``, named where the failure happened).
 
 A cache key is a hash of length-prefixed fields: the kind of reader (the OCR model over HTTP, or
 the local engine and its version), the model name, the prompt, the image, the ``detail`` the
@@ -37,6 +38,7 @@ from .cache import Description, DescriptionCache
 from .errors import BadRequest, OcrFailed
 from .images import Image, decode_payload, validate
 from .ocr_remote import OcrError, RemoteReader
+from .reasons import Reason
 
 log = logging.getLogger("ocrproxy.describe")
 
@@ -57,7 +59,8 @@ class Outcome:
     digest: bytes
     description: Description | None
     cached: bool
-    error: str | None = None
+    error: str | None = None  # what went wrong, for the log
+    reason: Reason | None = None  # the same, in the fixed words the model reads
 
 
 @dataclass(slots=True)
@@ -258,7 +261,7 @@ class Describer:
         flight_scope: bytes,
     ) -> Outcome:
         if image.error is not None:  # a remote image that could not be fetched
-            return Outcome(image.digest, None, False, image.error)
+            return Outcome(image.digest, None, False, image.error, image.reason)
         key = self.key(key_model, image.digest, image.detail, credential)
         flight = hashlib.sha256(key + flight_scope).digest() if flight_scope else None
         try:
@@ -272,7 +275,7 @@ class Describer:
             )
             if self.settings.on_error == "fail":
                 raise OcrFailed(f"Image analysis failed for `{image.where}`: {exc}") from None
-            return Outcome(image.digest, None, False, str(exc))
+            return Outcome(image.digest, None, False, str(exc), exc.reason)
         return Outcome(image.digest, description, cached)
 
     async def _read(self, image: Image, model: str) -> Description:
@@ -281,7 +284,8 @@ class Describer:
         if not image.is_data:
             raise OcrError(
                 "the local OCR engine does not fetch remote images unless [ocr] fetch_images is "
-                "enabled; send the image as a data: URL"
+                "enabled; send the image as a data: URL",
+                Reason.DOWNLOAD_REFUSED,
             )
         load = functools.partial(decode_payload, image.payload, image.where)
         started = time.monotonic()
@@ -290,7 +294,9 @@ class Describer:
                 text = await self.engine.recognize(load, head=load)  # load(n): its first n bytes
         except TimeoutError:
             limit = self.settings.timeout_s
-            raise OcrError(f"the local OCR engine did not finish within {limit:g} s") from None
+            raise OcrError(
+                f"the local OCR engine did not finish within {limit:g} s", Reason.TIMED_OUT
+            ) from None
         except local.RecognitionError as exc:
             raise OcrError(f"the local OCR engine failed: {exc}") from None
         except local.Unavailable as exc:

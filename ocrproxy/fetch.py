@@ -29,6 +29,8 @@ Theory of operation: a client may name any URL, so every URL is treated as hosti
 
 Error messages are shown to clients, so they name the rule that refused the URL and never a
 resolved address, an internal host name or a socket error's text; those go to the debug log.
+Each error also carries a ``reasons.Reason``, the fixed words the model reads in the image's
+placeholder.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from . import config, sniff
+from .reasons import Reason
 
 log = logging.getLogger("ocrproxy.fetch")
 
@@ -66,21 +69,30 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class FetchError(Exception):
-    """Fetching an image failed; the message is safe to show. ``status`` under ``on_error=fail``."""
+    """Fetching an image failed; the message is safe to show. ``status`` under ``on_error=fail``;
+    ``reason``: what the model is told (the class's unless given)."""
 
     status = 502
+    reason = Reason.DOWNLOAD_FAILED
+
+    def __init__(self, message: str, reason: Reason | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
 
 
 class FetchRefused(FetchError):
     """The URL, or what it served, breaks a rule: the proxy will not fetch or use it."""
 
     status = 400
+    reason = Reason.DOWNLOAD_REFUSED
 
 
 class FetchTooLarge(FetchRefused):
     """The image is larger than ``max_image_bytes``."""
 
     status = 413
+    reason = Reason.TOO_LARGE
 
 
 class Budget:
@@ -298,7 +310,8 @@ class Fetcher:
                 return await self._follow(url, budget or Budget(self.max_bytes))
         except TimeoutError:
             raise FetchError(
-                f"the image server did not deliver the image within {self.timeout_s:g} s"
+                f"the image server did not deliver the image within {self.timeout_s:g} s",
+                Reason.TIMED_OUT,
             ) from None
         except aiohttp.ClientError as exc:
             log.debug("image fetch failed: %r", exc)
@@ -336,7 +349,9 @@ class Fetcher:
         media_type = response.headers.get("Content-Type", "").partition(";")[0].strip().lower()
         if not media_type.startswith("image/"):
             shown = media_type[:60] or "none"
-            raise FetchRefused(f"the URL does not serve an image (Content-Type: {shown})")
+            raise FetchRefused(
+                f"the URL does not serve an image (Content-Type: {shown})", Reason.NOT_AN_IMAGE
+            )
         too_large = FetchTooLarge(f"the image is larger than the limit of {self.max_bytes} bytes")
         if response.content_length is not None and response.content_length > self.max_bytes:
             raise too_large
@@ -357,5 +372,7 @@ class Fetcher:
     def _inspect(self, data: bytes, complete: bool = True) -> sniff.Sniffed:
         try:
             return sniff.inspect(data, self.max_pixels, complete)
+        except sniff.TooManyPixels as exc:
+            raise FetchRefused(f"the downloaded image {exc}", Reason.TOO_LARGE) from None
         except sniff.ImageRejected as exc:
-            raise FetchRefused(f"the downloaded image {exc}") from None
+            raise FetchRefused(f"the downloaded image {exc}", Reason.NOT_AN_IMAGE) from None

@@ -52,6 +52,7 @@ import msgspec
 from . import config, sniff
 from .errors import BadRequest, InvalidImage, PayloadTooLarge, ProxyError, UpstreamError
 from .fetch import Budget, Fetched, Fetcher, FetchError
+from .reasons import Reason
 
 # Below this many characters of base64, hashing or decoding on the loop beats a thread hop.
 THREAD_THRESHOLD = 64 * 1024
@@ -87,6 +88,7 @@ class Image:
     digest: bytes = b""
     size: int = 0  # decoded bytes (from the base64 length until ``validate`` decoded it)
     error: str | None = None  # why a remote image cannot be used: it gets a placeholder
+    reason: Reason | None = None  # the same, in the fixed words the placeholder says
     checked: bool = False  # decoded and its format and dimensions checked (``validate``)
     json_safe: bool = True  # ``payload`` can go into a JSON string as it is (no escapes)
 
@@ -390,7 +392,7 @@ async def _fetch_all(
         if isinstance(result, FetchError):
             digest = hashlib.sha256(b"ocrproxy/unfetched\0" + url.encode()).digest()
             for image in by_url[url]:
-                image.error, image.digest = str(result), digest
+                image.error, image.reason, image.digest = str(result), result.reason, digest
             continue
         if len(result.data) >= THREAD_THRESHOLD:
             await asyncio.to_thread(_adopt, first, result)

@@ -9,7 +9,8 @@ image: the wait for a slot, every attempt and the pauses between retries; an ima
 does not come free in time fails at its deadline instead of queueing behind a hung model.
 Rate limits and transient trouble are retried with jittered backoff (and ``Retry-After``, up
 to MAX_RETRY_AFTER). The answer is read up to ``answer_limit`` bytes, never whole, and its
-text and token counts read in the dialect's shape.
+text and token counts read in the dialect's shape. Every failure names its ``reasons.Reason``
+(``OcrError.reason``): the words the model reads in the image's placeholder.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .dialects import OcrCall, reason
 from .dialects.registry import BY_API
 from .images import Image
 from .logs import redact
+from .reasons import Reason, for_status
 
 log = logging.getLogger("ocrproxy.describe")
 
@@ -48,7 +50,12 @@ ERROR_BODY_LIMIT = 64 * 1024
 
 
 class OcrError(Exception):
-    """Describing one image failed; the message is safe to log and to show."""
+    """Describing one image failed; the message is safe to log and to show, the ``reason``
+    (fixed words) to put in the image's placeholder."""
+
+    def __init__(self, message: str, reason: Reason = Reason.OCR_FAILED) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class _Retryable(Exception):
@@ -173,7 +180,10 @@ class RemoteReader:
                             if status == 200:
                                 break
                             reason = self._reason(payload)
-                            error = OcrError(f"the OCR model answered HTTP {status}: {reason}")
+                            error = OcrError(
+                                f"the OCR model answered HTTP {status}: {reason}",
+                                for_status(status),
+                            )
                             if status not in RETRY_STATUSES:
                                 raise error
                     if attempt >= self.settings.retries:
@@ -191,10 +201,13 @@ class RemoteReader:
         except TimeoutError:
             if queued:
                 raise OcrError(
-                    f"the OCR model is busy: no call slot came free within {limit:g} s"
+                    f"the OCR model is busy: no call slot came free within {limit:g} s",
+                    Reason.OCR_BUSY,
                 ) from None
             note = f" ({waited:.1f} s of it waiting for a call slot)" if waited >= 0.1 else ""
-            raise OcrError(f"the OCR model did not answer within {limit:g} s{note}") from None
+            raise OcrError(
+                f"the OCR model did not answer within {limit:g} s{note}", Reason.TIMED_OUT
+            ) from None
         ms = (time.monotonic() - started) * 1000
         answer = dialect.ocr_answer(payload)
         if answer is None:

@@ -142,6 +142,7 @@ def ocr_headers(report: OcrReport | None, model: str) -> dict[str, str]:
     if report is not None:
         headers["X-OCR-Images"] = str(report.images)
         headers["X-OCR-Cache-Hits"] = str(report.cache_hits)
+        headers["X-OCR-Failures"] = str(report.failures)
         headers["X-OCR-Ms"] = f"{report.ms:.0f}"
     return headers
 
@@ -150,12 +151,13 @@ def blocks(found: Found, report: OcrReport, model: str, key: bytes) -> list[str]
     """The text standing in for each image, in order: its reference block, or a placeholder."""
     out = []
     for number, image in enumerate(found.images, 1):
-        described = report.outcomes[image.digest].description
+        outcome = report.outcomes[image.digest]
+        described = outcome.description
         nonce = delimiter_tag(key, image.digest)  # unknown to whoever wrote the text
         out.append(
             reference_block(number, model, described.text, nonce)
             if described
-            else placeholder_block(number, nonce)
+            else placeholder_block(number, nonce, outcome.reason)
         )
     return out
 
@@ -192,7 +194,10 @@ async def _run(
                 edit_stream=edit,
                 secrets=request.app[SECRETS],
             )
-    summary = f": ocr images={report.images} cache_hits={report.cache_hits} ms={report.ms:.0f}\n\n"
+    summary = (
+        f": ocr images={report.images} cache_hits={report.cache_hits} "
+        f"failures={report.failures} ms={report.ms:.0f}\n\n"
+    )
     loop = asyncio.get_running_loop()
     send_task = loop.create_task(_send(request, up, dialect.path, new_body))
     try:

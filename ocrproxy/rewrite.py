@@ -14,6 +14,9 @@ Rules:
   to the same text every turn, so the upstream's prompt (prefix) cache keeps working. The
   price: a tag the model once echoed back is known to that client for later turns; what it
   guards against is text the client did not see the proxy's answer to (a pasted page, a file).
+- An image that could not be analysed gets a placeholder saying so, with its ``reasons.Reason``:
+  fixed words, never an address, a key or an upstream's message, so the model can tell the user
+  why without the proxy leaking anything through it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import hmac
 import os
 import re
 from collections.abc import Iterable
+
+from .reasons import Reason
 
 # The opening bracket of anything a delimiter could be mistaken for, in any case and spacing.
 _DELIMITER = re.compile(r"\[(?=\s*(?:image|end\s+of\s+image)\b)", re.IGNORECASE)
@@ -66,9 +71,15 @@ def reference_block(number: int, model: str, text: str, nonce: str = "") -> str:
     )
 
 
-def placeholder_block(number: int, nonce: str = "") -> str:
-    """The text that stands in for an image whose analysis failed."""
+def placeholder_block(number: int, nonce: str = "", reason: Reason | None = None) -> str:
+    """The text that stands in for an image whose analysis failed (``reason``: why)."""
+    if reason is None:
+        return (
+            f"[Image {_tag(number, nonce)}: this image could not be analysed, so its content is "
+            f"unknown. If the answer depends on it, tell the user the image could not be read.]"
+        )
     return (
-        f"[Image {_tag(number, nonce)}: this image could not be analysed, so its content is "
-        f"unknown. If the answer depends on it, tell the user the image could not be read.]"
+        f"[Image {_tag(number, nonce)}: this image could not be analysed ({reason.value}), so "
+        f"its content is unknown. If the answer depends on it, tell the user the image could "
+        f"not be read and why.]"
     )

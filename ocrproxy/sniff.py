@@ -174,6 +174,10 @@ class ImageRejected(Exception):
     """The payload is not an acceptable image; the message is safe to show to the client."""
 
 
+class TooManyPixels(ImageRejected):
+    """The image is an acceptable kind, but larger than the pixel limit."""
+
+
 def _judge(found: Sniffed | None, max_pixels: int, complete: bool) -> Sniffed:
     if found is None:
         raise ImageRejected(f"is not a {SUPPORTED} image (its first bytes do not match)")
@@ -191,7 +195,7 @@ def _judge(found: Sniffed | None, max_pixels: int, complete: bool) -> Sniffed:
         raise ImageRejected("has a zero width or height")
     pixels = found.pixels
     if pixels is not None and pixels > max_pixels:
-        raise ImageRejected(
+        raise TooManyPixels(
             f"is {found.width}x{found.height} pixels, more than the limit of {max_pixels} pixels"
         )
     return found

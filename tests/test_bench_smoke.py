@@ -1,7 +1,7 @@
 """The benchmark harness end to end in seconds: it must run and say sane things, not be fast.
 
 ``python -m bench --smoke --json`` starts the fakes, the bare relay and the proxy as separate
-processes, runs all eleven scenarios with tiny settings and prints one JSON report. Timings on a
+processes, runs all twelve scenarios with tiny settings and prints one JSON report. Timings on a
 shared test machine mean nothing; what is checked is that every scenario ran without request
 errors, that each figure the report derives exists and is plausible, and that no process
 outlives the run: neither a run that ends normally nor one that is killed (SIGKILL, as a test
@@ -40,6 +40,7 @@ SCENARIOS = [
     "9-messages-streaming",
     "10-responses-passthrough",
     "11-responses-streaming",
+    "12-retry",
 ]
 
 
@@ -156,6 +157,27 @@ def test_local_ocr_scenario_reads_text(report: dict[str, Any]) -> None:
     rows = {r["metric"]: r["local"] for r in report["scenarios"]["7-local-ocr"]["rows"]}
     assert rows["screenshot: character error rate"] <= 2.0
     assert rows["mixed batch, 1 thread(s)"] > 0 and rows["mixed batch, 2 thread(s)"] > 0
+
+
+def test_retry_scenario_ran_the_sdk_against_both_keepalive_settings(
+    report: dict[str, Any],
+) -> None:
+    from bench.retry import DELAYS, IN_STREAM, KEEPALIVES, RETRIED
+
+    (cases,) = report["scenarios"]["12-retry"]["raw"]["runs"]  # one repeat
+    assert {(c["keepalive"], c["delay"]) for c in cases} == {
+        (ka, d) for ka in KEEPALIVES for d in DELAYS
+    }
+    for case in cases:  # each as its commit says: "errors" counts the others
+        if case["committed"]:
+            assert (case["outcome"], case["upstream_calls"]) == (IN_STREAM, 1), case
+        else:
+            assert (case["outcome"], case["upstream_calls"]) == (RETRIED, 2), case
+            assert case["retries"] == 1 and case["chunks"] >= 3, case
+    # The longest latency outlasts the shorter setting by far: that stream was committed early
+    # however loaded the machine (a lower bound on time; the other cases depend on the load).
+    by = {(c["keepalive"], c["delay"]): c["committed"] for c in cases}
+    assert by[min(KEEPALIVES), max(DELAYS)]
 
 
 def _stat(pid: int) -> tuple[str, str] | None:

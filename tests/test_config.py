@@ -23,7 +23,7 @@ def test_no_file_uses_openai_sdk_conventions():
     assert cfg.upstreams[0].base_url == "https://api.openai.com/v1"
     assert cfg.upstreams[0].api_key == ""
     assert cfg.ocr.model == "gpt-4o-mini" and cfg.ocr.suffix == "-ocr"
-    assert cfg.ocr.on_error == "placeholder" and cfg.ocr.keepalive_after_s == 3
+    assert cfg.ocr.on_error == "placeholder" and cfg.ocr.keepalive_after_s == 15
     env = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "OPENAI_API_KEY": "sk-env"}
     cfg = config.load(None, env=env)
     assert cfg.upstreams[0].base_url == "http://127.0.0.1:9/v1"

@@ -212,6 +212,7 @@ class Chat(Dialect):
             "model": usage["model"],
             "images": usage["images"],
             "cache_hits": usage["cache_hits"],
+            "failures": usage["failures"],
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
