@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from . import config, images, relay, upstream
+from . import catalog, config, images, relay, upstream
 from .body import read_body
 from .describe import Describer, OcrReport, Outcome
 from .dialects import Dialect, Found, Parsed
@@ -36,7 +36,17 @@ from .errors import BadRequest, ProxyError, UpstreamError
 from .fetch import Fetcher
 from .guard import check_depth, check_name
 from .rewrite import delimiter_tag, placeholder_block, reference_block
-from .state import CONFIG, DELIMITER_KEY, DESCRIBER, FETCHER, ROUTER, SECRETS, SESSION, TRACE
+from .state import (
+    CATALOG,
+    CONFIG,
+    DELIMITER_KEY,
+    DESCRIBER,
+    FETCHER,
+    ROUTER,
+    SECRETS,
+    SESSION,
+    TRACE,
+)
 
 # Request JSON at least this large (bytes) is walked in a worker thread.
 FIND_THREAD_THRESHOLD = 1024 * 1024
@@ -130,10 +140,13 @@ async def _prepare(
     describer = request.app[DESCRIBER]
     describer.check_model(ocr_model)  # 404 unknown, 400 unavailable: before work
     settings = request.app[CONFIG].ocr
+    await request.app[CATALOG].check(up, request.headers, real_model, parsed.model, settings.suffix)
     items = parsed.obj.get(dialect.items)  # a dialect may let it be absent (Responses' input)
     size = len(memoryview(items)) if items is not None else 0
     found = await _find(dialect, parsed, settings, size)
-    return up, found, describer.memory_hits(found.images, ocr_model, request.headers)
+    hits = describer.memory_hits(found.images, ocr_model, request.headers)
+    trace.images, trace.cache_hits = len({im.digest for im in found.images}), len(hits)
+    return up, found, hits
 
 
 def ocr_headers(report: OcrReport | None, model: str) -> dict[str, str]:
@@ -190,6 +203,7 @@ async def _run(
                 ocr_usage=usage,
                 edit_stream=edit,
                 secrets=request.app[SECRETS],
+                not_found_note=catalog.requested_as(parsed.model, real_model),
             )
     summary = f": ocr images={report.images} cache_hits={report.cache_hits} ms={report.ms:.0f}\n\n"
     loop = asyncio.get_running_loop()
@@ -216,6 +230,7 @@ async def _run(
             edit_stream=edit,
             secrets=request.app[SECRETS],
             request=request,
+            not_found_note=catalog.requested_as(parsed.model, real_model),
         )
     return response
 
@@ -335,9 +350,11 @@ async def _count(
         known = hit.description.text if hit is not None and hit.description else None
         nonce = delimiter_tag(key, image.digest)
         text.append(reference_block(number, ocr_model, known or TYPICAL_DESCRIPTION, nonce))
-    trace.images, trace.cache_hits = len({im.digest for im in found.images}), len(hits)
     new_body = dialect.splice(parsed, found, text, real_model)
     source = await _send(request, up, path, new_body)
     trace.upstream_answered(up, source.status)
     async with source:
-        return await relay.relay(request, source, {}, dialect, secrets=request.app[SECRETS])
+        note = catalog.requested_as(parsed.model, real_model)
+        return await relay.relay(
+            request, source, {}, dialect, secrets=request.app[SECRETS], not_found_note=note
+        )
