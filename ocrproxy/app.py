@@ -355,7 +355,8 @@ async def _fetcher(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _watch_loop(threshold_s: float, period_s: float = 0.05) -> None:
-    """Warn whenever the event loop was blocked longer than ``threshold_s``.
+    """Warn whenever the event loop was blocked longer than ``threshold_s`` (as the logger
+    ``ocrproxy.stall``, at the configured log level like every line, with no request's id).
 
     The warning says how much CPU the loop's thread used meanwhile: close to the stall, the
     proxy's own code was busy; near zero, a blocking call slept (or the machine starved us).

@@ -3,7 +3,8 @@
 Theory of operation: ``serve`` reads and parses the body (the dialect's top level) and decides
 whether OCR runs: the model ends with the suffix, the body names an ``ocr_model``, the request
 has an ``X-OCR-Model`` header, or the model matches ``[ocr] text_only_models``. If not, the
-body is forwarded byte for byte. If so, each step runs once, in this order: find the images
+body is forwarded byte for byte. If so, each step runs once, in this order: check the model
+against its upstream's model list (``catalog``: a 404 before any OCR call) → find the images
 (the dialect) → identify them (size, digest) → memory hits → validate the rest (decode, format,
 dimensions: a bad image is a 400 before any OCR call and before a stream is committed) → fetch
 remote ones → describe (cache, single-flight, OCR model or local engine) → rewrite (the

@@ -188,10 +188,13 @@ async def test_the_messages_dialect_gets_its_own_404_shape(
     (asked,) = anthropic.received  # its list, asked as models.serve asks: largest page, its key
     assert asked.path == "/v1/models?limit=1000"
     assert asked.headers["x-api-key"] == "sk-ant-upstream-secret"
+    r = await proxy.post("/v1/messages/count_tokens", json=body, headers=headers)
+    assert r.status == 404 and "`claude-nope-ocr`" in (await r.json())["error"]["message"]
     body["model"] = "claude-sonnet-4-5-ocr"  # the alias of the dated id it lists
     r = await proxy.post("/v1/messages", json=body, headers=headers)
     assert r.status == 200, await r.text()
     assert upstream.ocr_calls == ["note"]
+    assert len(anthropic.received) == 2  # the list (kept) and the request
 
 
 @pytest.mark.parametrize("failure", ["http-500", "slow", "empty"])
