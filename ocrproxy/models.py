@@ -50,7 +50,8 @@ async def fetch_listing(
     client request (``incoming``'s headers) would be sent with."""
     headers = upstream.request_headers(incoming, up, relay_auth=relay_auth)
     headers.pop("Content-Type", None)  # an OCR request's headers: this GET has no body
-    if up.api == "anthropic":  # an OpenAI client's request, checked against an Anthropic list
+    headers["Accept"] = "application/json"  # not a streaming client's text/event-stream
+    if up.api == "anthropic":  # the check of a Messages request whose client sent none
         headers.setdefault("anthropic-version", upstream.ANTHROPIC_VERSION)
     target = upstream.url(up, "models", ANTHROPIC_PAGE if up.api == "anthropic" else "")
     try:
