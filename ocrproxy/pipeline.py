@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from . import catalog, config, images, relay, upstream
+from . import catalog, config, images, relay, state, upstream
 from .body import read_body
 from .describe import Describer, OcrReport, Outcome
 from .dialects import Dialect, Found, Parsed
@@ -37,17 +37,7 @@ from .errors import BadRequest, ProxyError, UpstreamError
 from .fetch import Fetcher
 from .guard import check_depth, check_name
 from .rewrite import delimiter_tag, placeholder_block, reference_block
-from .state import (
-    CATALOG,
-    CONFIG,
-    DELIMITER_KEY,
-    DESCRIBER,
-    FETCHER,
-    ROUTER,
-    SECRETS,
-    SESSION,
-    TRACE,
-)
+from .state import CONFIG, DELIMITER_KEY, DESCRIBER, FETCHER, ROUTER, SECRETS, SESSION, TRACE
 
 # Request JSON at least this large (bytes) is walked in a worker thread.
 FIND_THREAD_THRESHOLD = 1024 * 1024
@@ -141,7 +131,9 @@ async def _prepare(
     describer = request.app[DESCRIBER]
     describer.check_model(ocr_model)  # 404 unknown, 400 unavailable: before work
     settings = request.app[CONFIG].ocr
-    await request.app[CATALOG].check(up, request.headers, real_model, parsed.model, settings.suffix)
+    await request.app[state.CATALOG].check(
+        up, request.headers, real_model, parsed.model, settings.suffix
+    )
     items = parsed.obj.get(dialect.items)  # a dialect may let it be absent (Responses' input)
     size = len(memoryview(items)) if items is not None else 0
     found = await _find(dialect, parsed, settings, size)
