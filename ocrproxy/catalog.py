@@ -49,7 +49,9 @@ MAX_ENTRIES = 1024
 
 # An upstream and the client's request headers -> the ids it lists, or None if it did not say.
 Fetch = Callable[[config.Upstream, Mapping[str, str]], Awaitable[Sequence[str] | None]]
-_Key = tuple[str, bytes]  # (upstream name, credential scope: b"" for the upstream's own key)
+# (the upstream, by identity: names may repeat, and the config holding it outlives the
+# catalog; the credential scope: b"" for the upstream's own key)
+_Key = tuple[int, bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,11 +99,11 @@ class Catalog:
 
     def _key(self, up: config.Upstream, incoming: Mapping[str, str]) -> _Key:
         if not self.relay_auth or up.api_key:
-            return up.name, b""  # every client's request goes with the same credentials
+            return id(up), b""  # every client's request goes with the same credentials
         # The client's key goes upstream, with the account headers that go with it.
         account = (incoming.get("OpenAI-Organization", ""), incoming.get("OpenAI-Project", ""))
         credential = upstream.client_credential(incoming) or ""
-        return up.name, credential_digest("\0".join((credential, *account)))
+        return id(up), credential_digest("\0".join((credential, *account)))
 
     def store(
         self, up: config.Upstream, incoming: Mapping[str, str], ids: Sequence[str] | None

@@ -379,3 +379,20 @@ async def test_closing_the_catalog_cancels_a_fetch_under_way() -> None:
     assert cancelled.is_set()
     with pytest.raises(asyncio.CancelledError):
         await waiter
+
+
+async def test_upstreams_of_one_name_keep_their_own_lists(
+    make: Any, upstream: ListingFake, aiohttp_server: Any
+) -> None:
+    other = ListingFake(models_list=["llama3:latest"])
+    server: TestServer = await aiohttp_server(other.app())
+    other.url = str(server.make_url("/v1"))
+    ups = [  # both named "default", as upstreams with no name are
+        {"base_url": upstream.url, "api_key": "sk-a", "models": ["gpt-*", "nope"]},
+        {"base_url": other.url, "api_key": "sk-b"},
+    ]
+    proxy = await make(upstreams=ups)
+    for model, status in (("gpt-3.5-turbo-ocr", 200), ("llama3-ocr", 200), ("nope-ocr", 404)):
+        r = await proxy.post(URL, json=chat(model, "read", IMG))
+        assert r.status == status, (model, await r.text())
+    assert (upstream.list_fetches, other.list_fetches) == (1, 1)
