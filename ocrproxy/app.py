@@ -38,6 +38,7 @@ from . import (
     local,
     logs,
     metrics,
+    models,
     redact,
     relay,
     rewrite,
@@ -48,12 +49,14 @@ from . import (
 )
 from .admission import Budget as PixelBudget
 from .cache import DescriptionCache, MemoryLRU
+from .catalog import Catalog
 from .describe import Describer
 from .errors import BadRequest, MethodNotAllowed, NotFound, ProxyError, Unauthorized
 from .fetch import Fetcher
 from .ocr_remote import RemoteReader
 
 log = logging.getLogger("ocrproxy.access")
+stall_log = logging.getLogger("ocrproxy.stall")  # the loop watchdog's: not a request's line
 # The local engine's bytes of pixels: one budget for the process, carried over by a reload
 # (server.py), so that an old generation draining and the new one share one bound.
 LOCAL_BUDGET: web.AppKey[PixelBudget] = web.AppKey("local_budget", PixelBudget)
@@ -312,6 +315,9 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     cache = DescriptionCache(lru, tier, on_lookup=app[metrics.METRICS].cache_lookup)
     app[state.SESSION] = session
     app[state.CACHE] = cache
+    relay_auth = not cfg.auth.keys
+    catalog = Catalog(models.lister(session, relay_auth=relay_auth), relay_auth=relay_auth)
+    app[state.CATALOG] = catalog
     engine = local.Engine(cfg.ocr.local, budget=app[LOCAL_BUDGET])
     reader = RemoteReader(
         session, cfg.ocr, config.secrets(cfg), on_call=app[metrics.METRICS].ocr_call
@@ -330,6 +336,7 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await catalog.close()
         await cache.close()
         engine.close()
         await session.close()
@@ -349,7 +356,8 @@ async def _fetcher(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _watch_loop(threshold_s: float, period_s: float = 0.05) -> None:
-    """Warn whenever the event loop was blocked longer than ``threshold_s``.
+    """Warn whenever the event loop was blocked longer than ``threshold_s`` (as the logger
+    ``ocrproxy.stall``, at the configured log level like every line, with no request's id).
 
     The warning says how much CPU the loop's thread used meanwhile: close to the stall, the
     proxy's own code was busy; near zero, a blocking call slept (or the machine starved us).
@@ -362,7 +370,7 @@ async def _watch_loop(threshold_s: float, period_s: float = 0.05) -> None:
         if stalled > threshold_s:
             cpu = time.thread_time() - cpu_started
             fields = {"stalled_ms": round(stalled * 1000), "cpu_ms": round(cpu * 1000)}
-            log.warning(
+            stall_log.warning(
                 "event loop stalled for %.0f ms",
                 stalled * 1000,
                 extra={"request_id": "-", "fields": fields},

@@ -119,6 +119,9 @@ class Upstream(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     api: Literal["openai", "anthropic"] = "openai"
     # How its key is sent: "" (the API's own way: Bearer for openai, x-api-key for anthropic).
     auth: Literal["", "bearer", "x-api-key"] = ""
+    # Refuse an OCR request for a model its /v1/models list lacks (404, before any OCR call).
+    # Off for an upstream that accepts models it does not list (Azure deployment names).
+    check_models: bool = True
 
 
 class OcrLocal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -56,11 +56,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ocrproxy.local")
 
-INSTALL_HINT = (
-    "The local OCR engine is not installed on this proxy: install it with "
-    "`pip install 'ocrproxy[local]'` (tesserocr and Pillow) and the Tesseract language data "
-    "(Debian: `apt-get install tesseract-ocr-eng`), then restart the proxy"
-)
+# What the user does once the engine's package or data is installed: the server's operator
+# restarts it; ``ocrproxy describe``, a one-shot command, is simply run again.
+RESTART = "then restart the proxy"
+RUN_AGAIN = "then run the command again"
+
+
+def install_hint(then: str = RESTART) -> str:
+    """Why the engine cannot run when its package is missing, and how to fix that."""
+    return (
+        "The local OCR engine is not installed on this proxy: install it with "
+        "`pip install 'ocrproxy[local]'` (tesserocr and Pillow) and the Tesseract language data "
+        f"(Debian: `apt-get install tesseract-ocr-eng`), {then}"
+    )
+
+
+INSTALL_HINT = install_hint()
 # Where Debian (and Ubuntu) put the data of their tesseract-ocr-LANG packages.
 SYSTEM_TESSDATA = (
     "/usr/share/tesseract-ocr/5/tessdata",
@@ -167,8 +178,10 @@ class Engine:
         settings: config.OcrLocal,
         env: Mapping[str, str] = os.environ,
         budget: Budget | None = None,
+        then: str = RESTART,
     ) -> None:
         self.settings = settings
+        self.then = then  # the last words of ``problem``: what to do once it is installed
         self.threads = settings.threads or _cpu_count()
         self.tessdata = tessdata_dir(settings.tessdata_path, env)
         self.language = "+".join(settings.languages)
@@ -192,7 +205,7 @@ class Engine:
         try:
             tesserocr = _tesserocr()
         except ImportError:
-            return INSTALL_HINT
+            return install_hint(self.then)
         path, available = tesserocr.get_languages(*([self.tessdata] if self.tessdata else []))
         missing = [lang for lang in self.settings.languages if lang not in available]
         if missing:
@@ -200,7 +213,7 @@ class Engine:
             return (
                 f"The local OCR engine has no language data for {', '.join(missing)} in "
                 f"{path or 'its default data path'}: install it (Debian: `apt-get install "
-                f"{packages}`) or set [ocr.local] tessdata_path, then restart the proxy"
+                f"{packages}`) or set [ocr.local] tessdata_path, {self.then}"
             )
         return None
 

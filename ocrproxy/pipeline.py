@@ -3,7 +3,8 @@
 Theory of operation: ``serve`` reads and parses the body (the dialect's top level) and decides
 whether OCR runs: the model ends with the suffix, the body names an ``ocr_model``, the request
 has an ``X-OCR-Model`` header, or the model matches ``[ocr] text_only_models``. If not, the
-body is forwarded byte for byte. If so, each step runs once, in this order: find the images
+body is forwarded byte for byte. If so, each step runs once, in this order: check the model
+against its upstream's model list (``catalog``: a 404 before any OCR call) → find the images
 (the dialect) → identify them (size, digest) → memory hits → validate the rest (decode, format,
 dimensions: a bad image is a 400 before any OCR call and before a stream is committed) → fetch
 remote ones → describe (cache, single-flight, OCR model or local engine) → rewrite (the
@@ -29,7 +30,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from . import config, images, progress, relay, upstream
+from . import catalog, config, images, progress, relay, upstream
 from .body import read_body
 from .describe import Describer, OcrReport, Outcome
 from .dialects import Dialect, Found, Parsed
@@ -37,7 +38,17 @@ from .errors import BadRequest, ProxyError, UpstreamError
 from .fetch import Fetcher
 from .guard import check_depth, check_name
 from .rewrite import delimiter_tag, placeholder_block, reference_block
-from .state import CONFIG, DELIMITER_KEY, DESCRIBER, FETCHER, ROUTER, SECRETS, SESSION, TRACE
+from .state import (
+    CATALOG,
+    CONFIG,
+    DELIMITER_KEY,
+    DESCRIBER,
+    FETCHER,
+    ROUTER,
+    SECRETS,
+    SESSION,
+    TRACE,
+)
 
 # Request JSON at least this large (bytes) is walked in a worker thread.
 FIND_THREAD_THRESHOLD = 1024 * 1024
@@ -131,10 +142,13 @@ async def _prepare(
     describer = request.app[DESCRIBER]
     describer.check_model(ocr_model)  # 404 unknown, 400 unavailable: before work
     settings = request.app[CONFIG].ocr
+    await request.app[CATALOG].check(up, request.headers, real_model, parsed.model, settings.suffix)
     items = parsed.obj.get(dialect.items)  # a dialect may let it be absent (Responses' input)
     size = len(memoryview(items)) if items is not None else 0
     found = await _find(dialect, parsed, settings, size)
-    return up, found, describer.memory_hits(found.images, ocr_model, request.headers)
+    hits = describer.memory_hits(found.images, ocr_model, request.headers)
+    trace.images, trace.cache_hits = len({im.digest for im in found.images}), len(hits)
+    return up, found, hits
 
 
 def ocr_headers(report: OcrReport | None, model: str) -> dict[str, str]:
@@ -193,6 +207,7 @@ async def _run(
                 ocr_usage=usage,
                 edit_stream=edit,
                 secrets=request.app[SECRETS],
+                not_found_note=catalog.requested_as(parsed.model, real_model),
             )
     summary = (
         f": ocr images={report.images} cache_hits={report.cache_hits} "
@@ -222,6 +237,7 @@ async def _run(
             edit_stream=edit,
             secrets=request.app[SECRETS],
             request=request,
+            not_found_note=catalog.requested_as(parsed.model, real_model),
         )
     return response
 
@@ -347,9 +363,11 @@ async def _count(
         known = hit.description.text if hit is not None and hit.description else None
         nonce = delimiter_tag(key, image.digest)
         text.append(reference_block(number, ocr_model, known or TYPICAL_DESCRIPTION, nonce))
-    trace.images, trace.cache_hits = len({im.digest for im in found.images}), len(hits)
     new_body = dialect.splice(parsed, found, text, real_model)
     source = await _send(request, up, path, new_body)
     trace.upstream_answered(up, source.status)
     async with source:
-        return await relay.relay(request, source, {}, dialect, secrets=request.app[SECRETS])
+        note = catalog.requested_as(parsed.model, real_model)
+        return await relay.relay(
+            request, source, {}, dialect, secrets=request.app[SECRETS], not_found_note=note
+        )

@@ -35,6 +35,7 @@ from aiohttp import web
 
 from . import upstream
 from .errors import ProxyError, UpstreamError, UpstreamTimeout
+from .notes import with_message_note
 from .redact import Redactor, redact, redact_headers
 from .schema import encoder
 from .streams import EDGE, EVENT_ENDS, Edge, Framing, register
@@ -308,12 +309,13 @@ async def relay(
     ocr_usage: Mapping[str, Any] | None = None,
     edit_stream: bool = False,
     secrets: tuple[bytes, ...] = (),
+    not_found_note: str | None = None,
 ) -> web.StreamResponse:
     """Relay an upstream response whose status the client has not seen yet.
 
     Any configured secret an upstream echoes is masked, in headers and bodies alike; a body
     the proxy cannot read (compressed against its ``Accept-Encoding: identity``) is relayed as
-    it came.
+    it came. A 404's JSON error message gets ``not_found_note`` appended (``notes``).
     """
     out_headers = upstream.response_headers(source.headers)
     redact_headers(out_headers, secrets)
@@ -337,7 +339,7 @@ async def relay(
         return response
     length = source.content_length
     if source.status >= 400 and not encoded and (length is None or length <= ERROR_BODY):
-        payload = redact(await _read_capped(source), secrets)
+        payload = _noted(redact(await _read_capped(source), secrets), source, not_found_note)
         return web.Response(
             status=source.status, reason=source.reason, body=payload, headers=out_headers
         )
@@ -379,6 +381,13 @@ async def relay(
     return response
 
 
+def _noted(payload: bytes, source: aiohttp.ClientResponse, note: str | None) -> bytes:
+    """An error body, with ``note`` in its message if it is a 404's (aiohttp sets the length)."""
+    if note is None or source.status != 404:
+        return payload
+    return with_message_note(payload, note) or payload
+
+
 def _editor(
     ocr_usage: Mapping[str, Any] | None, edit: bool, framing: Framing
 ) -> UsageEditor | None:
@@ -396,14 +405,16 @@ async def relay_into(
     edit_stream: bool,
     secrets: tuple[bytes, ...] = (),
     request: web.Request | None = None,
+    not_found_note: str | None = None,
 ) -> None:
     """Relay an upstream answer into an SSE response that is already committed.
 
-    Given the ``request``, a client that stops reading is dropped (``_WriteWatch``).
+    Given the ``request``, a client that stops reading is dropped (``_WriteWatch``). An error
+    answer becomes an error event, a 404's message noted as ``relay`` notes it.
     """
     content_type = source.headers.get("Content-Type", "")
     if source.status != 200:
-        payload = redact(await _read_capped(source), secrets)
+        payload = _noted(redact(await _read_capped(source), secrets), source, not_found_note)
         await response.write(framing.upstream_error_event(source.status, payload))
     elif content_type.startswith("text/event-stream"):
         editor = _editor(ocr_usage, edit_stream, framing)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -16,6 +17,7 @@ from aiohttp import web
 
 from . import config, upstream
 from .cache import DescriptionCache
+from .catalog import Catalog
 from .describe import Describer
 from .fetch import Fetcher
 
@@ -24,6 +26,7 @@ ROUTER = web.AppKey("router", upstream.Router)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 CACHE = web.AppKey("cache", DescriptionCache)
 DESCRIBER = web.AppKey("describer", Describer)
+CATALOG = web.AppKey("catalog", Catalog)  # the upstreams' model lists
 FETCHER = web.AppKey("fetcher", Fetcher)  # present only when `[ocr] fetch_images` is on
 SECRETS = web.AppKey("secrets", tuple[bytes, ...])  # masked in everything relayed to clients
 PASSTHROUGH = web.AppKey("passthrough", re.Pattern[str])  # `routes_pattern` of the config
@@ -50,6 +53,11 @@ class Trace:
     def routed(self, up: config.Upstream) -> None:
         """The request goes to ``up`` (named in the metrics even if it never answers)."""
         self.upstream = up.name
+
+    def listed(self, ups: Iterable[config.Upstream], status: int | None) -> None:
+        """A model list asked of ``ups``: all named, with one status for them (see ``models``)."""
+        self.upstream = ",".join(up.name for up in ups)
+        self.upstream_status = status
 
     def upstream_answered(self, up: config.Upstream, status: int) -> None:
         self.upstream = up.name

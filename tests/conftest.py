@@ -41,6 +41,9 @@ def make_config(fake: FakeOpenAI, **sections: dict[str, Any]) -> config.Config:
             raw[name] = {**raw[name], **values}
         else:
             raw[name] = values
+    # The fakes list a few models but answer any: the model check is tested on its own
+    # (tests/test_catalog.py), so elsewhere it stays off unless a test turns it on.
+    raw["upstreams"] = [{"check_models": False, **up} for up in raw["upstreams"]]
     return config.from_mapping(raw, env={})
 
 

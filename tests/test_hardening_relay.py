@@ -132,7 +132,9 @@ def proxy_config(base_url: str, **server: Any) -> config.Config:
         {
             "server": server,
             "auth": {"keys": [CLIENT_KEY]},
-            "upstreams": [{"name": "u", "base_url": base_url, "api_key": UPSTREAM_KEY}],
+            "upstreams": [
+                {"name": "u", "base_url": base_url, "api_key": UPSTREAM_KEY, "check_models": False}
+            ],
             "ocr": {"model": "vision-1", "retries": 0},
         },
         env={},

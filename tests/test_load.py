@@ -33,6 +33,7 @@ async def test_200_streams_and_50_ocr_requests(fake, tmp_path):
 stall_warning_ms = 100
 [[upstreams]]
 base_url = "{fake.url}"
+check_models = false
 [ocr]
 model = "vision-1"
 max_concurrency = 16

@@ -101,6 +101,7 @@ async def _peak_rss(fake: FakeOpenAI, folder: Path, bombs: list[str], threads: i
 [[upstreams]]
 name = "fake"
 base_url = "{fake.url}"
+check_models = false
 [ocr]
 model = "vision-1"
 on_error = "fail"

@@ -378,7 +378,7 @@ async def test_a_real_process_configured_by_environment_answers_messages(
     assert answer["usage"]["ocr"]["images"] == 1
     assert fake.ocr_calls == ["env"]
     assert fake.received[0].headers["Authorization"] == "Bearer sk-env-openai"
-    [first, second] = fake_anthropic.received
+    [first, second] = [r for r in fake_anthropic.received if r.method == "POST"]  # not its list
     assert first.path == "/v1/messages?beta=true"
     for received in (first, second):
         headers = lower(received.headers)

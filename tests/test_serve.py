@@ -28,6 +28,7 @@ keys = ["{SECRET_CLIENT}"]
 name = "fake"
 base_url = "{fake.url}"
 api_key = "${{UPSTREAM_KEY}}"
+check_models = false
 [ocr]
 model = "vision-1"
 """

@@ -39,7 +39,7 @@ def _toml(fake: FakeOpenAI, port: int, server: str = "", auth: str = "") -> str:
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nshutdown_timeout = {SHUTDOWN_TIMEOUT}\n'
         f"{server}\n{auth}\n"
         '[ocr]\nmodel = "vision-1"\nkeepalive_after_s = 0.3\nkeepalive_interval_s = 0.5\n'
-        f'[[upstreams]]\nname = "fake"\nbase_url = "{fake.url}"\n'
+        f'[[upstreams]]\nname = "fake"\nbase_url = "{fake.url}"\ncheck_models = false\n'
     )
 
 
