@@ -156,6 +156,9 @@ class Learned:
 
     def learn(self, upstream: str, model: str) -> None:
         """Remember ``model`` of ``upstream`` as text-only, from now for ``ttl`` seconds."""
+        log.info(
+            "%s of %s turned images away: learned text-only for %.0f s", model, upstream, self.ttl
+        )
         if self.ttl <= 0:
             return
         key = (upstream, model)

@@ -155,12 +155,6 @@ async def _rejected(
     if cfg.ocr.fallback_on_rejection and fallback.usable(request.app[DESCRIBER], ocr_model):
         request.app[fallback.STORE].learn(up.name, parsed.model)
         request[TRACE].fallback = fallback.REJECTED
-        fallback.log.info(
-            "%s of %s turned images away: described by %s and sent again",
-            parsed.model,
-            up.name,
-            ocr_model,
-        )
         check_depth(body)
         if counting:
             return await _count(
