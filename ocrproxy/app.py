@@ -34,6 +34,7 @@ from aiohttp import web
 from . import (
     body,
     config,
+    fallback,
     handlers,
     local,
     logs,
@@ -240,6 +241,7 @@ def _access_log(
             "upstream": trace.upstream,
             "upstream_status": trace.upstream_status,
             "ttfb_ms": trace.ttfb_ms,
+            "fallback": trace.fallback,
             "total_ms": round((time.monotonic() - trace.started) * 1000, 2),
             "bytes_out": bytes_out,
         },
@@ -248,7 +250,7 @@ def _access_log(
 
 _EXPOSED = (
     "X-Request-Id, X-Upstream-Request-Id, X-OCR-Model, X-OCR-Images, X-OCR-Cache-Hits, "
-    "X-OCR-Failures, X-OCR-Ms"
+    "X-OCR-Failures, X-OCR-Ms, X-OCR-Fallback"
 )
 
 
@@ -286,6 +288,8 @@ def stamp(request: web.Request, response: web.StreamResponse) -> None:
     trace = request.get(state.TRACE)
     if trace is not None:
         response.headers["X-Request-Id"] = trace.request_id
+        if trace.fallback is not None:  # the request went through OCR without a switch
+            response.headers["X-OCR-Fallback"] = trace.fallback
     origins = request.app[state.CONFIG].server.cors_origins
     origin = _allowed_origin(request, origins) if origins else None
     if origin is not None:
@@ -395,6 +399,7 @@ def create_app(cfg: config.Config) -> web.Application:
     secrets = config.secrets(cfg)
     app[state.SECRETS] = redact.secrets_of(secrets)
     app[state.DELIMITER_KEY] = rewrite.delimiter_key(secrets)
+    app[fallback.STORE] = fallback.Learned(cfg.ocr.learned_ttl_s)
     app[relay.WRITE_TIMEOUT] = cfg.server.write_timeout_s
     app[state.PASSTHROUGH] = handlers.routes_pattern(cfg.server.passthrough_routes)
     app.cleanup_ctx.append(_state)

@@ -172,6 +172,11 @@ class Ocr(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     local: OcrLocal = OcrLocal()
+    # A request without OCR that the upstream refuses because the model can't take images is
+    # described and sent again through OCR (``fallback``); the model is then remembered as
+    # text-only for `learned_ttl_s` seconds (0: not remembered).
+    fallback_on_rejection: bool = True
+    learned_ttl_s: float = 86_400.0
 
 
 class Cache(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -317,6 +322,8 @@ def validate(cfg: Config) -> Config:
                 f"`$.ocr.allow_private_hosts[{i}]` must be a hostname or an IP network "
                 f"(CIDR), not {entry!r}"
             )
+    if cfg.ocr.learned_ttl_s < 0:
+        raise ConfigError("`$.ocr.learned_ttl_s` must not be negative")
     _validate_local(cfg.ocr)
     if cfg.cache.max_entries < 0 or cfg.cache.max_bytes < 0 or cfg.cache.ttl_s <= 0:
         raise ConfigError("`$.cache` limits must be non-negative and ttl_s positive")

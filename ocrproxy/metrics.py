@@ -2,10 +2,10 @@
 
 Theory of operation: one ``Metrics`` object per application owns its collectors. Counting happens
 at three points only: the request middleware in app.py (requests by route and status, latency,
-time to first upstream byte, in-flight requests and streams, upstream errors; through
-``started``, ``prepared`` and ``finished``), the description cache's lookup
-hook (hits and misses by tier) and the describer's call hook (OCR calls, failures and latency by
-model). With several worker processes, ``PROMETHEUS_MULTIPROC_DIR`` is set by the parent before
+time to first upstream byte, in-flight requests and streams, upstream errors, fallbacks to
+OCR; through ``started``, ``prepared`` and ``finished``), the description cache's lookup
+hook (hits and misses by tier) and the describer's call hook (OCR calls, failures and latency
+by model). With several worker processes, ``PROMETHEUS_MULTIPROC_DIR`` is set by the parent before
 any worker starts; each worker then writes its samples to files there and any worker can answer
 a scrape with the sum of all of them.
 
@@ -38,6 +38,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import state
 from .errors import NotFound, UpstreamError
+from .fallback import LEARNED, REJECTED
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -46,6 +47,8 @@ _STATUS = {code: str(code) for code in range(100, 600)}  # label values, made on
 FLUSH_S = 1.0  # counts reach the collectors (and, with workers, the shared files) this late
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _FORWARDED = ("X-Forwarded-For", "X-Real-IP", "Forwarded")
+# `Trace.fallback` -> the label value
+_REASONS = {REJECTED: "rejected_images", LEARNED: "learned"}
 
 
 class Metrics:
@@ -101,6 +104,13 @@ class Metrics:
             "ocrproxy_upstream_errors",
             "Upstream failures, by upstream and kind (unreachable, timeout, http_5xx)",
             ["upstream", "kind"],
+            registry=target,
+        )
+        self.fallbacks = Counter(
+            "ocrproxy_fallbacks",
+            "Requests without an OCR switch sent through OCR, by reason (rejected_images: the "
+            "upstream turned their images away; learned: the model was known text-only)",
+            ["reason"],
             registry=target,
         )
         self.in_flight = Gauge(
@@ -213,6 +223,8 @@ class Metrics:
         route = _route(request)
         self._add(self.requests, route, _STATUS.get(status) or str(status))
         self._observe(self.latency, time.monotonic() - trace.started, route)
+        if trace.fallback is not None:
+            self._add(self.fallbacks, _REASONS.get(trace.fallback, "other"))
         if isinstance(error, UpstreamError):
             kind = "timeout" if error.status == 504 else "unreachable"
             self._add(self.upstream_errors, _upstream_of(trace), kind)

@@ -18,19 +18,24 @@ the reading: ``progress``); an error after that point is an error event in the d
 framing. ``serve(..., counting=True)`` is the token-counting variant (``_count``): it rewrites
 with descriptions cached in memory only (a placeholder of typical size for the others) and never
 calls the OCR model or fetches an image.
+
+A request forwarded without OCR whose upstream turns its images away (a 4xx that says so,
+before any byte reached the client) is sent again through OCR, once, and the model is learned
+as text-only for a while: see ``fallback``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fnmatch
-from collections.abc import Coroutine, Mapping
+import functools
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from . import catalog, config, images, progress, relay, upstream
+from . import catalog, config, fallback, images, notes, progress, relay, upstream
 from .body import read_body
 from .describe import Describer, OcrReport, Outcome
 from .dialects import Dialect, Found, Parsed
@@ -95,17 +100,30 @@ async def serve(
         trace.real_model = parsed.model
         up = request.app[ROUTER].route(parsed.model, dialect.api)
         trace.routed(up)
-        return await forward(request, up, path or dialect.path, body, dialect)
+        if not request.app[fallback.STORE].knows(up.name, parsed.model):
+            again = functools.partial(_rejected, request, dialect, parsed, body, up, path, counting)
+            return await forward(request, up, path or dialect.path, body, dialect, again)
+        trace.fallback = fallback.LEARNED  # as if it matched `text_only_models`
+        switch = parsed.model, cfg.ocr.model
     check_depth(body)  # the OCR step walks and rebuilds the body: bounded depth first
     if counting:
         return await _count(request, dialect, parsed, path or dialect.path, *switch)
     return await _run(request, dialect, parsed, *switch)
 
 
+Rejected = Callable[[aiohttp.ClientResponse, bytes], Awaitable[web.StreamResponse]]
+
+
 async def forward(
-    request: web.Request, up: config.Upstream, path: str, body: Any, dialect: Dialect
+    request: web.Request,
+    up: config.Upstream,
+    path: str,
+    body: Any,
+    dialect: Dialect,
+    on_reject: Rejected | None = None,
 ) -> web.StreamResponse:
-    """Send the client's request to ``up`` unchanged (but for headers) and relay the answer."""
+    """Send the client's request to ``up`` unchanged (but for headers) and relay the answer;
+    one that may refuse images (``fallback.suspect``) is read and left to ``on_reject``."""
     streamed = body is not None and not isinstance(body, bytes | bytearray)  # an upload
     headers = upstream.request_headers(
         request.headers, up, keep_length=streamed, relay_auth=not request.app[CONFIG].auth.keys
@@ -117,15 +135,58 @@ async def forward(
     )
     request[TRACE].upstream_answered(up, source.status)
     async with source:
-        return await relay.relay(request, source, {}, dialect, secrets=request.app[SECRETS])
+        if on_reject is None or not fallback.suspect(source):
+            return await relay.relay(request, source, {}, dialect, secrets=request.app[SECRETS])
+        payload = await relay.read_error(source)
+    return await on_reject(source, payload)
+
+
+async def _rejected(
+    request: web.Request,
+    dialect: Dialect,
+    parsed: Parsed,
+    body: bytes | bytearray,
+    up: config.Upstream,
+    path: str | None,
+    counting: bool,
+    source: aiohttp.ClientResponse,
+    payload: bytes,
+) -> web.StreamResponse:
+    """An upstream's 4xx to a request without OCR: if it turned the request's images away, the
+    request goes through OCR now (once: that answer is relayed whatever it is), else the
+    answer is relayed, with a hint naming the ``-ocr`` model if OCR would have helped."""
+    cfg, secrets = request.app[CONFIG], request.app[SECRETS]
+    if not fallback.rejects_images(source.status, payload):
+        return relay.error_response(source, payload, secrets)
+    try:
+        if not (await _images_of(dialect, parsed, cfg.ocr, len(body))).images:
+            return relay.error_response(source, payload, secrets)  # about something else
+    except ProxyError:
+        pass  # an image the OCR route refuses in its own words
+    ocr_model = cfg.ocr.model
+    if cfg.ocr.fallback_on_rejection and fallback.usable(request.app[DESCRIBER], ocr_model):
+        request.app[fallback.STORE].learn(up.name, parsed.model)
+        request[TRACE].fallback = fallback.REJECTED
+        check_depth(body)
+        if counting:
+            return await _count(
+                request, dialect, parsed, path or dialect.path, parsed.model, ocr_model
+            )
+        return await _run(request, dialect, parsed, parsed.model, ocr_model)
+    hinted = notes.with_message_note(payload, fallback.hint(parsed.model + cfg.ocr.suffix))
+    return relay.error_response(source, hinted or payload, secrets)
+
+
+async def _images_of(dialect: Dialect, parsed: Parsed, settings: config.Ocr, size: int) -> Found:
+    """The request's images; a large request is walked in a worker thread."""
+    if size >= FIND_THREAD_THRESHOLD:
+        return await asyncio.to_thread(dialect.find, parsed, settings.max_images)
+    return dialect.find(parsed, settings.max_images)
 
 
 async def _find(dialect: Dialect, parsed: Parsed, settings: config.Ocr, size: int) -> Found:
-    """The request's images, identified; a large request is walked in a worker thread."""
-    if size >= FIND_THREAD_THRESHOLD:
-        found = await asyncio.to_thread(dialect.find, parsed, settings.max_images)
-    else:
-        found = dialect.find(parsed, settings.max_images)
+    """The request's images, identified."""
+    found = await _images_of(dialect, parsed, settings, size)
     await images.identify(found.images, settings)
     return found
 
@@ -137,7 +198,8 @@ async def _prepare(
     in memory: (upstream, images, memory hits by digest). Nothing is decoded yet."""
     trace = request[TRACE]
     trace.real_model, trace.ocr_model = real_model, ocr_model
-    up = request.app[ROUTER].route(real_model, dialect.api)
+    typed = parsed.model if parsed.model != real_model else None
+    up = request.app[ROUTER].route(real_model, dialect.api, typed=typed)
     trace.routed(up)
     describer = request.app[DESCRIBER]
     describer.check_model(ocr_model)  # 404 unknown, 400 unavailable: before work

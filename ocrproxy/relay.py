@@ -82,6 +82,27 @@ async def _read_capped(source: aiohttp.ClientResponse) -> bytes:
     return b"".join(chunks)[:ERROR_BODY]
 
 
+async def read_error(source: aiohttp.ClientResponse) -> bytes:
+    """An upstream error body, read as ``relay`` reads one (at most ERROR_BODY bytes), for a
+    caller that looks at it before relaying it with ``error_response``."""
+    return await _read_capped(source)
+
+
+def error_response(
+    source: aiohttp.ClientResponse, payload: bytes, secrets: tuple[bytes, ...] = ()
+) -> web.Response:
+    """The upstream's error answer with ``payload`` (``read_error``'s, or an edit of it) as
+    its body, masked as ``relay`` masks one."""
+    out_headers = upstream.response_headers(source.headers)
+    redact_headers(out_headers, secrets)
+    return web.Response(
+        status=source.status,
+        reason=source.reason,
+        body=redact(payload, secrets),
+        headers=out_headers,
+    )
+
+
 async def _read_upto(source: aiohttp.ClientResponse, limit: int) -> tuple[list[bytes], bool]:
     """The body's pieces until its end or past ``limit`` bytes, and whether it ended.
 

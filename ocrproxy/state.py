@@ -49,6 +49,7 @@ class Trace:
     upstream: str | None = None
     upstream_status: int | None = None
     ttfb_ms: float | None = None
+    fallback: str | None = None  # why a request without OCR switch went through OCR (`fallback`)
 
     def routed(self, up: config.Upstream) -> None:
         """The request goes to ``up`` (named in the metrics even if it never answers)."""

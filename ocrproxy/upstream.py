@@ -86,8 +86,11 @@ class Router:
                 return up
         raise _no_api(api)
 
-    def route(self, model: str, api: str | None = "openai") -> config.Upstream:
-        """The upstream serving ``model`` in ``api`` (None: in any API, for the OCR model)."""
+    def route(
+        self, model: str, api: str | None = "openai", *, typed: str | None = None
+    ) -> config.Upstream:
+        """The upstream serving ``model`` in ``api`` (None: in any API, for the OCR model);
+        ``typed``: the model as the client named it (with the OCR suffix), for the 404."""
         found = self._memo.get((api, model))
         if found is not None:
             return found
@@ -100,8 +103,9 @@ class Router:
                 return up
         if api is not None and not any(up.api == api for up in self.upstreams):
             raise _no_api(api)
+        named = f"`{typed}` (`{model}` once the OCR suffix is off)" if typed else f"`{model}`"
         raise NotFound(
-            f"The model `{model}` is not served by any upstream of this proxy",
+            f"The model {named} is not served by any upstream of this proxy",
             param="model",
             code="model_not_found",
         )

@@ -118,6 +118,20 @@ async def test_an_unlisted_model_is_a_404_naming_it_as_typed_before_any_ocr(
     assert upstream.list_fetches == 1  # the second request used the kept list
 
 
+async def test_a_model_no_upstream_serves_is_a_404_naming_it_as_typed(
+    make: Any, upstream: ListingFake
+) -> None:
+    entry = {"name": "fake", "base_url": upstream.url, "api_key": "k", "models": ["gpt-*"]}
+    proxy = await make(upstreams=[entry])
+    r = await proxy.post(URL, json=chat("nope-ocr", "read", IMG))
+    error = (await r.json())["error"]
+    assert r.status == 404 and error["code"] == "model_not_found"
+    assert error["message"].startswith("The model `nope-ocr` (`nope` once the OCR suffix is off)")
+    r = await proxy.post(URL, json=chat("nope", "read"))  # no OCR: named as typed, once
+    assert (await r.json())["error"]["message"].startswith("The model `nope` is not served")
+    assert upstream.ocr_calls == [] and upstream.chat_requests == []
+
+
 async def test_a_model_named_by_header_is_named_once(make: Any, upstream: ListingFake) -> None:
     proxy = await make()
     r = await proxy.post(URL, json=chat("nope", "read", IMG), headers={"X-OCR-Model": "vision-1"})

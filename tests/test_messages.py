@@ -813,11 +813,12 @@ async def test_text_only_models_describe_without_a_suffix(make_both, fake, fake_
     assert fake.ocr_calls == ["declared"]
 
 
-# 8. without an OCR switch the request goes as it is, and DeepSeek's refusal comes back
+# 8. without an OCR switch (and with the fallback off) the request goes as it is, and
+# DeepSeek's refusal comes back, its message naming the -ocr model (tests/test_fallback.py)
 
 
 async def test_without_ocr_switch_the_refusal_is_relayed_unchanged(make_both, fake, fake_anthropic):
-    proxy = await make_both()
+    proxy = await make_both(ocr={"fallback_on_rejection": False})
     body = (
         b'{"model": "deepseek-v4-pro", "max_tokens": 5,\n "messages": [{"role": "user", "content": '
         b'[{"type": "text", "text": "hi"}, ' + orjson.dumps(img("not described")) + b"]}]}"
@@ -832,11 +833,13 @@ async def test_without_ocr_switch_the_refusal_is_relayed_unchanged(make_both, fa
         "type": "error",
         "error": {
             "type": "invalid_request_error",
-            "message": DEEPSEEK_REFUSAL.format(where="messages[0].content"),
+            "message": DEEPSEEK_REFUSAL.format(where="messages[0].content")
+            + " (ocrproxy: this model cannot read images; use `deepseek-v4-pro-ocr` to have"
+            " them described first)",
         },
     }
     assert status == 400
-    assert answer == json.dumps(refusal).encode()
+    assert orjson.loads(answer) == refusal
     assert fake.ocr_calls == []
     assert "X-OCR-Model" not in r.headers
 

@@ -241,7 +241,7 @@ async def test_relay_mode_relays_the_clients_key_in_the_upstreams_style(
 
 
 async def test_anthropic_headers_and_query_strings_go_upstream(make_both, fake_anthropic):
-    proxy = await make_both()
+    proxy = await make_both(ocr={"fallback_on_rejection": False})  # see test_fallback.py
     headers = {**VERSION, "anthropic-beta": "interleaved-thinking-2025-05-14,tools-2024-04-04"}
     for target, model in (
         (MESSAGES + "?beta=true", "deepseek-v4-pro"),

@@ -151,7 +151,10 @@ async def test_text_only_models_describe_images_without_a_suffix(
 async def test_a_model_outside_text_only_models_is_forwarded_byte_for_byte(
     make_both, fake, fake_anthropic, route
 ):
-    proxy = await make_both(ocr={"text_only_models": ["deepseek-*"]})
+    # (with the fallback off: tests/test_fallback.py is about what it does with the refusal)
+    proxy = await make_both(
+        ocr={"text_only_models": ["deepseek-*"], "fallback_on_rejection": False}
+    )
     model = "gpt-4.1" if route == "chat" else "claude-sonnet-4-5"
     # Odd spacing and key order, a float written as the client wrote it: none of it touched.
     body = json.dumps(request(route, model, temperature=0.50), indent=3).encode()

@@ -416,7 +416,10 @@ async def test_a_wrong_key_is_an_openai_shaped_401(make_responses, fake_response
     assert fake_responses.received == []
 
 
-async def test_without_an_ocr_switch_the_body_goes_byte_for_byte(proxy, fake, fake_responses):
+async def test_without_an_ocr_switch_the_body_goes_byte_for_byte(
+    make_responses, fake, fake_responses
+):
+    proxy = await make_responses(ocr={"fallback_on_rejection": False})  # see test_fallback.py
     body = (
         b'{"model":"glm-5.2", "input":[{"role":"user","content":['
         b'{"type":"input_image","image_url":"' + data_url("raw").encode() + b'"}]}],'
