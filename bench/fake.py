@@ -10,10 +10,10 @@ middleware): keep-alive, ``Content-Length`` request bodies, fixed answers. Behav
   ``X-Bench-Chunks`` chunks (default 20), ``X-Bench-Delay`` seconds apart, then ``[DONE]``.
   ``X-Bench-Hold`` seconds after the first chunk keeps the stream idle (for the memory scenario).
 - Anything else gets a small chat completion. ``X-Bench-Latency`` delays any answer.
-- ``X-Bench-Fail-Once: <token>`` on a request that is not an OCR call: the first such request
+- ``X-Bench-Fail-Once: <token>`` on a POST that is not an OCR call: the first such request
   with that token gets a 429 rate-limit error (with ``retry-after-ms: 10``, so an SDK retries at
   once), later ones are answered as usual; ``X-Bench-Calls: <token>`` on any request answers
-  ``{"calls": n}``, how many requests carried that token (the retry scenario's upstream calls).
+  ``{"calls": n}``, how many POSTs carried that token (the retry scenario's upstream calls).
 - A request to ``/v1/messages`` is answered in Anthropic's shapes instead: a small ``message``,
   or a stream of ``message_start``, ``content_block_start``, ``ping``, ``X-Bench-Chunks``
   ``content_block_delta`` events (paced as above), ``content_block_stop``, ``message_delta``
@@ -280,7 +280,8 @@ class FakeUpstream(asyncio.Protocol):
         if asked is not None:
             self.transport.write(_plain(b'{"calls":%d}' % self.fail_once.get(asked, 0)))
             return True
-        token = None if is_ocr else headers.get(b"x-bench-fail-once")
+        # Only a POST (it has a body) counts: the proxy's model-list GET carries the header too.
+        token = None if is_ocr or not body else headers.get(b"x-bench-fail-once")
         if token is not None:
             self.fail_once[token] = self.fail_once.get(token, 0) + 1
             if self.fail_once[token] == 1:
