@@ -13,10 +13,14 @@ A false 404 costs more than a wasted OCR call, so a model counts as listed when 
 model ignoring case, starts with the model and ``-`` or ``:`` (Anthropic lists dated ids,
 ``claude-sonnet-4-5-20250929``, and accepts ``claude-sonnet-4-5``; Ollama lists
 ``llama3:latest`` and accepts ``llama3``), or ends with ``/`` and the model (Gemini lists
-``models/gemini-2.5-flash``). Only a known list that has none of these refuses the model, and
-``[[upstreams]] check_models = false`` turns the check off for an upstream.
+``models/gemini-2.5-flash``); the same for the model without a routing tag (OpenRouter's
+``deepseek/deepseek-chat:nitro``) and without a release alias's ``-latest`` or ``-0``
+(``claude-3-7-sonnet-latest``, ``claude-sonnet-4-0``). Only a known list that has none of
+these refuses the model, and ``[[upstreams]] check_models = false`` turns the check off for an
+upstream.
 
-The list is fetched with the credentials ``models.serve`` would use: the upstream's own key,
+The list is fetched with the credentials ``models.serve`` would use (and, for a request's
+check, none of that request's other headers: ``models.LIST_HEADERS``): the upstream's own key,
 or in relay mode (no ``[auth] keys``, the upstream has no ``api_key``) the client's, whose
 account may see other models than another key's. So in relay mode the list is kept per
 client credential (its digest, and the account headers relayed with it), and a list one key
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -68,11 +73,42 @@ class Listing:
 
     def has(self, model: str) -> bool:
         """Whether ``model`` is listed, as an alias or under a tag or namespace included."""
-        low = model.lower()
-        if low in self.folded:
-            return True
-        dash, colon, slash = low + "-", low + ":", "/" + low
-        return any(i.startswith((dash, colon)) or i.endswith(slash) for i in self.folded)
+        for name in _names(model.lower()):
+            if name in self.folded:
+                return True
+            dash, colon, slash = name + "-", name + ":", "/" + name
+            if any(i.startswith((dash, colon)) or i.endswith(slash) for i in self.folded):
+                return True
+        return False
+
+
+# An alias's last part that stands for "some dated release": Anthropic's `-latest` and `-0`
+# (`claude-3-7-sonnet-latest`, `claude-sonnet-4-0` for `claude-sonnet-4-20250514`).
+_RELEASE_ALIAS = re.compile(r"-(?:latest|0)$")
+
+
+def _names(model: str) -> list[str]:
+    """``model`` and the names it may be listed under: without a routing tag (OpenRouter's
+    `:nitro`, `:floor`), without a release alias's last part."""
+    names = [model]
+    base = model.partition(":")[0] if ":" in model else model
+    if base != model and base:
+        names.append(base)
+    bare = _RELEASE_ALIAS.sub("", base)
+    if bare != base and bare:
+        names.append(bare)
+    return names
+
+
+def scope_of(up: config.Upstream, incoming: Mapping[str, str], *, relay_auth: bool) -> _Key:
+    """Whose view of ``up`` a request has: the upstream's own (every client's request goes
+    with the same credentials), or in relay mode the client's key and the account headers
+    that go with it. What one scope learns about an upstream never decides for another."""
+    if not relay_auth or up.api_key:
+        return id(up), b""
+    account = (incoming.get("OpenAI-Organization", ""), incoming.get("OpenAI-Project", ""))
+    credential = upstream.client_credential(incoming) or ""
+    return id(up), credential_digest("\0".join((credential, *account)))
 
 
 class Catalog:
@@ -98,12 +134,7 @@ class Catalog:
         self._flights: dict[_Key, asyncio.Task[Listing | None]] = {}
 
     def _key(self, up: config.Upstream, incoming: Mapping[str, str]) -> _Key:
-        if not self.relay_auth or up.api_key:
-            return id(up), b""  # every client's request goes with the same credentials
-        # The client's key goes upstream, with the account headers that go with it.
-        account = (incoming.get("OpenAI-Organization", ""), incoming.get("OpenAI-Project", ""))
-        credential = upstream.client_credential(incoming) or ""
-        return id(up), credential_digest("\0".join((credential, *account)))
+        return scope_of(up, incoming, relay_auth=self.relay_auth)
 
     def store(
         self, up: config.Upstream, incoming: Mapping[str, str], ids: Sequence[str] | None
@@ -137,6 +168,8 @@ class Catalog:
     def _landed(self, key: _Key, task: asyncio.Task[Listing | None]) -> None:
         if self._flights.get(key) is task:
             del self._flights[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: no "never retrieved" warning when nobody waits
 
     async def _fill(
         self, key: _Key, up: config.Upstream, incoming: Mapping[str, str]
@@ -144,8 +177,11 @@ class Catalog:
         try:
             async with asyncio.timeout(self.timeout_s):
                 ids = await self._fetch(up, incoming)
-        except (TimeoutError, ProxyError) as exc:
-            reason = "no answer in time" if isinstance(exc, TimeoutError) else exc.message
+        except Exception as exc:  # whatever went wrong, the list is unknown: never a 500
+            if isinstance(exc, TimeoutError):
+                reason = "no answer in time"
+            else:
+                reason = exc.message if isinstance(exc, ProxyError) else type(exc).__name__
             log.info(
                 "upstream %s's model list is unknown (%s): model names go unchecked for %g s",
                 up.name,
@@ -167,11 +203,11 @@ class Catalog:
             return
         if typed != model:
             reason = (
-                f"`{model}` is not among the models upstream `{up.name}` lists. OCR variants "
-                f"are the listed models plus `{suffix}` (GET /v1/models)."
+                f"`{model}` is not among the models its upstream lists. OCR variants are the "
+                f"listed models plus `{suffix}` (GET /v1/models)."
             )
         else:
-            reason = f"it is not among the models upstream `{up.name}` lists (GET /v1/models)."
+            reason = "it is not among the models its upstream lists (GET /v1/models)."
         raise NotFound(
             f"The model `{typed}` does not exist: {reason}", param="model", code="model_not_found"
         )

@@ -7,9 +7,14 @@ and match it against ``REJECTIONS``: the wordings with which vendors say "this m
 images" (``rejects_images``). If the body matches and the request has images, the pipeline
 forgets that answer (nothing of it reaches the client), describes the images and sends the
 request again through the OCR pipeline with ``[ocr] model``, exactly as ``<model>-ocr`` would
-have, and relays that second answer, whatever it is: a request falls back at most once. The
-model is then remembered as text-only (``Learned``), keyed by upstream and model, for
-``[ocr] learned_ttl_s``, so later requests go to OCR at once.
+have, and relays that second answer, whatever it is: a request falls back at most once. If
+that answer is a success, the model is remembered as text-only (``Learned``), keyed by
+upstream (and, in relay mode, the client's credential) and model, for ``[ocr] learned_ttl_s``:
+later requests of it that carry images go to OCR at once, with no refused call first (and no
+model check: the upstream has taken the name), and those without images are forwarded as
+ever. Only what the upstream says counts (``rejects_images``): values quoted in its message,
+which may be the client's own text echoed back, do not, so no client can make the proxy learn
+a model that sees as text-only by sending text that reads like a refusal.
 
 With ``[ocr] fallback_on_rejection = false``, or when the OCR model can't be used, the
 rejection is relayed with its status, its ``error.message`` gaining a hint that names the
@@ -27,9 +32,10 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from .describe import Describer
@@ -50,8 +56,8 @@ REJECTED = "rejected-images"  # the upstream turned the images away: described, 
 LEARNED = "learned"  # the model was learned text-only: sent through OCR at once
 
 _I = re.IGNORECASE
-# What an upstream says when the model can't take images, matched anywhere in the error body's
-# text, case-insensitively. An entry must not match complaints about one image (too large,
+# What an upstream says when the model can't take images, matched in what the error says
+# (``_said``), case-insensitively. An entry must not match complaints about one image (too large,
 # invalid, unsupported format): those come from models that do read images.
 REJECTIONS: tuple[re.Pattern[str], ...] = (
     # DeepSeek's OpenAI endpoint (a serde enum): "messages[0]: unknown variant `image_url`,
@@ -62,7 +68,8 @@ REJECTIONS: tuple[re.Pattern[str], ...] = (
     # OpenRouter, when no provider of the model takes images (a 404).
     re.compile(r"no endpoints found that support image input", _I),
     # GLM (Zhipu): error code 1210, "API 调用参数有误" (bad parameter), its answer to an image
-    # part for a text model. The code field only: "1210" elsewhere (a token count) is not it.
+    # part for a text model. The code field only (``_said`` writes it as `"code": "1210"`):
+    # "1210" elsewhere (a token count) is not it.
     re.compile(r'"code"\s*:\s*"?1210(?![0-9])', _I),
     # OpenAI's older models: "image_url is only supported by certain models".
     re.compile(r"image_url\W{0,3} is only supported by certain models", _I),
@@ -99,11 +106,38 @@ def suspect(source: aiohttp.ClientResponse) -> bool:
 
 
 def rejects_images(status: int, body: bytes) -> bool:
-    """Whether an upstream's error answer says that the model can't take images."""
+    """Whether an upstream's error answer says that the model can't take images. Only what the
+    upstream says itself counts: an error's ``message`` (or ``detail``) and ``code``, or a body
+    that is not JSON, whole; and none of the quoted values in it, which are often the client's
+    own text echoed back ("Invalid value: 'does not support images'")."""
     if status not in STATUSES or len(body) > MAX_BODY:
         return False
-    text = body.decode("utf-8", "replace")
-    return any(pattern.search(text) for pattern in REJECTIONS)
+    said = _said(body)
+    return any(pattern.search(said) for pattern in REJECTIONS)
+
+
+# A quoted span with a space in it: an echoed value, not the vendor's words. (DeepSeek's
+# backticked `image_url` is kept, and so are quoted single words: 'image_url'.)
+_QUOTED = re.compile(r"'[^'\n]*\s[^'\n]*'|\"[^\"\n]*\s[^\"\n]*\"")
+
+
+def _said(body: bytes) -> str:
+    """The words of an error body the patterns are matched against."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _QUOTED.sub(" ", body.decode("utf-8", "replace"))
+    if not isinstance(obj, dict):
+        return ""
+    error = obj.get("error", obj)  # OpenAI's and Anthropic's nest it; vLLM's and FastAPI's don't
+    if isinstance(error, str):
+        error = {"message": error}
+    if not isinstance(error, dict):
+        return ""
+    message = error.get("message", error.get("detail"))
+    text = _QUOTED.sub(" ", message) if isinstance(message, str) else ""
+    code = error.get("code")
+    return f'{text}\n"code": "{code}"' if isinstance(code, str | int) else text
 
 
 def usable(describer: Describer, model: str) -> bool:
@@ -124,8 +158,10 @@ def hint(model: str) -> str:
 
 
 class Learned:
-    """Models found text-only, by (upstream name, model), each for ``ttl`` seconds; at most
-    ``cap`` of them, the oldest forgotten first. ``clock`` is monotonic seconds (tests set it)."""
+    """Models found text-only, by (scope, model), each for ``ttl`` seconds; at most ``cap`` of
+    them, the oldest forgotten first. The scope is the upstream and, in relay mode, the client's
+    credential (``catalog.scope_of``): one client's refusal never decides for another's
+    account. ``clock`` is monotonic seconds (tests set it)."""
 
     def __init__(
         self, ttl: float, cap: int = MAX_LEARNED, clock: Callable[[], float] = time.monotonic
@@ -133,33 +169,34 @@ class Learned:
         self.ttl = ttl
         self.cap = cap
         self.clock = clock
-        self._until: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._until: OrderedDict[tuple[Hashable, str], float] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._until)
 
-    def learn(self, upstream: str, model: str) -> None:
-        """Remember ``model`` of ``upstream`` as text-only, from now for ``ttl`` seconds."""
+    def learn(self, scope: Hashable, model: str, upstream: str = "") -> None:
+        """Remember ``model`` in ``scope`` as text-only, from now for ``ttl`` seconds
+        (``upstream``: its name, for the log)."""
+        if self.ttl <= 0:
+            return
         log.info(
             "%s of %s turned images away: learned text-only for %.0f s", model, upstream, self.ttl
         )
-        if self.ttl <= 0:
-            return
-        key = (upstream, model)
+        key = (scope, model)
         self._until.pop(key, None)  # re-learnt: now the newest
         self._until[key] = self.clock() + self.ttl
         while len(self._until) > self.cap:
             self._until.popitem(last=False)
 
-    def knows(self, upstream: str, model: str) -> bool:
-        """Whether ``model`` of ``upstream`` is remembered as text-only (and not expired)."""
+    def knows(self, scope: Hashable, model: str) -> bool:
+        """Whether ``model`` in ``scope`` is remembered as text-only (and not expired)."""
         if not self._until:  # the common case: one truthiness test
             return False
-        until = self._until.get((upstream, model))
+        until = self._until.get((scope, model))
         if until is None:
             return False
         if self.clock() >= until:
-            del self._until[(upstream, model)]
+            del self._until[(scope, model)]
             return False
         return True
 

@@ -35,6 +35,7 @@ from .dialects.chat import CHAT
 from .dialects.messages import MESSAGES
 from .dialects.responses import RESPONSES
 from .errors import BodyTimeout, NotFound, PayloadTooLarge
+from .forward import forward
 from .guard import check_name, check_redirecting, deep
 from .schema import object_decoder
 from .state import CONFIG, PASSTHROUGH, ROUTER, TRACE
@@ -149,7 +150,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
             if model is not None:
                 up = router.route(model, dialect.api)
     request[TRACE].routed(up)
-    return await pipeline.forward(request, up, path, body, dialect)
+    return await forward(request, up, path, body, dialect)
 
 
 def dialect_of(request: web.Request) -> Dialect:

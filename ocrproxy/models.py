@@ -75,11 +75,26 @@ def ids_of(entries: list[dict[str, Any]]) -> list[str]:
     return [i for entry in entries if isinstance(i := entry.get("id"), str)]
 
 
+# The client headers that can change an upstream's model list: the credential and the account
+# (OpenAI), the API version and betas (Anthropic).
+LIST_HEADERS = (
+    "Authorization",
+    "x-api-key",
+    "OpenAI-Organization",
+    "OpenAI-Project",
+    "anthropic-version",
+    "anthropic-beta",
+)
+
+
 def lister(session: aiohttp.ClientSession, *, relay_auth: bool) -> catalog.Fetch:
     """The catalog's way to learn what an upstream lists: its ids, or None if it did not say."""
 
     async def listed(up: config.Upstream, incoming: Mapping[str, str]) -> list[str] | None:
-        found = await fetch_listing(session, up, incoming, relay_auth=relay_auth)
+        # Asked on behalf of another request (a POST): only what decides which list the
+        # upstream answers goes along, not that request's own headers (Idempotency-Key...).
+        asked = {name: incoming[name] for name in LIST_HEADERS if name in incoming}
+        found = await fetch_listing(session, up, asked, relay_auth=relay_auth)
         if isinstance(found, list):
             return ids_of(found)
         reason = found.message if isinstance(found, ProxyError) else f"HTTP {found[0]}"

@@ -19,17 +19,17 @@ framing. ``serve(..., counting=True)`` is the token-counting variant (``_count``
 with descriptions cached in memory only (a placeholder of typical size for the others) and never
 calls the OCR model or fetches an image.
 
-A request forwarded without OCR whose upstream turns its images away (a 4xx that says so,
-before any byte reached the client) is sent again through OCR, once, and the model is learned
-as text-only for a while: see ``fallback``.
+A request without OCR is forwarded (``forward``); if its upstream turns its images away (a
+4xx that says so, before any byte reached the client) it is sent again through OCR, once, and
+the model is learned as text-only for a while (``fallback``): its later requests with images
+go to OCR at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fnmatch
-import functools
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 import aiohttp
@@ -41,6 +41,7 @@ from .describe import Describer, OcrReport, Outcome
 from .dialects import Dialect, Found, Parsed
 from .errors import BadRequest, ProxyError, UpstreamError
 from .fetch import Fetcher
+from .forward import Refused, forward_watched
 from .guard import check_depth, check_name
 from .rewrite import delimiter_tag, placeholder_block, reference_block
 from .state import (
@@ -100,9 +101,15 @@ async def serve(
         trace.real_model = parsed.model
         up = request.app[ROUTER].route(parsed.model, dialect.api)
         trace.routed(up)
-        if not request.app[fallback.STORE].knows(up.name, parsed.model):
-            again = functools.partial(_rejected, request, dialect, parsed, body, up, path, counting)
-            return await forward(request, up, path or dialect.path, body, dialect, again)
+        scope = catalog.scope_of(up, request.headers, relay_auth=not cfg.auth.keys)
+        if not (
+            request.app[fallback.STORE].knows(scope, parsed.model)
+            and await _has_images(dialect, parsed, cfg.ocr, len(body))
+        ):
+            answer = await forward_watched(request, up, path or dialect.path, body, dialect)
+            if not isinstance(answer, Refused):
+                return answer
+            return await _refused(request, dialect, parsed, body, path, counting, answer, scope)
         trace.fallback = fallback.LEARNED  # as if it matched `text_only_models`
         switch = parsed.model, cfg.ocr.model
     check_depth(body)  # the OCR step walks and rebuilds the body: bounded depth first
@@ -111,70 +118,52 @@ async def serve(
     return await _run(request, dialect, parsed, *switch)
 
 
-Rejected = Callable[[aiohttp.ClientResponse, bytes], Awaitable[web.StreamResponse]]
-
-
-async def forward(
-    request: web.Request,
-    up: config.Upstream,
-    path: str,
-    body: Any,
-    dialect: Dialect,
-    on_reject: Rejected | None = None,
-) -> web.StreamResponse:
-    """Send the client's request to ``up`` unchanged (but for headers) and relay the answer;
-    one that may refuse images (``fallback.suspect``) is read and left to ``on_reject``."""
-    streamed = body is not None and not isinstance(body, bytes | bytearray)  # an upload
-    headers = upstream.request_headers(
-        request.headers, up, keep_length=streamed, relay_auth=not request.app[CONFIG].auth.keys
-    )
-    target = upstream.url(up, path, request.rel_url.raw_query_string)
-    data = upstream.payload(body, headers) if isinstance(body, bytes | bytearray) else body
-    source = await upstream.open_request(
-        request.app[SESSION], up, request.method, target, headers=headers, data=data
-    )
-    request[TRACE].upstream_answered(up, source.status)
-    async with source:
-        if on_reject is None or not fallback.suspect(source):
-            return await relay.relay(request, source, {}, dialect, secrets=request.app[SECRETS])
-        payload = await relay.read_error(source)
-    return await on_reject(source, payload)
-
-
-async def _rejected(
+async def _refused(
     request: web.Request,
     dialect: Dialect,
     parsed: Parsed,
     body: bytes | bytearray,
-    up: config.Upstream,
     path: str | None,
     counting: bool,
-    source: aiohttp.ClientResponse,
-    payload: bytes,
+    refused: Refused,
+    scope: tuple[int, bytes],
 ) -> web.StreamResponse:
     """An upstream's 4xx to a request without OCR: if it turned the request's images away, the
-    request goes through OCR now (once: that answer is relayed whatever it is), else the
-    answer is relayed, with a hint naming the ``-ocr`` model if OCR would have helped."""
-    cfg, secrets = request.app[CONFIG], request.app[SECRETS]
-    if not fallback.rejects_images(source.status, payload):
-        return relay.error_response(source, payload, secrets)
+    request goes through OCR now (once: that answer is relayed whatever it is; the model is
+    learned text-only if it succeeded), else the answer is relayed, with a hint naming the
+    ``-ocr`` model if OCR would have helped."""
+    settings, secrets, trace = request.app[CONFIG].ocr, request.app[SECRETS], request[TRACE]
+    if not (
+        fallback.rejects_images(refused.source.status, refused.payload)
+        and await _has_images(dialect, parsed, settings, len(body))
+    ):
+        return relay.error_response(refused.source, refused.payload, secrets)
+    model = parsed.model
+    if not (
+        settings.fallback_on_rejection and fallback.usable(request.app[DESCRIBER], settings.model)
+    ):
+        hinted = notes.with_message_note(refused.payload, fallback.hint(model + settings.suffix))
+        return relay.error_response(refused.source, hinted or refused.payload, secrets)
+    trace.fallback = fallback.REJECTED
+    check_depth(body)
+    if counting:
+        response = await _count(
+            request, dialect, parsed, path or dialect.path, model, settings.model
+        )
+    else:
+        response = await _run(request, dialect, parsed, model, settings.model)
+    if trace.upstream_status is not None and 200 <= trace.upstream_status < 300:  # the resend's
+        request.app[fallback.STORE].learn(scope, model, trace.upstream or "")
+    return response
+
+
+async def _has_images(dialect: Dialect, parsed: Parsed, settings: config.Ocr, size: int) -> bool:
+    """Whether the request has images (one whose part is malformed counts: the OCR route then
+    refuses it in its own words)."""
     try:
-        if not (await _images_of(dialect, parsed, cfg.ocr, len(body))).images:
-            return relay.error_response(source, payload, secrets)  # about something else
+        return bool((await _images_of(dialect, parsed, settings, size)).images)
     except ProxyError:
-        pass  # an image the OCR route refuses in its own words
-    ocr_model = cfg.ocr.model
-    if cfg.ocr.fallback_on_rejection and fallback.usable(request.app[DESCRIBER], ocr_model):
-        request.app[fallback.STORE].learn(up.name, parsed.model)
-        request[TRACE].fallback = fallback.REJECTED
-        check_depth(body)
-        if counting:
-            return await _count(
-                request, dialect, parsed, path or dialect.path, parsed.model, ocr_model
-            )
-        return await _run(request, dialect, parsed, parsed.model, ocr_model)
-    hinted = notes.with_message_note(payload, fallback.hint(parsed.model + cfg.ocr.suffix))
-    return relay.error_response(source, hinted or payload, secrets)
+        return True
 
 
 async def _images_of(dialect: Dialect, parsed: Parsed, settings: config.Ocr, size: int) -> Found:
@@ -204,7 +193,10 @@ async def _prepare(
     describer = request.app[DESCRIBER]
     describer.check_model(ocr_model)  # 404 unknown, 400 unavailable: before work
     settings = request.app[CONFIG].ocr
-    await request.app[CATALOG].check(up, request.headers, real_model, parsed.model, settings.suffix)
+    if trace.fallback is None:  # else the upstream has just taken the model's name
+        await request.app[CATALOG].check(
+            up, request.headers, real_model, parsed.model, settings.suffix
+        )
     items = parsed.obj.get(dialect.items)  # a dialect may let it be absent (Responses' input)
     size = len(memoryview(items)) if items is not None else 0
     found = await _find(dialect, parsed, settings, size)

@@ -66,8 +66,9 @@ async def _read_all(source: aiohttp.ClientResponse) -> bytes:
         raise UpstreamError(f"The upstream broke off its answer ({type(exc).__name__})") from None
 
 
-async def _read_capped(source: aiohttp.ClientResponse) -> bytes:
-    """Up to ERROR_BODY bytes of a body; an upstream that breaks while erroring yields less."""
+async def read_capped(source: aiohttp.ClientResponse) -> bytes:
+    """Up to ERROR_BODY bytes of a body; an upstream that breaks while erroring yields less.
+    (An error body read so, looked at before it is relayed, goes out with ``error_response``.)"""
     chunks: list[bytes] = []
     size = 0
     try:
@@ -82,17 +83,11 @@ async def _read_capped(source: aiohttp.ClientResponse) -> bytes:
     return b"".join(chunks)[:ERROR_BODY]
 
 
-async def read_error(source: aiohttp.ClientResponse) -> bytes:
-    """An upstream error body, read as ``relay`` reads one (at most ERROR_BODY bytes), for a
-    caller that looks at it before relaying it with ``error_response``."""
-    return await _read_capped(source)
-
-
 def error_response(
     source: aiohttp.ClientResponse, payload: bytes, secrets: tuple[bytes, ...] = ()
 ) -> web.Response:
-    """The upstream's error answer with ``payload`` (``read_error``'s, or an edit of it) as
-    its body, masked as ``relay`` masks one."""
+    """The upstream's error answer with ``payload`` (``read_capped``'s, or an edit of it) as
+    its body, masked as ``relay`` masks one (last: after any edit)."""
     out_headers = upstream.response_headers(source.headers)
     redact_headers(out_headers, secrets)
     return web.Response(
@@ -360,7 +355,7 @@ async def relay(
         return response
     length = source.content_length
     if source.status >= 400 and not encoded and (length is None or length <= ERROR_BODY):
-        payload = _noted(redact(await _read_capped(source), secrets), source, not_found_note)
+        payload = redact(_noted(await read_capped(source), source, not_found_note), secrets)
         return web.Response(
             status=source.status, reason=source.reason, body=payload, headers=out_headers
         )
@@ -435,7 +430,7 @@ async def relay_into(
     """
     content_type = source.headers.get("Content-Type", "")
     if source.status != 200:
-        payload = _noted(redact(await _read_capped(source), secrets), source, not_found_note)
+        payload = redact(_noted(await read_capped(source), source, not_found_note), secrets)
         await response.write(framing.upstream_error_event(source.status, payload))
     elif content_type.startswith("text/event-stream"):
         editor = _editor(ocr_usage, edit_stream, framing)

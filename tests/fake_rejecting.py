@@ -8,6 +8,7 @@ support image input"), ``picky-`` (a complaint about the image, which is not a r
 ``plain-`` (a text/plain rejection). ``always-`` refuses every request as DeepSeek does, images
 or not; a ``glm-`` request with ``"bad": true`` gets 1210 without any image. Text requests are
 answered in the route's shape (streamed if asked), echoing the last message's text.
+``GET /v1/models`` lists only ``listed``: the fake takes any model name.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def _json(status: int, obj: Any) -> web.Response:
 class FakeRejecting:
     url: str = ""
     received: list[Received] = field(default_factory=list)
+    listed: tuple[str, ...] = ("deepseek-chat", "glm-4.5")
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -72,7 +74,12 @@ class FakeRejecting:
         app.router.add_post("/v1/responses", self.responses)
         app.router.add_post("/v1/messages", self.messages)
         app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
+        app.router.add_get("/v1/models", self.models)
         return app
+
+    async def models(self, request: web.Request) -> web.Response:
+        """A list that leaves out models the fake takes (as gateways' deployment names are)."""
+        return _json(200, {"object": "list", "data": [{"id": m} for m in self.listed]})
 
     def images_seen(self) -> list[str | None]:
         """Per request received, the first image part's type (None: it had none)."""

@@ -113,7 +113,8 @@ async def test_an_unlisted_model_is_a_404_naming_it_as_typed_before_any_ocr(
         assert error["code"] == "model_not_found" and error["param"] == "model"
         assert error["type"] == "invalid_request_error"
         assert error["message"].startswith("The model `nope-ocr` does not exist: `nope` is not")
-        assert "upstream `fake` lists" in error["message"] and "`-ocr`" in error["message"]
+        assert "its upstream lists" in error["message"] and "`-ocr`" in error["message"]
+        assert "fake" not in error["message"]  # the operator's upstream names stay private
     assert upstream.ocr_calls == [] and upstream.chat_requests == []
     assert upstream.list_fetches == 1  # the second request used the kept list
 
@@ -164,6 +165,13 @@ async def test_listed_models_and_aliases_of_dated_ids_go_through(
         ("gpt-4o", "gpt-4", False),  # a prefix that is not a whole name part
         ("gpt-4o", "gpt-4o-mini", False),
         ("claude-sonnet-4-5", "claude-sonnet-4-5-20250929", False),
+        ("claude-sonnet-4-20250514", "claude-sonnet-4-0", True),  # Anthropic's release aliases
+        ("claude-3-7-sonnet-20250219", "claude-3-7-sonnet-latest", True),
+        ("claude-3-5-haiku-20241022", "claude-3-5-haiku-latest", True),
+        ("deepseek/deepseek-chat", "deepseek/deepseek-chat:nitro", True),  # OpenRouter's tags
+        ("deepseek/deepseek-chat", "deepseek/deepseek-chat:floor", True),
+        ("gpt-4o", "gpt-4-latest", False),  # still a whole name part
+        ("gpt-4o", "nope:nitro", False),
     ],
 )
 def test_what_counts_as_listed(listed: str, model: str, known: bool) -> None:
@@ -228,6 +236,35 @@ async def test_an_unknown_list_lets_the_request_through_and_is_not_asked_again_a
         assert r.status == 200, await r.text()
     assert upstream.ocr_calls == ["note"]  # the second was a cache hit
     assert upstream.list_fetches == 1  # the failure is kept: the second did not ask again
+
+
+async def test_a_fetch_that_fails_unexpectedly_means_unknown(
+    make: Any, upstream: ListingFake
+) -> None:
+    proxy = await make()
+
+    async def broken(up: Any, incoming: Any) -> None:
+        raise RuntimeError("Session is closed")
+
+    proxy.app[CATALOG]._fetch = broken
+    r = await proxy.post(URL, json=chat("nope-ocr", "read", IMG))
+    assert r.status == 200, await r.text()  # unchecked, not a 500
+    assert upstream.ocr_calls == ["note"]
+
+
+async def test_the_list_is_asked_with_the_credentials_only(
+    make: Any, upstream: ListingFake
+) -> None:
+    """The check's GET carries what decides the list, none of the POST's own headers."""
+    proxy = await make()
+    own = {"Idempotency-Key": "idem-1", "X-Stainless-Retry-Count": "0", "traceparent": "00-ab"}
+    r = await proxy.post(URL, json=chat("gpt-3.5-turbo-ocr", "read", IMG), headers=own)
+    assert r.status == 200
+    (fetch,) = [r for r in upstream.received if r.path.startswith("/v1/models")]
+    assert fetch.headers["Authorization"] == "Bearer sk-upstream-secret"
+    assert not set(own) & set(fetch.headers)
+    chat_call = upstream.chat_requests[0]
+    assert chat_call.headers["Idempotency-Key"] == "idem-1"  # the POST itself keeps them
 
 
 async def test_concurrent_requests_share_one_fetch(make: Any, upstream: ListingFake) -> None:

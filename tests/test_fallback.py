@@ -15,7 +15,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from ocrproxy import fallback, logs, notes
+from ocrproxy import catalog, config, fallback, logs, notes
 from ocrproxy.app import create_app
 from tests.conftest import ProxyFactory, chat, make_config
 from tests.fake_anthropic import b64, image_block
@@ -43,10 +43,11 @@ def make_proxy(aiohttp_client: Any, fake: FakeOpenAI, rej: FakeRejecting) -> Pro
     """The rejecting upstream for both APIs (the same server), then the fake OpenAI one."""
 
     async def factory(
-        fake_models: tuple[str, ...] = ("*",), **sections: dict[str, Any]
+        fake_models: tuple[str, ...] = ("*",), check: bool = False, **sections: dict[str, Any]
     ) -> TestClient[Any, Any]:
         upstreams = [
-            {"name": "rej", "base_url": rej.url + "/v1", "api_key": "sk-rej", "models": MODELS},
+            {"name": "rej", "base_url": rej.url + "/v1", "api_key": "sk-rej", "models": MODELS}
+            | {"check_models": check},
             {"name": "rej-ant", "base_url": rej.url, "api_key": "sk-ant", "api": "anthropic"}
             | {"models": MODELS},
             {"name": "fake", "base_url": fake.url, "api_key": "sk-ocr-secret"}
@@ -125,6 +126,14 @@ def test_each_vendor_wording_is_a_rejection(status: int, body: bytes) -> None:
         (500, b'{"error":{"message":"unknown variant `image_url`"}}'),  # not a refusal status
         (429, b'{"error":{"message":"does not support image input"}}'),
         (400, b'{"m":"unknown variant `image_url`","pad":"' + b"x" * fallback.MAX_BODY + b'"}'),
+        # The client's own text echoed back in quotes is not the vendor's word.
+        (
+            400,
+            b'{"error":{"message":"Invalid value: \'does not support images\'. Supported values'
+            b" are: 'low', 'high', and 'auto'.\",\"code\":\"invalid_value\"}}",
+        ),
+        (400, b'{"error":{"message":"bad field \\"images are not supported\\" in tool"}}'),
+        (400, b'{"error":{"type":"x","param":"unknown variant `image_url`"}}'),  # not the message
     ],
 )
 def test_complaints_about_one_image_are_not_rejections(status: int, body: bytes) -> None:
@@ -229,12 +238,13 @@ async def test_the_access_log_and_metrics_say_so(
         assert (await proxy.post(CHAT, json=with_image("deepseek-chat", "b"))).status == 200
         assert (await proxy.post(CHAT, json=chat("deepseek-chat", "text only"))).status == 200
     lines = [r.fields for r in caplog.records if r.name == "ocrproxy.access"]  # type: ignore[attr-defined]
-    assert [line["fallback"] for line in lines] == ["rejected-images", "learned", "learned"]
+    # A learned model's request without images is forwarded as ever: no fallback to tell.
+    assert [line["fallback"] for line in lines] == ["rejected-images", "learned", None]
     assert lines[0]["upstream_status"] == 200 and lines[0]["images"] == 1
     assert any(r.name == "ocrproxy.fallback" for r in caplog.records)
     m = await scrape(proxy)
     assert m['ocrproxy_fallbacks_total{reason="rejected_images"}'] == 1
-    assert m['ocrproxy_fallbacks_total{reason="learned"}'] == 2
+    assert m['ocrproxy_fallbacks_total{reason="learned"}'] == 1
 
 
 async def test_through_the_openai_sdk(
@@ -430,3 +440,77 @@ async def test_text_requests_pay_nothing(
     r = await proxy.post(CHAT, data=body, headers={"Content-Type": "application/json"})
     assert r.status == 200 and "X-OCR-Fallback" not in r.headers and "X-OCR-Model" not in r.headers
     assert rej.received[0].body == body
+
+
+async def test_a_learned_models_text_requests_are_forwarded_as_they_are(
+    make_proxy: ProxyFactory, rej: FakeRejecting
+) -> None:
+    proxy = await make_proxy()
+    assert (await proxy.post(CHAT, json=with_image("deepseek-chat", "a"))).status == 200
+    rej.received.clear()
+    body = b'{"model":"deepseek-chat", "messages":[{"role":"user","content":"hi"}] }'
+    r = await proxy.post(CHAT, data=body, headers={"Content-Type": "application/json"})
+    assert r.status == 200 and "X-OCR-Fallback" not in r.headers and "X-OCR-Model" not in r.headers
+    assert [x.body for x in rej.received] == [body]  # byte for byte, one call
+
+
+async def test_a_failed_resend_teaches_nothing(
+    make_proxy: ProxyFactory, fake: FakeOpenAI, rej: FakeRejecting
+) -> None:
+    """The resend was refused too (the refusal was about something else): the model is not
+    learned, so the next request goes upstream as it came."""
+    proxy = await make_proxy()
+    for label in ("one", "two"):
+        r = await proxy.post(CHAT, json=with_image("always-no", label))
+        assert r.status == 400 and r.headers["X-OCR-Fallback"] == "rejected-images"
+    assert rej.images_seen() == ["image_url", None, "image_url", None]
+
+
+async def test_an_echoed_refusal_teaches_nothing(
+    make_proxy: ProxyFactory, fake: FakeOpenAI, rej: FakeRejecting
+) -> None:
+    """A client cannot make a model that sees be learned as text-only by sending text that
+    reads like a refusal and having the upstream quote it back."""
+    proxy = await make_proxy()
+    r = await proxy.post(CHAT, json=with_image("picky-echo", "x"))  # "Invalid image" complaint
+    assert r.status == 400 and "X-OCR-Fallback" not in r.headers
+    said = b"Invalid value: 'does not support images'. Supported values are: 'low', 'high'."
+    assert not fallback.rejects_images(400, orjson.dumps({"error": {"message": said.decode()}}))
+
+
+async def test_a_model_its_upstream_takes_but_does_not_list_falls_back_unchecked(
+    make_proxy: ProxyFactory, fake: FakeOpenAI, rej: FakeRejecting
+) -> None:
+    """With the model check on: the upstream has just taken the model's name (it refused only
+    the images), so neither the resend nor a learned request is refused as unlisted."""
+    proxy = await make_proxy(check=True)
+    model = "deepseek-deployment-7"  # taken, not in the fake's list
+    r = await proxy.post(CHAT, json=with_image(model, "one"))
+    assert r.status == 200, await r.text()
+    assert r.headers["X-OCR-Fallback"] == "rejected-images"
+    r = await proxy.post(CHAT, json=with_image(model, "two"))
+    assert r.status == 200 and r.headers["X-OCR-Fallback"] == "learned"
+    r = await proxy.post(CHAT, json=chat(model, "text only"))
+    assert r.status == 200 and "X-OCR-Fallback" not in r.headers
+    r = await proxy.post(CHAT, json=with_image("deepseek-nope-ocr", "three"))  # a switch: checked
+    assert r.status == 404
+
+
+def test_the_store_is_scoped_by_upstream_and_in_relay_mode_by_credential() -> None:
+    cfg = make_config(FakeOpenAI(url="http://127.0.0.1:9/v1"))
+    with_key = cfg.upstreams[0]
+    keyless = config.from_mapping(
+        {"upstreams": [{"name": "open", "base_url": "http://127.0.0.1:9/v1"}]}, env={}
+    ).upstreams[0]
+    alice, bob = {"Authorization": "Bearer sk-alice"}, {"Authorization": "Bearer sk-bob"}
+    store = fallback.Learned(60.0)
+    store.learn(catalog.scope_of(keyless, alice, relay_auth=True), "m")
+    assert store.knows(catalog.scope_of(keyless, alice, relay_auth=True), "m")
+    assert not store.knows(catalog.scope_of(keyless, bob, relay_auth=True), "m")
+    # The upstream's own key: one view for every client.
+    assert catalog.scope_of(with_key, alice, relay_auth=True) == catalog.scope_of(
+        with_key, bob, relay_auth=True
+    )
+    assert catalog.scope_of(with_key, alice, relay_auth=True) != catalog.scope_of(
+        keyless, alice, relay_auth=True
+    )
