@@ -105,7 +105,7 @@ class Describer:
         router: upstream.Router,
         settings: config.Ocr,
         cache: DescriptionCache,
-        engine: local.Engine | None = None,
+        engine: local.LocalEngine | None = None,
         *,
         client_keys: bool = False,
         scope: str = "shared",
