@@ -34,8 +34,7 @@ DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 DEFAULT_LOCAL_ALIAS = "local"
 # What an [ocr.local] model_dir must hold for the rapidocr engine: PP-OCR text detection and
-# recognition models and the recogniser's dictionary (one character a line); an optional
-# cls.onnx (text direction) replaces the wheel's.
+# recognition models and the recogniser's dictionary (one character a line).
 RAPIDOCR_MODEL_FILES = ("det.onnx", "rec.onnx", "dict.txt")
 DEFAULT_CACHE_FILE = "descriptions.sqlite3"
 # The paths below /v1/ that the pass-through relays (globs): the stateless model APIs. Routes that
@@ -382,7 +381,7 @@ def _validate_local(ocr: Ocr) -> None:
             if not os.path.isfile(os.path.join(local.model_dir, name)):
                 raise ConfigError(
                     f"`$.ocr.local.model_dir`: {os.path.join(local.model_dir, name)} is missing "
-                    f"(it must hold {', '.join(RAPIDOCR_MODEL_FILES)}; cls.onnx is optional)"
+                    f"(it must hold {', '.join(RAPIDOCR_MODEL_FILES)})"
                 )
     if ocr.max_fetches_per_request < 1:
         raise ConfigError("`$.ocr.max_fetches_per_request` must be at least 1")

@@ -33,6 +33,10 @@ up to the height Tesseract reads best before the real recognition.
 
 ``tesserocr`` and Pillow are an optional extra: nothing here imports them until the engine is
 used, and ``Engine.problem`` says, in words an operator can act on, why the engine cannot run.
+
+``open_engine`` builds the engine ``[ocr.local] engine`` names: this one, or RapidOCR
+(``local_rapid``), which shares its admission (``measure``, ``admission.Workers`` and the budget)
+and its reference text (``as_description``). Both are what ``LocalEngine`` describes.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ import importlib.metadata
 import logging
 import math
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,19 +45,15 @@ from .admission import Budget, OverBudget, Workers
 from .local import RESTART, Unavailable, _cpu_count, measure
 from .pixels import RecognitionError, decoding_bytes, prepare
 
-log = logging.getLogger("ocrproxy.local")
-
-# The wheel's own models (rapidocr 3.10: PP-OCRv6 small, the v2 direction classifier); the
-# recogniser carries its dictionary in the ONNX metadata.
-BUNDLED = {
-    "det": "PP-OCRv6_det_small.onnx",
-    "rec": "PP-OCRv6_rec_small.onnx",
-    "cls": "ch_ppocr_mobile_v2.0_cls_mobile.onnx",
-}
-# The detector reads the page scaled down to this longest side (RapidOCR's default would enlarge
-# it to 736 px on its *short* side, and cap it at 2000 px, which costs 500 MB on a large page);
-# the recogniser still reads the text at full resolution. Measured: the same CER on the
-# reference corpus, faster on large pages, and half the memory.
+# The wheel's own models (rapidocr 3.10: PP-OCRv6 small); the recogniser carries its
+# dictionary in the ONNX metadata. The wheel's text direction classifier is not used: it turned
+# 3 of the 27 long lines of a scanned page upside down (9 % CER instead of 0), and a screenshot's
+# lines are upright (a photo's EXIF orientation is applied before).
+BUNDLED = {"det": "PP-OCRv6_det_small.onnx", "rec": "PP-OCRv6_rec_small.onnx"}
+# The detector reads the page scaled down to this longest side (RapidOCR's default enlarges it
+# to 736 px on its *short* side, up to 2000 px long: 4 megapixels for a square page, whose
+# activations alone took 500 MB); the recogniser still reads the text at full resolution.
+# The reference measurement found the same CER on its corpus with this cap, and less time.
 DET_LIMIT = 1280
 # Bytes per pixel of the detector's input counted against the budget: its float32 tensor and
 # normaliser copies (24) and the first layers' feature maps. The models themselves and their
@@ -101,15 +98,13 @@ def reading_bytes(width: int, height: int) -> int:
 
 
 def model_files(settings: config.OcrLocal) -> dict[str, Path]:
-    """The model files the engine reads: det, rec, cls, and (``model_dir``) dict."""
+    """The model files the engine reads: det, rec and (``model_dir``) dict."""
     rapidocr, _ = _modules()
     bundled = Path(rapidocr.__file__).parent / "models"
     files = {role: bundled / name for role, name in BUNDLED.items()}
     if settings.model_dir:
         own = Path(settings.model_dir)
-        files.update(det=own / "det.onnx", rec=own / "rec.onnx", dict=own / "dict.txt")
-        if (own / "cls.onnx").is_file():
-            files["cls"] = own / "cls.onnx"
+        files = {name.partition(".")[0]: own / name for name in config.RAPIDOCR_MODEL_FILES}
     return files
 
 
@@ -126,6 +121,7 @@ def _params(settings: config.OcrLocal) -> tuple[tuple[str, Any], ...]:
     files = model_files(settings)
     params: dict[str, Any] = {
         "Global.log_level": "warning",
+        "Global.use_cls": False,  # see BUNDLED
         "Global.max_side_len": settings.max_side,  # prepare scaled the page already
         "Det.limit_type": "max",
         "Det.limit_side_len": DET_LIMIT,
@@ -133,7 +129,6 @@ def _params(settings: config.OcrLocal) -> tuple[tuple[str, Any], ...]:
         "EngineConfig.onnxruntime.inter_op_num_threads": 1,
         "Det.model_path": str(files["det"]),
         "Rec.model_path": str(files["rec"]),
-        "Cls.model_path": str(files["cls"]),
     }
     if "dict" in files:
         params["Rec.rec_keys_path"] = str(files["dict"])
@@ -141,23 +136,26 @@ def _params(settings: config.OcrLocal) -> tuple[tuple[str, Any], ...]:
 
 
 _loading = threading.Lock()
-
-
-@functools.lru_cache(maxsize=1)
-def _cached(params: tuple[tuple[str, Any], ...]) -> Any:
-    rapidocr, _ = _modules()
-    try:
-        return rapidocr.RapidOCR(params=dict(params))
-    except Exception as exc:  # a damaged model file, an unknown ONNX opset
-        raise RecognitionError(f"RapidOCR could not start: {exc}") from None
+# The loaded RapidOCR instances by their settings, each alive while an engine holds it.
+_instances: weakref.WeakValueDictionary[tuple[tuple[str, Any], ...], Any] = (
+    weakref.WeakValueDictionary()
+)
 
 
 def _loaded(params: tuple[tuple[str, Any], ...]) -> Any:
-    """The process's RapidOCR instance for ``params``: a reload that keeps the same models
-    (or a second engine, as the tests make) reuses the loaded ones instead of loading another
-    500 MB; new settings replace them."""
+    """The RapidOCR instance for ``params``, loaded once for every engine that uses the same
+    models: a reload that keeps them (or a second engine, as the bench makes) reuses the loaded
+    ones instead of loading another 500 MB; they are freed with the last engine using them."""
     with _loading:
-        return _cached(params)
+        ocr = _instances.get(params)
+        if ocr is None:
+            rapidocr, _ = _modules()
+            try:
+                ocr = rapidocr.RapidOCR(params=dict(params))
+            except Exception as exc:  # a damaged model file, an unknown ONNX opset
+                raise RecognitionError(f"RapidOCR could not start: {exc}") from None
+            _instances[params] = ocr
+        return ocr
 
 
 class RapidEngine:
@@ -172,6 +170,7 @@ class RapidEngine:
         self.budget = budget or Budget(settings.max_decoded_bytes)
         self.workers = Workers(self.threads, self.budget, "ocrproxy-rapidocr")
         self._lock = threading.Lock()
+        self._ocr: Any = None
         self._problem: str | None = None
         self._checked = False
 
@@ -233,7 +232,9 @@ class RapidEngine:
         self._recognise(image)
 
     def _engine(self) -> Any:
-        return _loaded(_params(self.settings))
+        if self._ocr is None:  # held until close: models shared with other engines stay loaded
+            self._ocr = _loaded(_params(self.settings))
+        return self._ocr
 
     async def recognize(
         self, load: Callable[[], bytes], head: Callable[[int], bytes] | None = None
@@ -272,5 +273,7 @@ class RapidEngine:
         return layout.lines(boxes.tolist(), list(texts))
 
     def close(self) -> None:
-        """Stop taking work; a recognition already running finishes on its own."""
+        """Stop taking work (a recognition already running finishes on its own) and let go of
+        the models, which are freed once no engine holds them."""
         self.workers.close()
+        self._ocr = None

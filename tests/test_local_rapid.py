@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -39,10 +39,14 @@ def require_rapidocr() -> None:
 
 
 @pytest.fixture(scope="module")
-def _warm() -> None:
-    """Load the shared models once for the module (5 s); every engine after that reuses them."""
+def _warm() -> Iterator[None]:
+    """Load the models once for the module (5 s): every engine with the same settings reuses
+    them while this one holds them."""
     require_rapidocr()
-    local_rapid.RapidEngine(RAPID)._warm()
+    holder = local_rapid.RapidEngine(RAPID)
+    holder._warm()
+    yield
+    holder._ocr = None  # its workers never started: nothing else to close
 
 
 @pytest.fixture
@@ -171,9 +175,11 @@ async def test_only_decoded_pixels_reach_the_library(
     assert seen == [numpy.ndarray]
 
 
-def test_every_session_runs_on_one_thread(_warm: None) -> None:
+def test_every_session_runs_on_one_thread_and_no_direction_classifier(_warm: None) -> None:
+    """The classifier turned long lines of a page upside down (bench scenario 7: 9 % CER)."""
     ocr = local_rapid.RapidEngine(RAPID)._engine()
-    for part in (ocr.text_det, ocr.text_cls, ocr.text_rec):
+    assert ocr.use_cls is False and ocr.text_cls is None
+    for part in (ocr.text_det, ocr.text_rec):
         options = part.session.session.get_session_options()
         assert options.intra_op_num_threads == 1 and options.inter_op_num_threads == 1
 
@@ -367,3 +373,61 @@ async def test_cli_describe_with_rapidocr(
     assert code == 0 and out.startswith("[Image 1 (described by local;")
     assert "read by RapidOCR" in out
     assert cjkimages.cer(truth, out.split("TEXT:\n", 1)[1].split("\nDESCRIPTION:")[0]) <= 0.02
+
+
+# Memory: the whole proxy process, as the operator sees it.
+
+RAPID_LIMIT = 1_500_000_000  # bytes of peak RSS for the proxy process with the bundled model
+
+
+@pytest.mark.timeout(180)
+async def test_proxy_peak_rss_with_rapidocr(_warm: None, fake: FakeOpenAI, tmp_path: Any) -> None:
+    """A real ``ocrproxy serve`` with the rapidocr engine (default threads, one per CPU) reads
+    the four test images, a 2000x2800 page and a 7000x7000 decompression bomb sent at
+    once; its peak resident memory (VmHWM) stays under RAPID_LIMIT. The figures are printed."""
+    from PIL import Image, ImageDraw
+
+    from tests.conftest import spawn_proxy
+    from tests.test_local_memory import _status, bomb_png
+
+    page = Image.new("L", (2000, 2800), 255)
+    draw = ImageDraw.Draw(page)
+    for n in range(30):
+        draw.text(
+            (100, 100 + n * 44),
+            f"Line {n}: 第{n}行 the committee approved item {n * 7}.",
+            font=cjkimages.zh(24),
+        )
+    images = [make()[0] for make in cjkimages.IMAGES.values()]
+    images += [cjkimages.png(page), bomb_png("a")]
+    cfg = f"""
+[[upstreams]]
+name = "fake"
+base_url = "{fake.url}"
+check_models = false
+[ocr]
+model = "vision-1"
+on_error = "fail"
+timeout_s = 120
+[ocr.local]
+engine = "rapidocr"
+"""
+    async with spawn_proxy(tmp_path, cfg) as (proc, base, session, _):
+        before = _status(proc.pid)
+
+        async def send(data: bytes) -> tuple[int, str]:
+            body = chat("text-1", "Read it", image_part(data_url(data)), ocr_model="local")
+            async with session.post(base + "/v1/chat/completions", json=body) as r:
+                return r.status, await r.text()
+
+        answers = await asyncio.gather(*(send(d) for d in images))
+        after = _status(proc.pid)
+    report = (
+        f"rapidocr proxy: RSS {before['VmRSS'] / 1e6:.0f} MB after start-up (models warm), "
+        f"peak {after['VmHWM'] / 1e6:.0f} MB, {after['VmRSS'] / 1e6:.0f} MB after {len(images)} images"
+    )
+    print(report)
+    assert all(status == 200 for status, _ in answers), answers
+    assert after["VmHWM"] < RAPID_LIMIT, report
+    sent = [r.json()["messages"][0]["content"] for r in fake.chat_requests]
+    assert sum("read by RapidOCR" in text for text in sent) == len(images)
