@@ -22,7 +22,10 @@ interleaved: images per second and the speed-up, which shows whether the threads
 parallel. Images go through ``recognize`` exactly as the proxy calls it (decoding, scaling,
 recognition), without HTTP around it. On a shared machine, read the load average it prints.
 
-    python bench/local_ocr.py [--json] [--repeat 3]
+    python bench/local_ocr.py [--json] [--repeat 3] [--model-dir DIR]
+
+``--model-dir`` adds RapidOCR with other PP-OCR files (det.onnx, rec.onnx, dict.txt: the
+PP-OCRv6 tiny ones, say), as ``[ocr.local] model_dir`` would give them.
 """
 
 from __future__ import annotations
@@ -249,8 +252,15 @@ async def measure(
     return result
 
 
-async def run(repeat: int) -> dict[str, Any]:
+async def run(repeat: int, model_dir: str = "") -> dict[str, Any]:
     ready, skipped = engines()
+    if model_dir:  # other PP-OCR files, e.g. PP-OCRv6 tiny ([ocr.local] model_dir)
+        own = config.OcrLocal(engine="rapidocr", model_dir=model_dir)
+        problem = local.open_engine(own).problem()
+        if problem is None:
+            ready["rapidocr model_dir"] = own
+        else:
+            skipped["rapidocr model_dir"] = problem
     if not ready:
         raise SystemExit(f"local OCR engine unavailable: {skipped}")
     load_before = os.getloadavg()[0]
@@ -316,8 +326,11 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--repeat", type=int, default=3, help="latency runs per image")
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)  # older callers
+    parser.add_argument(
+        "--model-dir", default="", help="also RapidOCR with these files ([ocr.local] model_dir)"
+    )
     args = parser.parse_args()
-    result = asyncio.run(run(args.repeat))
+    result = asyncio.run(run(args.repeat, args.model_dir))
     print(json.dumps(result, indent=2) if args.json else table(result))
 
 
