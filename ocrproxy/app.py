@@ -322,7 +322,7 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     relay_auth = not cfg.auth.keys
     catalog = Catalog(models.lister(session, relay_auth=relay_auth), relay_auth=relay_auth)
     app[state.CATALOG] = catalog
-    engine = local.Engine(cfg.ocr.local, budget=app[LOCAL_BUDGET])
+    engine = local.open_engine(cfg.ocr.local, budget=app[LOCAL_BUDGET])
     reader = RemoteReader(
         session, cfg.ocr, config.secrets(cfg), on_call=app[metrics.METRICS].ocr_call
     )
@@ -337,6 +337,7 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
     )
     if cfg.ocr.model == cfg.ocr.local_alias and (problem := engine.problem()):
         local.log.warning("the default OCR model is the local engine, which can't run: %s", problem)
+    await engine.start()  # RapidOCR loads its models (1.5-6 s) now, not on a request
     try:
         yield
     finally:

@@ -81,7 +81,7 @@ async def describe(cfg: config.Config, source: str, model: str) -> int:
         sys.stderr.write(f"ocrproxy: {exc.message}\n")
         return 1
     cache = DescriptionCache(MemoryLRU(1, cfg.cache.max_bytes, cfg.cache.ttl_s))
-    engine = local.Engine(cfg.ocr.local, then=local.RUN_AGAIN)  # no proxy to restart here
+    engine = local.open_engine(cfg.ocr.local, then=local.RUN_AGAIN)  # no proxy to restart here
     async with aiohttp.ClientSession(trust_env=False) as session:
         router = upstream.Router(cfg.upstreams)
         reader = RemoteReader(session, cfg.ocr, config.secrets(cfg))

@@ -33,6 +33,9 @@ DEFAULT_MAX_IMAGES = 64
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 DEFAULT_LOCAL_ALIAS = "local"
+# What an [ocr.local] model_dir must hold for the rapidocr engine: PP-OCR text detection and
+# recognition models and the recogniser's dictionary (one character a line).
+RAPIDOCR_MODEL_FILES = ("det.onnx", "rec.onnx", "dict.txt")
 DEFAULT_CACHE_FILE = "descriptions.sqlite3"
 # The paths below /v1/ that the pass-through relays (globs): the stateless model APIs. Routes that
 # keep state in the upstream account (files, batches, fine_tuning, vector_stores, assistants,
@@ -125,8 +128,12 @@ class Upstream(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class OcrLocal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The built-in Tesseract engine (``ocrproxy.local``), used when the OCR model is the alias."""
+    """The built-in engine used when the OCR model is the alias: Tesseract (``ocrproxy.local``)
+    or RapidOCR (``ocrproxy.local_rapid``, the ``rapidocr`` extra)."""
 
+    engine: Literal["tesseract", "rapidocr"] = "tesseract"
+    # rapidocr: a directory of other PP-OCR ONNX files (MODEL_FILES); empty: the wheel's own.
+    model_dir: str = ""
     languages: tuple[str, ...] = ("eng",)
     tessdata_path: str = ""  # empty: $TESSDATA_PREFIX, else Debian's tessdata directory
     threads: int = 0  # 0: one per CPU
@@ -367,6 +374,15 @@ def _validate_local(ocr: Ocr) -> None:
         raise ConfigError("`$.ocr.local.timeout_s` must be positive")
     if local.max_decoded_bytes < 16 * 1024 * 1024:
         raise ConfigError("`$.ocr.local.max_decoded_bytes` must be at least 16 MiB (16777216)")
+    if local.model_dir:
+        if local.engine != "rapidocr":
+            raise ConfigError('`$.ocr.local.model_dir` is for engine = "rapidocr" only')
+        for name in RAPIDOCR_MODEL_FILES:
+            if not os.path.isfile(os.path.join(local.model_dir, name)):
+                raise ConfigError(
+                    f"`$.ocr.local.model_dir`: {os.path.join(local.model_dir, name)} is missing "
+                    f"(it must hold {', '.join(RAPIDOCR_MODEL_FILES)})"
+                )
     if ocr.max_fetches_per_request < 1:
         raise ConfigError("`$.ocr.max_fetches_per_request` must be at least 1")
 

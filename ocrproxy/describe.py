@@ -18,9 +18,10 @@ within the TTL. Single-flight joins callers of one key; when the OCR call carrie
 client's own key (relay mode), only callers with the same key share a flight, so a client the
 upstream refuses fails nobody else's image (a successful answer is still cached for everyone).
 
-The OCR model named by ``[ocr] local_alias`` is not called over HTTP: the built-in Tesseract
-engine (``local.py``) reads the image's text instead, through the same cache (its key names the
-engine, its version and languages) and into the same reference block, at no token cost.
+The OCR model named by ``[ocr] local_alias`` is not called over HTTP: a built-in engine
+(``[ocr.local] engine``: Tesseract, ``local.py``, or RapidOCR, ``local_rapid.py``) reads the
+image's text instead, through the same cache (its key names the engine, its version, its
+languages or model files, and its settings) and into the same reference block, at no token cost.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class Describer:
         router: upstream.Router,
         settings: config.Ocr,
         cache: DescriptionCache,
-        engine: local.Engine | None = None,
+        engine: local.LocalEngine | None = None,
         *,
         client_keys: bool = False,
         scope: str = "shared",

@@ -33,6 +33,10 @@ up to the height Tesseract reads best before the real recognition.
 
 ``tesserocr`` and Pillow are an optional extra: nothing here imports them until the engine is
 used, and ``Engine.problem`` says, in words an operator can act on, why the engine cannot run.
+
+``open_engine`` builds the engine ``[ocr.local] engine`` names: this one, or RapidOCR
+(``local_rapid``), which shares its admission (``measure``, ``admission.Workers`` and the budget)
+and its reference text (``as_description``). Both are what ``LocalEngine`` describes.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import config
 from .admission import Budget, MiB, OverBudget, Workers
@@ -130,6 +134,27 @@ def _tesserocr() -> Any:
         # freed, so memory the budget gave back is given back to the system too.
         _imaging.set_block_size(PILLOW_BLOCK_BYTES)  # what PIL.Image.core is
     return tesserocr
+
+
+def measure(
+    load: Callable[[], bytes],
+    head: Callable[[int], bytes] | None,
+    estimate: Callable[..., int],
+) -> int:
+    """In a pool thread: the bytes reading this image will hold, by ``estimate(data, whole=)``
+    (``pixels.decoded_bytes`` or an engine's own). The image's bytes are dropped: a job waiting
+    for budget holds only what its request already had.
+
+    Only the image's first HEADER_BYTES are decoded when ``head`` gives them: decoding base64
+    holds the GIL (about 150 ms for 20 MiB), and the work decodes it all anyway.
+    """
+    if head is not None:
+        first = head(HEADER_BYTES)
+        try:
+            return estimate(first, whole=len(first) < HEADER_BYTES)
+        except CutShort:
+            pass  # rare: a header longer than that (large EXIF, ICC or text segments)
+    return estimate(load(), whole=True)
 
 
 def upscale_factor(line_heights: list[int], longest: int, max_side: int) -> float:
@@ -254,20 +279,9 @@ class Engine:
             raise RecognitionError(str(exc)) from None
 
     def _measure(self, load: Callable[[], bytes], head: Callable[[int], bytes] | None) -> int:
-        """In a pool thread: the bytes reading this image will hold (its bytes are dropped: a
-        job waiting for budget holds only what its request already had).
-
-        Only the image's first HEADER_BYTES are decoded when ``head`` gives them: decoding
-        base64 holds the GIL (about 150 ms for 20 MiB), and ``_work`` decodes it all anyway.
-        """
-        max_side = self.settings.max_side
-        if head is not None:
-            first = head(HEADER_BYTES)
-            try:
-                return decoded_bytes(first, max_side, whole=len(first) < HEADER_BYTES)
-            except CutShort:
-                pass  # rare: a header longer than that (large EXIF, ICC or text segments)
-        return decoded_bytes(load(), max_side)
+        return measure(
+            load, head, functools.partial(decoded_bytes, max_side=self.settings.max_side)
+        )
 
     def _api(self) -> Any:
         api = getattr(self._local, "api", None)
@@ -328,6 +342,45 @@ class Engine:
                 heights.append(box[3] - box[1])
         return heights
 
+    async def start(self) -> None:
+        """Nothing to warm: each thread loads its language data on its first image (~0.1 s)."""
+
     def close(self) -> None:
         """Stop taking work; a recognition already running ends by its own deadline."""
         self.workers.close()
+
+
+class LocalEngine(Protocol):
+    """What the proxy needs of a local engine (``Engine``, ``local_rapid.RapidEngine``)."""
+
+    settings: config.OcrLocal
+    threads: int
+
+    @property
+    def name(self) -> str: ...
+
+    def problem(self) -> str | None: ...
+
+    def cache_tag(self) -> str: ...
+
+    async def start(self) -> None: ...
+
+    async def recognize(
+        self, load: Callable[[], bytes], head: Callable[[int], bytes] | None = None
+    ) -> str: ...
+
+    def close(self) -> None: ...
+
+
+def open_engine(
+    settings: config.OcrLocal,
+    env: Mapping[str, str] = os.environ,
+    budget: Budget | None = None,
+    then: str = RESTART,
+) -> LocalEngine:
+    """The engine ``[ocr.local] engine`` names; nothing of its package is imported yet."""
+    if settings.engine == "rapidocr":
+        from .local_rapid import RapidEngine
+
+        return RapidEngine(settings, budget=budget, then=then)
+    return Engine(settings, env, budget, then)

@@ -184,6 +184,19 @@ def decoded_bytes(data: bytes, max_side: int, whole: bool = True) -> int:
     (``read_header``), the greyscale canvas the rows are shrunk into, and one strip's copies.
     Recognition: the scaled image, perhaps enlarged for small text, and Tesseract's copies.
     """
+    decoding, target = decoding_bytes(data, max_side, whole)
+    pixels = target[0] * target[1]
+    factor = min(MAX_UPSCALE, max_side / max(target))
+    if factor >= 1.2:
+        pixels = round(pixels * factor * factor)
+    return max(decoding, pixels * RECOGNITION_COPIES)
+
+
+def decoding_bytes(data: bytes, max_side: int, whole: bool = True) -> tuple[int, tuple[int, int]]:
+    """The most bytes ``prepare`` holds while it decodes this image, and the size of the page
+    it returns, from the image's header alone (``whole`` and ``CutShort`` as ``read_header``):
+    what the decoder holds, the greyscale canvas the rows are shrunk into, one strip's copies.
+    """
     header = read_header(data, max_side, whole=whole)
     width, height = header.width, header.height
     target = _fit((width, height), max_side)
@@ -193,11 +206,7 @@ def decoded_bytes(data: bytes, max_side: int, whole: bool = True) -> int:
         + target[0] * height  # the canvas of greyscale rows
         + rows * width * STRIP_COPIES  # one strip: its crop, RGBA and greyscale copies
     )
-    pixels = target[0] * target[1]
-    factor = min(MAX_UPSCALE, max_side / max(target))
-    if factor >= 1.2:
-        pixels = round(pixels * factor * factor)
-    return max(decoding, pixels * RECOGNITION_COPIES)
+    return decoding, target
 
 
 def _jpeg_coefficients(image: PILImage.Image) -> int:

@@ -154,9 +154,13 @@ def test_no_process_outlives_the_run(report: dict[str, Any]) -> None:
 
 
 def test_local_ocr_scenario_reads_text(report: dict[str, Any]) -> None:
-    rows = {r["metric"]: r["local"] for r in report["scenarios"]["7-local-ocr"]["rows"]}
-    assert rows["screenshot: character error rate"] <= 2.0
-    assert rows["mixed batch, 1 thread(s)"] > 0 and rows["mixed batch, 2 thread(s)"] > 0
+    rows = {r["metric"]: r for r in report["scenarios"]["7-local-ocr"]["rows"]}
+    for engine in ("tesseract", "rapidocr"):  # .ci/run installs both; a missing one is skipped
+        if engine not in rows["tiny: character error rate"]:
+            assert not os.environ.get("CI"), f"scenario 7 did not run {engine}: install it"
+            continue
+        assert rows["tiny: character error rate"][engine] <= 2.0
+        assert rows["tiny, 1 thread(s)"][engine] > 0 and rows["tiny, 2 thread(s)"][engine] > 0
 
 
 def test_retry_scenario_ran_the_sdk_against_both_keepalive_settings(
