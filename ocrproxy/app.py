@@ -46,6 +46,8 @@ from . import (
     state,
     streams,
     tiers,
+    timeline,
+    ui,
     upstream,
 )
 from .admission import Budget as PixelBudget
@@ -157,6 +159,10 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     trace = state.Trace(_request_id(request))
     request[state.TRACE] = trace
     token = logs.request_id.set(trace.request_id)
+    recorder = app.get(timeline.RECORDER)  # only with [ui] enabled
+    steps = None
+    if recorder is not None and timeline.recorded(request.path):
+        steps = recorder.begin(request, trace.started)
     counters.started()
     response: web.StreamResponse | None = None
     error: BaseException | None = None
@@ -199,6 +205,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         body.release(request)
         counters.finished(request, trace, status, error)
         _access_log(request, trace, status, response)
+        if steps is not None and recorder is not None:
+            recorder.finish(request, trace, status, steps)
         logs.request_id.reset(token)
     return response
 
@@ -418,4 +426,7 @@ def create_app(cfg: config.Config) -> web.Application:
     app.router.add_route("*", "/v1/{tail:.*}", handlers.passthrough)
     app.router.add_get("/healthz", handlers.healthz)
     metrics.install(app)
+    if cfg.ui.enabled:
+        app[timeline.RECORDER] = timeline.Recorder(cfg.ui, app[metrics.METRICS].models)
+        ui.install(app)
     return app

@@ -178,7 +178,10 @@ class Generation:
 
     async def drain(self) -> None:
         from .streams import STREAMS
+        from .timeline import RECORDER
 
+        if RECORDER in self.app:
+            self.app[RECORDER].close_feeds()  # an open page must not hold the drain back
         timeout = self.cfg.server.shutdown_timeout
         servers = [r.server for r in self.runners if r.server is not None]
         for runner in self.runners:
