@@ -4,10 +4,11 @@ Theory of operation: the routes exist only with ``[ui] enabled`` (else ``/ui`` i
 unknown path). They answer where ``/metrics`` does (``metrics.guard``): on ``[server]
 metrics_port`` when it is set, else on the main port to *direct* loopback clients only (a
 request that came through nginx is a 404). The page itself (``/ui``, ``/ui/app.js``,
-``/ui/app.css``, package data in ``ocrproxy/page/``) holds no data and needs no key; it asks
-for ``[ui] admin_key``, keeps it in ``sessionStorage`` and sends it as ``Authorization:
-Bearer`` on every call for data: ``/ui/recent``, ``/ui/totals``, ``/ui/requests/{id}`` and the
-feed ``/ui/events``. Any other credential, a client key included, is a 401.
+``/ui/app.css``, ``/ui/icon.svg``: package data in ``ocrproxy/page/``) holds no data and
+needs no key; it asks for ``[ui] admin_key``, keeps it in ``sessionStorage`` and sends it as
+``Authorization: Bearer`` on every call for data: ``/ui/recent``, ``/ui/totals``,
+``/ui/requests/{id}`` and the feed ``/ui/events``. Any other credential, a client key
+included, is a 401.
 
 The feed is server-sent events read with ``fetch()`` and a stream reader rather than
 ``EventSource``, which cannot send a header: so one credential, in one header, serves every
@@ -56,6 +57,7 @@ _ASSETS = {  # path -> (file in ocrproxy/page, content type)
     "/ui": ("index.html", "text/html"),
     "/ui/app.js": ("app.js", "text/javascript"),
     "/ui/app.css": ("app.css", "text/css"),
+    "/ui/icon.svg": ("icon.svg", "image/svg+xml"),  # else the browser asks for /favicon.ico
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

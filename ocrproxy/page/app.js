@@ -64,7 +64,7 @@ async function signIn() {
   }
 }
 
-const fmtTime = (epoch) => new Date(epoch * 1000).toLocaleTimeString();
+const fmtTime = (epoch) => new Date(epoch * 1000).toLocaleTimeString([], { hour12: false });
 const fmtMs = (ms) => (ms === null || ms === undefined ? "–" : Math.round(ms).toString());
 
 function addRow(row) {
@@ -76,8 +76,8 @@ function addRow(row) {
   const tokens = row.ocr_tokens.input + row.ocr_tokens.output;
   const cells = [
     fmtTime(row.time),
-    row.request_id.slice(0, 12),
-    row.method + " " + row.route,
+    row.request_id.slice(0, 10),
+    row.dialect,
     model,
     row.ocr_model || "–",
     row.images + " / " + row.cache_hits + " / " + row.failures,
@@ -88,7 +88,7 @@ function addRow(row) {
     tokens ? row.ocr_tokens.input + " + " + row.ocr_tokens.output : "",
   ];
   for (const value of cells) tr.append(el("td", value));
-  tr.title = row.request_id;
+  tr.title = row.request_id + "\n" + row.method + " " + row.route + (row.upstream ? " → " + row.upstream : "");
   tr.addEventListener("click", () => openRequest(row.request_id));
   const rows = $("rows");
   rows.prepend(tr);
@@ -135,6 +135,7 @@ function sparkline(box, perMinute) {
   const svg = document.createElementNS(ns, "svg");
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   svg.setAttribute("class", "spark");
+  svg.setAttribute("preserveAspectRatio", "none");
   svg.setAttribute("role", "img");
   svg.setAttribute("aria-label", "requests per minute, last hour, most " + top);
   const step = width / minutes;
@@ -167,7 +168,7 @@ const LABELS = {
   ocr_attempt: "OCR attempt",
   ocr: "OCR call",
   image: "image became",
-  upstream: "upstream answered (TTFB)",
+  upstream: "upstream (TTFB)",
   end: "end",
 };
 
