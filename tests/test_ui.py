@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
 from ocrproxy import config
 from ocrproxy.metrics import create_metrics_app
-from tests.conftest import ProxyFactory, chat, free_port
+from tests.conftest import ProxyFactory, chat, free_port, require_binary
 from tests.fakes import FakeOpenAI, data_url, image_part, png
+from tests.servers import ProxyProcess, nginx, proxy_toml
 
 ADMIN = "ui-admin-key-0123456789"
 CLIENT = "client-key-abcdef123456"
@@ -324,3 +328,37 @@ async def test_no_secret_and_no_image_bytes_in_any_answer_or_event(
     payload = base64.b64encode(png("secret-picture", 3000))
     assert payload[:40] not in blob and b"base64," not in blob
     assert b"A picture showing secret-picture." in blob  # descriptions are on: they are shown
+
+
+@pytest.fixture
+async def served_ui(fake: FakeOpenAI, tmp_path: Path) -> AsyncIterator[ProxyProcess]:
+    """A real ocrproxy process with the page on, on its main port (no metrics port)."""
+    ui = f'enabled = true\nadmin_key = "{ADMIN}"\n'
+    proc = ProxyProcess(tmp_path, proxy_toml(fake.url, free_port(), ui=ui))
+    await proc.start()
+    try:
+        yield proc
+    finally:
+        await proc.stop()
+
+
+async def test_the_shipped_nginx_site_refuses_the_page(
+    served_ui: ProxyProcess, tmp_path: Path
+) -> None:
+    binary = require_binary("nginx")
+    direct = f"http://127.0.0.1:{served_ui.port}"
+    with nginx(binary, tmp_path / "nginx", [served_ui.port]) as port:
+        site = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(direct + "/ui/totals", headers=BEARER) as resp:
+                assert resp.status == 200  # on, and open to a direct loopback client
+            for path in ("/ui", "/ui/", "/ui/app.js", "/ui/recent", "/ui/events", "/%75i/totals"):
+                async with session.get(site + path, headers=BEARER) as resp:
+                    assert resp.status == 404, path
+                    assert "nginx" in await resp.text()  # nginx's own page: never passed on
+            async with session.get(site + "/v1/models") as resp:
+                assert resp.status == 200  # the rest of the site works
+    await asyncio.sleep(0.2)
+    routes = [line.get("route") for line in served_ui.log_lines() if line.get("msg") == "request"]
+    assert "/v1/models" in routes
+    assert not [r for r in routes if r and r.startswith("/ui") and r != "/ui/totals"]
