@@ -203,6 +203,12 @@ class Recorder:
             if queue.qsize() < FEED_QUEUE:
                 queue.put_nowait(row)
 
+    def adopt(self, old: Recorder) -> None:
+        """Carry the ring and the totals of ``old`` over (a reload: the process is the same)."""
+        self.rows.extend(old.rows)
+        old.totals.models = self.totals.models
+        self.totals = old.totals
+
     def find(self, request_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
         """The newest recorded request with this id (a client may reuse its X-Request-Id)."""
         for row, steps in reversed(self.rows):

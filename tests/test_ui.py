@@ -14,8 +14,9 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from ocrproxy import config
+from ocrproxy import config, server, timeline
 from ocrproxy.metrics import create_metrics_app
+from ocrproxy.state import CONFIG
 from tests.conftest import ProxyFactory, chat, free_port, require_binary
 from tests.fakes import FakeOpenAI, data_url, image_part, png
 from tests.servers import ProxyProcess, nginx, proxy_toml
@@ -187,6 +188,23 @@ async def test_the_ring_keeps_the_last_recent_requests(make_proxy: ProxyFactory)
     assert row["status"] == 200 and row["upstream"] == "fake"
     assert row["ttfb_ms"] is not None and row["total_ms"] >= row["ttfb_ms"]
     assert (await proxy.get("/ui/requests/ring-0", headers=BEARER)).status == 404  # pushed out
+
+
+async def test_a_reload_keeps_the_ring_and_the_totals(make_proxy: ProxyFactory) -> None:
+    proxy = await make_proxy(ui={**ON, "recent": 2})
+    for i in range(3):
+        await post(proxy, chat("gpt-3.5-turbo", "hi"), f"before-{i}")
+    old = server.Generation(proxy.server.app[CONFIG])
+    old.app = proxy.server.app  # the running one, as if it were a generation
+    cfg = config.from_mapping(
+        {"upstreams": [{"base_url": "http://127.0.0.1:1/v1"}], "ui": {**ON, "recent": 5}},
+        env={},
+    )
+    new = server.Generation(cfg, old)
+    recorder = new.app[timeline.RECORDER]
+    assert [row["request_id"] for row, _ in recorder.rows] == ["before-1", "before-2"]
+    assert recorder.rows.maxlen == 5
+    assert recorder.totals.requests == 3
 
 
 async def read_event(resp: Any) -> dict[str, Any]:
