@@ -65,6 +65,7 @@ stall_log = logging.getLogger("ocrproxy.stall")  # the loop watchdog's: not a re
 LOCAL_BUDGET: web.AppKey[PixelBudget] = web.AppKey("local_budget", PixelBudget)
 
 _QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})  # probes: debug, not info
+# (and the live page's own calls, which poll: its refusals stay at info)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 # A path with one of these is refused (case-insensitive): an encoded dot, slash, backslash or
@@ -228,7 +229,8 @@ def _access_log(
         bytes_out = len(response.body) if isinstance(response.body, bytes) else 0
     else:
         bytes_out = 0
-    level = logging.DEBUG if request.path in _QUIET_ROUTES and status < 400 else logging.INFO
+    quiet = request.path in _QUIET_ROUTES or request.path.startswith("/ui")  # probes, the page
+    level = logging.DEBUG if quiet and status < 400 else logging.INFO
     logs.access(
         log,
         level,

@@ -155,9 +155,18 @@ function sparkline(box, perMinute) {
   box.replaceChildren(svg);
 }
 
+// At most one totals call a second, however fast rows arrive.
 let refreshing = null;
+let lastRefresh = 0;
+let refreshLater = null;
 function refreshTotals() {
-  if (refreshing) return;
+  if (refreshing || refreshLater) return;
+  const wait = lastRefresh + 1000 - Date.now();
+  if (wait > 0) {
+    refreshLater = setTimeout(() => { refreshLater = null; refreshTotals(); }, wait);
+    return;
+  }
+  lastRefresh = Date.now();
   refreshing = api("/ui/totals").then(showTotals).catch(() => {}).finally(() => { refreshing = null; });
 }
 
