@@ -13,7 +13,7 @@ a scrape with the sum of all of them.
 metrics_port`` they are served only on that port (bound to ``metrics_host``, loopback by default).
 Without it they answer on the main port only to *direct* loopback clients: a request that came
 through a reverse proxy (it carries ``X-Forwarded-For``, ``X-Real-IP`` or ``Forwarded``) gets a
-404 even though nginx connects from 127.0.0.1.
+404 even though nginx connects from 127.0.0.1. The live page (``ui``) follows the same rule.
 """
 
 from __future__ import annotations
