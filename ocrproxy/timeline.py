@@ -10,10 +10,12 @@ a few plain fields. Tasks copy the context when they are created, so the describ
 cache's flight and the fetches of a request append to its timeline too (a flight joined by a
 second request records in the first one's: the second sees its "join").
 
-``Recorder.finish``, called where the access-log line is written, turns the request's trace and
-steps into one row, appends it to a ``deque(maxlen=[ui] recent)``, adds it to the totals and
-hands it to every subscriber of the feed (a bounded queue each: a page that does not read loses
-rows, it never holds the proxy back). Recording a row is a few microseconds (bench/README.md).
+``Recorder.finish``, called where the access-log line is written, keeps the request's trace and
+steps (``Finished``) in a ``deque(maxlen=[ui] recent)``, folds its steps into the totals and,
+only while a page is open, builds its row and hands it to every subscriber of the feed (a
+bounded queue each: a page that does not read loses rows, it never holds the proxy back). A row
+is otherwise built when the page asks for it. Recording costs a few microseconds a request
+(``python -m bench.ui_record``).
 
 Nothing here holds an image's bytes: an image is named by the first hex digits of its digest.
 The text an image became is kept only with ``[ui] show_descriptions``; everything the page
@@ -91,14 +93,69 @@ def image(number: int, digest: bytes, text: str | None, reason: str | None) -> N
     step("image", **fields)
 
 
+class Finished:
+    """One finished request as the ring keeps it: its trace and its steps. The row the page
+    shows is built only when it is read (or fed to an open page), not for every request."""
+
+    __slots__ = ("ended", "method", "route", "status", "steps", "trace", "wall")
+
+    def __init__(
+        self, trace: state.Trace, method: str, route: str, status: int, steps: list[dict[str, Any]]
+    ) -> None:
+        self.trace = trace
+        self.method = method
+        self.route = route
+        self.status = status
+        self.steps = steps
+        self.ended = time.monotonic()
+        self.wall = time.time()
+
+    @property
+    def total_ms(self) -> float:
+        return round((self.ended - self.trace.started) * 1000, 2)
+
+    def row(self) -> dict[str, Any]:
+        """The request as a row of the page's list."""
+        trace = self.trace
+        tokens_in = tokens_out = 0
+        for item in self.steps:
+            if item["kind"] == "ocr" and item["ok"]:
+                tokens_in += item.get("input_tokens", 0)
+                tokens_out += item.get("output_tokens", 0)
+        route = self.route
+        return {
+            "time": round(self.wall - (self.ended - trace.started), 3),
+            "request_id": trace.request_id,
+            "method": self.method,
+            "route": route,
+            "dialect": _DIALECTS.get(route, "passthrough" if route.startswith("/v1/") else "other"),
+            "model": trace.model,
+            "real_model": trace.real_model,
+            "ocr_model": trace.ocr_model,
+            "images": trace.images,
+            "cache_hits": trace.cache_hits,
+            "failures": trace.ocr_failures,
+            "fallback": trace.fallback,
+            "status": self.status,
+            "upstream": trace.upstream,
+            "ttfb_ms": trace.ttfb_ms,
+            "total_ms": self.total_ms,
+            "ocr_tokens": {"input": tokens_in, "output": tokens_out},
+        }
+
+    def timeline(self) -> list[dict[str, Any]]:
+        """Its steps, ending with the end of the response."""
+        return [*self.steps, {"kind": "end", "at_ms": self.total_ms, "status": self.status}]
+
+
 class Totals:
-    """Counts since the process started, folded from each finished request's row and steps."""
+    """Counts since the process started, folded from each finished request's steps."""
 
     def __init__(self, models: frozenset[str]) -> None:
         self.models = models  # OCR model names shown as they are; any other is "other"
         self.since = time.time()
         self.requests = 0
-        self.statuses: dict[str, int] = {}
+        self.statuses: dict[int, int] = {}  # by status // 100
         self.ocr_calls = 0
         self.ocr_errors = 0
         self.cache: dict[str, dict[str, int]] = {}
@@ -107,13 +164,13 @@ class Totals:
         self.latency: deque[float] = deque(maxlen=LATENCY_SAMPLE)
         self.minutes: deque[list[int]] = deque(maxlen=MINUTES)  # [minute, requests, ocr calls]
 
-    def add(self, row: dict[str, Any], steps: list[dict[str, Any]]) -> None:
+    def add(self, finished: Finished) -> None:
         self.requests += 1
-        status = f"{row['status'] // 100}xx"
+        status = finished.status // 100
         self.statuses[status] = self.statuses.get(status, 0) + 1
         calls = 0
         failed: set[str] = set()
-        for item in steps:
+        for item in finished.steps:
             kind = item["kind"]
             if kind == "cache":
                 tier = self.cache.setdefault(item["tier"], {})
@@ -124,12 +181,13 @@ class Totals:
             elif kind == "image" and "reason" in item and item["image"] not in failed:
                 failed.add(item["image"])  # an image sent twice failed once
                 self.failures[item["reason"]] = self.failures.get(item["reason"], 0) + 1
-        minute = int(time.time() // 60)
-        if self.minutes and self.minutes[-1][0] == minute:
-            self.minutes[-1][1] += 1
-            self.minutes[-1][2] += calls
+        minute = int(finished.wall // 60)
+        minutes = self.minutes
+        if minutes and minutes[-1][0] == minute:
+            minutes[-1][1] += 1
+            minutes[-1][2] += calls
         else:
-            self.minutes.append([minute, 1, calls])
+            minutes.append([minute, 1, calls])
 
     def _ocr(self, item: dict[str, Any]) -> None:
         self.ocr_calls += 1
@@ -156,7 +214,7 @@ class Totals:
         return {
             "since": self.since,
             "requests": self.requests,
-            "statuses": self.statuses,
+            "statuses": {f"{s}xx": n for s, n in sorted(self.statuses.items())},
             "ocr_calls": self.ocr_calls,
             "ocr_errors": self.ocr_errors,
             "cache": self.cache,
@@ -172,9 +230,7 @@ class Recorder:
     """The ring of finished requests, their totals and the feed's subscribers (one per process)."""
 
     def __init__(self, settings: config.Ui, models: frozenset[str] = frozenset()) -> None:
-        self.rows: deque[tuple[dict[str, Any], list[dict[str, Any]]]] = deque(
-            maxlen=settings.recent
-        )
+        self.rows: deque[Finished] = deque(maxlen=settings.recent)
         self.totals = Totals(models)
         self.descriptions = settings.show_descriptions
         self.subscribers: set[asyncio.Queue[dict[str, Any] | None]] = set()
@@ -190,18 +246,19 @@ class Recorder:
         status: int,
         token: contextvars.Token[Timeline | None],
     ) -> None:
-        """Record the finished request: a row in the ring, the totals, the feed."""
+        """Record the finished request: into the ring, the totals, the feed."""
         timeline = _current.get()
         _current.reset(token)
         if timeline is None:
             return
-        row = summary(request, trace, status, timeline)
-        timeline.steps.append({"kind": "end", "at_ms": row["total_ms"], "status": status})
-        self.rows.append((row, timeline.steps))
-        self.totals.add(row, timeline.steps)
-        for queue in self.subscribers:
-            if queue.qsize() < FEED_QUEUE:
-                queue.put_nowait(row)
+        finished = Finished(trace, request.method, request.path, status, timeline.steps)
+        self.rows.append(finished)
+        self.totals.add(finished)
+        if self.subscribers:
+            row = finished.row()
+            for queue in self.subscribers:
+                if queue.qsize() < FEED_QUEUE:
+                    queue.put_nowait(row)
 
     def adopt(self, old: Recorder) -> None:
         """Carry the ring and the totals of ``old`` over (a reload: the process is the same)."""
@@ -209,11 +266,11 @@ class Recorder:
         old.totals.models = self.totals.models
         self.totals = old.totals
 
-    def find(self, request_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    def find(self, request_id: str) -> Finished | None:
         """The newest recorded request with this id (a client may reuse its X-Request-Id)."""
-        for row, steps in reversed(self.rows):
-            if row["request_id"] == request_id:
-                return row, steps
+        for finished in reversed(self.rows):
+            if finished.trace.request_id == request_id:
+                return finished
         return None
 
     def subscribe(self) -> asyncio.Queue[dict[str, Any] | None]:
@@ -233,38 +290,6 @@ class Recorder:
 def recorded(path: str) -> bool:
     """Whether a request for ``path`` goes into the ring (not the page's own, not probes)."""
     return not path.startswith(_UNRECORDED)
-
-
-def summary(
-    request: web.Request, trace: state.Trace, status: int, timeline: Timeline
-) -> dict[str, Any]:
-    """One finished request as a row of the page's list."""
-    elapsed = time.monotonic() - trace.started
-    tokens_in = tokens_out = 0
-    for item in timeline.steps:
-        if item["kind"] == "ocr" and item["ok"]:
-            tokens_in += item.get("input_tokens", 0)
-            tokens_out += item.get("output_tokens", 0)
-    path = request.path
-    return {
-        "time": round(time.time() - elapsed, 3),
-        "request_id": trace.request_id,
-        "method": request.method,
-        "route": path,
-        "dialect": _DIALECTS.get(path, "passthrough" if path.startswith("/v1/") else "other"),
-        "model": trace.model,
-        "real_model": trace.real_model,
-        "ocr_model": trace.ocr_model,
-        "images": trace.images,
-        "cache_hits": trace.cache_hits,
-        "failures": trace.ocr_failures,
-        "fallback": trace.fallback,
-        "status": status,
-        "upstream": trace.upstream,
-        "ttfb_ms": trace.ttfb_ms,
-        "total_ms": round(elapsed * 1000, 2),
-        "ocr_tokens": {"input": tokens_in, "output": tokens_out},
-    }
 
 
 RECORDER = web.AppKey("ui_recorder", Recorder)

@@ -106,7 +106,7 @@ def _json(request: web.Request, value: Any) -> web.Response:
 
 async def recent(request: web.Request) -> web.Response:
     """The ring, oldest first, and which worker process answered."""
-    rows = [row for row, _ in _recorder(request).rows]
+    rows = [finished.row() for finished in _recorder(request).rows]
     return _json(request, {"worker": os.getpid(), "rows": rows})
 
 
@@ -119,8 +119,7 @@ async def one_request(request: web.Request) -> web.Response:
     found = _recorder(request).find(request.match_info["request_id"])
     if found is None:
         raise NotFound("No such request among the recent ones of this worker")
-    row, steps = found
-    return _json(request, {"row": row, "steps": steps})
+    return _json(request, {"row": found.row(), "steps": found.timeline()})
 
 
 async def events(request: web.Request) -> web.StreamResponse:

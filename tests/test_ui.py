@@ -202,7 +202,7 @@ async def test_a_reload_keeps_the_ring_and_the_totals(make_proxy: ProxyFactory) 
     )
     new = server.Generation(cfg, old)
     recorder = new.app[timeline.RECORDER]
-    assert [row["request_id"] for row, _ in recorder.rows] == ["before-1", "before-2"]
+    assert [f.trace.request_id for f in recorder.rows] == ["before-1", "before-2"]
     assert recorder.rows.maxlen == 5
     assert recorder.totals.requests == 3
 
