@@ -302,7 +302,8 @@ class Describer:
         except local.Unavailable as exc:
             raise BadRequest(str(exc), code="ocr_model_unavailable") from None
         took_ms = round((time.monotonic() - started) * 1000, 2)
-        timeline.step("ocr", model=model, ok=True, took_ms=took_ms, engine="local")
+        named = image.digest.hex()[:12]
+        timeline.step("ocr", model=model, image=named, ok=True, took_ms=took_ms, engine="local")
         log.debug(
             "local OCR done",
             extra={

@@ -137,6 +137,7 @@ class RemoteReader:
         self, image: Image, model: str, up: config.Upstream, auth: Mapping[str, str]
     ) -> Description:
         started = time.monotonic()
+        named = image.digest.hex()[:12]  # for the live page: which image, never its bytes
         try:
             description = await self._request(image, model, up, auth)
         except OcrError as exc:
@@ -144,7 +145,12 @@ class RemoteReader:
             if self.on_call is not None:
                 self.on_call(model, False, took)
             timeline.step(
-                "ocr", model=model, ok=False, took_ms=round(took * 1000, 2), reason=exc.reason.name
+                "ocr",
+                model=model,
+                image=named,
+                ok=False,
+                took_ms=round(took * 1000, 2),
+                reason=exc.reason.name,
             )
             raise
         took = time.monotonic() - started
@@ -153,6 +159,7 @@ class RemoteReader:
         timeline.step(
             "ocr",
             model=model,
+            image=named,
             ok=True,
             took_ms=round(took * 1000, 2),
             input_tokens=description.prompt_tokens,

@@ -262,6 +262,7 @@ async def test_a_request_timeline_in_order_and_a_cached_repeat(
     assert steps["ocr_attempt"] == {**steps["ocr_attempt"], "attempt": 1, "status": 200}
     ocr = steps["ocr"]
     assert ocr["model"] == "vision-1" and ocr["ok"] is True
+    assert ocr["image"] == steps["image"]["image"]  # the image's digest, shortened
     assert (ocr["input_tokens"], ocr["output_tokens"]) == (100, 20)
     assert steps["upstream"]["upstream"] == "fake" and steps["upstream"]["status"] == 200
     assert steps["image"]["ok"] is True and steps["image"]["number"] == 1

@@ -131,7 +131,7 @@ async def test_log_in_watch_rows_arrive_and_open_a_timeline(
         "end",
     ]
     timeline = await page.inner_text("#timeline")
-    assert "memory miss" in timeline and "vision-1: ok in" in timeline
+    assert "memory miss" in timeline and "vision-1 for " in timeline and ": ok in" in timeline
     assert await page.text_content("#timeline pre.description") == "A picture showing cat."
     await page.screenshot(path=tmp_path / "timeline.png", full_page=True)
 

@@ -71,6 +71,7 @@ function addRow(row) {
   const tr = el("tr");
   tr.dataset.id = row.request_id;
   if (row.status >= 400) tr.className = "bad";
+  else if (row.failures) tr.className = "warn";
   const model = row.real_model && row.real_model !== row.model
     ? row.model + " → " + row.real_model : (row.model || "–");
   const tokens = row.ocr_tokens.input + row.ocr_tokens.output;
@@ -188,7 +189,7 @@ function stepText(s) {
     case "fetch": return s.ok ? s.bytes + " bytes in " + fmtMs(s.took_ms) + " ms" : "failed: " + (s.reason || "error");
     case "ocr_attempt": return "attempt " + s.attempt + ": " + (s.status === null ? "unreachable" : "HTTP " + s.status);
     case "ocr":
-      return s.model + (s.engine ? " (" + s.engine + ")" : "") + ": " +
+      return s.model + (s.engine ? " (" + s.engine + ")" : "") + " for " + s.image + ": " +
         (s.ok ? "ok in " + fmtMs(s.took_ms) + " ms" + (s.engine ? "" : ", " + s.input_tokens + " + " + s.output_tokens + " tokens")
               : "failed (" + s.reason + ") after " + fmtMs(s.took_ms) + " ms");
     case "image": return "#" + s.number + " " + s.image + ": " + (s.ok ? "description" : "placeholder (" + s.reason + ")");
