@@ -168,6 +168,7 @@ class Bench:
     pinning: Pinning = field(default_factory=Pinning.detect)
     log_level: str = "info"
     lean: bool = False
+    ui: bool = False  # the proxies record every request for the live page ([ui] enabled)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     targets: dict[str, Target] = field(default_factory=dict)
     config_text: str = ""
@@ -241,7 +242,7 @@ class Bench:
 host = "127.0.0.1"
 port = {{port}}
 log_level = "{self.log_level}"
-
+{self._ui_table()}
 [[upstreams]]
 name = "fake-ocr"
 base_url = "http://127.0.0.1:{ocr_port}/v1"
@@ -270,6 +271,9 @@ model = "vision-bench"
             self.target(name)
         if self.lean:
             self.targets["watched"] = self.targets["proxy"]
+
+    def _ui_table(self) -> str:
+        return '\n[ui]\nenabled = true\nadmin_key = "bench-ui-admin-key"\n' if self.ui else ""
 
     def target(self, name: str) -> Target:
         """The target ``name``, once it listens."""

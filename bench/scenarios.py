@@ -49,6 +49,7 @@ class Settings:
     # The smoke run's savings (harness.Bench ``lean``): fewer processes, none pinned apart, and
     # scenario 7 in the background on one image. Timings then mean nothing.
     lean: bool = False
+    ui: bool = False  # `--ui`: the proxies run with [ui] enabled (the live page records)
 
 
 QUICK = Settings(

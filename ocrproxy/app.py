@@ -46,6 +46,8 @@ from . import (
     state,
     streams,
     tiers,
+    timeline,
+    ui,
     upstream,
 )
 from .admission import Budget as PixelBudget
@@ -63,6 +65,7 @@ stall_log = logging.getLogger("ocrproxy.stall")  # the loop watchdog's: not a re
 LOCAL_BUDGET: web.AppKey[PixelBudget] = web.AppKey("local_budget", PixelBudget)
 
 _QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})  # probes: debug, not info
+# (and the live page's own calls, which poll: its refusals stay at info)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 # A path with one of these is refused (case-insensitive): an encoded dot, slash, backslash or
@@ -157,6 +160,10 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     trace = state.Trace(_request_id(request))
     request[state.TRACE] = trace
     token = logs.request_id.set(trace.request_id)
+    recorder = app.get(timeline.RECORDER)  # only with [ui] enabled
+    steps = None
+    if recorder is not None and timeline.recorded(request.path):
+        steps = recorder.begin(request, trace.started)
     counters.started()
     response: web.StreamResponse | None = None
     error: BaseException | None = None
@@ -199,6 +206,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         body.release(request)
         counters.finished(request, trace, status, error)
         _access_log(request, trace, status, response)
+        if steps is not None and recorder is not None:
+            recorder.finish(request, trace, status, steps)
         logs.request_id.reset(token)
     return response
 
@@ -220,7 +229,8 @@ def _access_log(
         bytes_out = len(response.body) if isinstance(response.body, bytes) else 0
     else:
         bytes_out = 0
-    level = logging.DEBUG if request.path in _QUIET_ROUTES and status < 400 else logging.INFO
+    quiet = request.path in _QUIET_ROUTES or request.path.startswith("/ui")  # probes, the page
+    level = logging.DEBUG if quiet and status < 400 else logging.INFO
     logs.access(
         log,
         level,
@@ -419,4 +429,7 @@ def create_app(cfg: config.Config) -> web.Application:
     app.router.add_route("*", "/v1/{tail:.*}", handlers.passthrough)
     app.router.add_get("/healthz", handlers.healthz)
     metrics.install(app)
+    if cfg.ui.enabled:
+        app[timeline.RECORDER] = timeline.Recorder(cfg.ui, app[metrics.METRICS].models)
+        ui.install(app)
     return app

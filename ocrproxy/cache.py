@@ -26,6 +26,8 @@ from typing import Protocol
 
 import msgspec
 
+from . import timeline
+
 
 class Description(msgspec.Struct, frozen=True):
     """What the OCR model said about one image, and what it cost."""
@@ -222,6 +224,7 @@ class DescriptionCache:
         return value, False
 
     def _count(self, tier: str, result: str) -> None:
+        timeline.step("cache", tier=tier, result=result)
         if self.on_lookup is not None:
             self.on_lookup(tier, result)
 

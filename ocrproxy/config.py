@@ -201,12 +201,22 @@ class Cache(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     scope: Literal["shared", "per_key"] = "shared"
 
 
+class Ui(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The live page at ``/ui`` (``ocrproxy.ui``): operator port or direct loopback only."""
+
+    enabled: bool = False
+    admin_key: str = ""  # what the page asks for; must differ from every client and upstream key
+    recent: int = 200  # finished requests kept in memory (per worker process)
+    show_descriptions: bool = False  # the text each image became: may hold private text
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     server: Server = Server()
     auth: Auth = Auth()
     upstreams: tuple[Upstream, ...] = ()
     ocr: Ocr = Ocr()
     cache: Cache = Cache()
+    ui: Ui = Ui()
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -339,6 +349,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("`$.auth.keys` must not contain control characters")
     if any(not k for k in cfg.auth.keys):
         raise ConfigError("`$.auth.keys` must not contain an empty key")
+    _validate_ui(cfg)
     spends_money = any(up.api_key for up in cfg.upstreams)
     if spends_money and not cfg.auth.keys and not _is_loopback(cfg.server.host):
         raise ConfigError(
@@ -352,6 +363,23 @@ def validate(cfg: Config) -> Config:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _LANGUAGE = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def _validate_ui(cfg: Config) -> None:
+    ui = cfg.ui
+    if ui.recent < 1:
+        raise ConfigError("`$.ui.recent` must be at least 1")
+    if _CONTROL.search(ui.admin_key):
+        raise ConfigError("`$.ui.admin_key` must not contain control characters")
+    if not ui.enabled:
+        return
+    if not ui.admin_key:
+        raise ConfigError("`$.ui.enabled` needs `$.ui.admin_key`: the key the page asks for")
+    if ui.admin_key in cfg.auth.keys:
+        raise ConfigError("`$.ui.admin_key` must differ from every `$.auth.keys` entry")
+    for i, up in enumerate(cfg.upstreams):
+        if ui.admin_key == up.api_key:
+            raise ConfigError(f"`$.ui.admin_key` must differ from `$.upstreams[{i}].api_key`")
 
 
 def _validate_local(ocr: Ocr) -> None:
@@ -477,6 +505,7 @@ def secrets(cfg: Config) -> tuple[str, ...]:
         for name, value in up.headers.items()
         if name.lower() in _CREDENTIAL_HEADERS and value
     )
+    found += (cfg.ui.admin_key,) if cfg.ui.admin_key else ()
     return found + _url_passwords(cfg.cache.redis_url)
 
 
@@ -531,4 +560,5 @@ def masked(cfg: Config) -> dict[str, Any]:
         up["base_url"] = _mask_url(up["base_url"])
         up["headers"] = {name: _mask(value) for name, value in up["headers"].items()}
     data["cache"]["redis_url"] = _mask_url(cfg.cache.redis_url)
+    data["ui"]["admin_key"] = _mask(cfg.ui.admin_key)
     return data

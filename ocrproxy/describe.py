@@ -34,7 +34,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from . import config, local, upstream
+from . import config, local, timeline, upstream
 from .cache import Description, DescriptionCache
 from .errors import BadRequest, OcrFailed
 from .images import Image, decode_payload, validate
@@ -302,6 +302,9 @@ class Describer:
             raise OcrError(f"the local OCR engine failed: {exc}") from None
         except local.Unavailable as exc:
             raise BadRequest(str(exc), code="ocr_model_unavailable") from None
+        took_ms = round((time.monotonic() - started) * 1000, 2)
+        named = image.digest.hex()[:12]
+        timeline.step("ocr", model=model, image=named, ok=True, took_ms=took_ms, engine="local")
         log.debug(
             "local OCR done",
             extra={

@@ -42,13 +42,14 @@ import logging
 import re
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from . import config, sniff
+from . import config, sniff, timeline
 from .reasons import Reason
 
 log = logging.getLogger("ocrproxy.fetch")
@@ -305,9 +306,10 @@ class Fetcher:
 
         ``budget``, shared by the fetches of one request, caps the bytes they download together.
         """
+        started = time.monotonic()
         try:
             async with asyncio.timeout(self.timeout_s):
-                return await self._follow(url, budget or Budget(self.max_bytes))
+                fetched = await self._follow(url, budget or Budget(self.max_bytes))
         except TimeoutError:
             raise FetchError(
                 f"the image server did not deliver the image within {self.timeout_s:g} s",
@@ -316,6 +318,9 @@ class Fetcher:
         except aiohttp.ClientError as exc:
             log.debug("image fetch failed: %r", exc)
             raise FetchError(f"the image could not be downloaded ({type(exc).__name__})") from None
+        took_ms = round((time.monotonic() - started) * 1000, 2)
+        timeline.step("fetch", ok=True, bytes=len(fetched.data), took_ms=took_ms)
+        return fetched
 
     async def _follow(self, url: str, budget: Budget) -> Fetched:
         target = self.check_url(url)

@@ -49,7 +49,7 @@ from typing import Any
 
 import msgspec
 
-from . import config, sniff
+from . import config, sniff, timeline
 from .errors import BadRequest, InvalidImage, PayloadTooLarge, ProxyError, UpstreamError
 from .fetch import Budget, Fetched, Fetcher, FetchError
 from .reasons import Reason
@@ -377,6 +377,7 @@ async def _fetch_all(
             error = FetchError("the image could not be downloaded")
         where = by_url[url][0].where
         log.warning("image fetch failed for %s: %s", where, error)
+        timeline.step("fetch", ok=False, reason=error.reason.name if error.reason else None)
         if settings.on_error == "fail":  # fail fast: the task group cancels the other fetches
             raise _refusal(by_url[url][0], error)
         return error

@@ -13,7 +13,7 @@ a scrape with the sum of all of them.
 metrics_port`` they are served only on that port (bound to ``metrics_host``, loopback by default).
 Without it they answer on the main port only to *direct* loopback clients: a request that came
 through a reverse proxy (it carries ``X-Forwarded-For``, ``X-Real-IP`` or ``Forwarded``) gets a
-404 even though nginx connects from 127.0.0.1.
+404 even though nginx connects from 127.0.0.1. The live page (``ui``) follows the same rule.
 """
 
 from __future__ import annotations
@@ -259,7 +259,7 @@ def _is_loopback(address: str | None) -> bool:
         return False
 
 
-def _guard(request: web.Request) -> None:
+def guard(request: web.Request) -> None:
     """On the main port, only a direct loopback client may see operator endpoints."""
     if MAIN_APP in request.app:
         return  # the separate metrics port
@@ -268,20 +268,21 @@ def _guard(request: web.Request) -> None:
         raise NotFound(f"Unknown route {request.method} {request.path}")
 
 
-def _main(request: web.Request) -> web.Application:
+def main_app(request: web.Request) -> web.Application:
+    """The proxy's application, from one of its routes on either port."""
     return request.app[MAIN_APP] if MAIN_APP in request.app else request.app
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    _guard(request)
-    body = _main(request)[METRICS].render()
+    guard(request)
+    body = main_app(request)[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def readyz(request: web.Request) -> web.Response:
     """Ready when the config is loaded (it is, or we would not run) and the cache tier answers."""
-    _guard(request)
-    app = _main(request)
+    guard(request)
+    app = main_app(request)
     cfg = app[state.CONFIG]
     cache = app.get(state.CACHE)
     reachable = cache is not None and (cache.tier is None or await cache.tier.ping())
@@ -318,4 +319,7 @@ def create_metrics_app(main: web.Application) -> web.Application:
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/healthz", healthz)
+    from . import ui  # the live page's routes, when it is on (ui imports this module)
+
+    ui.add_routes(app, main)
     return app

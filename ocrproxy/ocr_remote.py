@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from . import config, upstream
+from . import config, timeline, upstream
 from .cache import Description
 from .dialects import OcrCall, reason
 from .dialects.registry import BY_API
@@ -137,14 +137,34 @@ class RemoteReader:
         self, image: Image, model: str, up: config.Upstream, auth: Mapping[str, str]
     ) -> Description:
         started = time.monotonic()
+        named = image.digest.hex()[:12]  # for the live page: which image, never its bytes
         try:
             description = await self._request(image, model, up, auth)
-        except OcrError:
+        except OcrError as exc:
+            took = time.monotonic() - started
             if self.on_call is not None:
-                self.on_call(model, False, time.monotonic() - started)
+                self.on_call(model, False, took)
+            timeline.step(
+                "ocr",
+                model=model,
+                image=named,
+                ok=False,
+                took_ms=round(took * 1000, 2),
+                reason=exc.reason.name,
+            )
             raise
+        took = time.monotonic() - started
         if self.on_call is not None:
-            self.on_call(model, True, time.monotonic() - started)
+            self.on_call(model, True, took)
+        timeline.step(
+            "ocr",
+            model=model,
+            image=named,
+            ok=True,
+            took_ms=round(took * 1000, 2),
+            input_tokens=description.prompt_tokens,
+            output_tokens=description.completion_tokens,
+        )
         return description
 
     async def _request(
@@ -176,7 +196,9 @@ class RemoteReader:
                             )
                         except _Retryable as exc:
                             error, retry_after = OcrError(str(exc)), None
+                            timeline.step("ocr_attempt", attempt=attempt + 1, status=None)
                         else:
+                            timeline.step("ocr_attempt", attempt=attempt + 1, status=status)
                             if status == 200:
                                 break
                             reason = self._reason(payload)

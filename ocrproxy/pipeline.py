@@ -35,7 +35,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from . import catalog, config, fallback, images, notes, progress, relay, upstream
+from . import catalog, config, fallback, images, notes, progress, relay, timeline, upstream
 from .body import read_body
 from .describe import Describer, OcrReport, Outcome
 from .dialects import Dialect, Found, Parsed
@@ -200,6 +200,7 @@ async def _prepare(
     items = parsed.obj.get(dialect.items)  # a dialect may let it be absent (Responses' input)
     size = len(memoryview(items)) if items is not None else 0
     found = await _find(dialect, parsed, settings, size)
+    timeline.step("scan", images=len(found.images))
     hits = describer.memory_hits(found.images, ocr_model, request.headers)
     trace.images, trace.cache_hits = len({im.digest for im in found.images}), len(hits)
     return up, found, hits
@@ -221,6 +222,8 @@ def blocks(found: Found, report: OcrReport, model: str, key: bytes) -> list[str]
     for number, image in enumerate(found.images, 1):
         outcome = report.outcomes[image.digest]
         described = outcome.description
+        reason = outcome.reason.name if outcome.reason else None
+        timeline.image(number, image.digest, described.text if described else None, reason)
         nonce = delimiter_tag(key, image.digest)  # unknown to whoever wrote the text
         out.append(
             reference_block(number, model, described.text, nonce)

@@ -102,11 +102,12 @@ def _listen(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
 def _share(old: web.Application, new: web.Application) -> Callable[[], None]:
     """Make ``new`` use what stays with the process across a reload: the metrics (counters
     must not restart from zero), the budget of buffered request bytes and that of the local
-    engine's pixels (they are the process's). The new limits are not applied yet: the
-    function returned applies them, once the new generation has started (a reload that
-    fails keeps the running limits)."""
+    engine's pixels (they are the process's), the live page's ring and totals. The new
+    limits are not applied yet: the function returned applies them, once the new generation
+    has started (a reload that fails keeps the running limits)."""
     from . import body, metrics
     from .app import LOCAL_BUDGET
+    from .timeline import RECORDER
 
     shared, models = old[metrics.METRICS], new[metrics.METRICS].models
     new[metrics.METRICS] = shared
@@ -114,6 +115,8 @@ def _share(old: web.Application, new: web.Application) -> Callable[[], None]:
     new[body.BUDGET] = budget
     pixels, pixel_limit = old[LOCAL_BUDGET], new[LOCAL_BUDGET].limit
     new[LOCAL_BUDGET] = pixels
+    if RECORDER in old and RECORDER in new:  # the live page keeps what it saw
+        new[RECORDER].adopt(old[RECORDER])
 
     def apply() -> None:
         pixels.resize(pixel_limit)
@@ -178,7 +181,10 @@ class Generation:
 
     async def drain(self) -> None:
         from .streams import STREAMS
+        from .timeline import RECORDER
 
+        if RECORDER in self.app:
+            self.app[RECORDER].close_feeds()  # an open page must not hold the drain back
         timeout = self.cfg.server.shutdown_timeout
         servers = [r.server for r in self.runners if r.server is not None]
         for runner in self.runners:

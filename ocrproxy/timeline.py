@@ -1,0 +1,295 @@
+"""What the live page shows: each request's steps as they happen, and the ring of finished ones.
+
+Theory of operation: with ``[ui] enabled``, the request middleware gives every request (but the
+page's own and the quiet probes') a ``Timeline`` in a context variable, ``begin``; without it
+the variable stays None and ``step`` returns at once, so the hot path pays one
+``ContextVar.get`` per step call and nothing else. The few places where something worth seeing
+happens (the pipeline's scan, a cache lookup and its tier, a fetch, each OCR attempt and call,
+the upstream's first byte, the text that stood in for each image) call ``step`` with a kind and
+a few plain fields. Tasks copy the context when they are created, so the describe task, the
+cache's flight and the fetches of a request append to its timeline too (a flight joined by a
+second request records in the first one's: the second sees its "join").
+
+``Recorder.finish``, called where the access-log line is written, keeps the request's trace and
+steps (``Finished``) in a ``deque(maxlen=[ui] recent)``, folds its steps into the totals and,
+only while a page is open, builds its row and hands it to every subscriber of the feed (a
+bounded queue each: a page that does not read loses rows, it never holds the proxy back). A row
+is otherwise built when the page asks for it. Recording costs a few microseconds a request
+(``python -m bench.ui_record``).
+
+Nothing here holds an image's bytes: an image is named by the first hex digits of its digest.
+The text an image became is kept only with ``[ui] show_descriptions``; everything the page
+receives is redacted of the configured secrets by ``ui`` when it is sent. The ring and the
+totals belong to one process: with ``[server] workers`` > 1 the page shows the worker that
+answered it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from . import config
+
+if TYPE_CHECKING:  # state imports the modules that call ``step``
+    from . import state
+
+FEED_QUEUE = 256  # rows a subscriber may be behind before it loses some
+LATENCY_SAMPLE = 1024  # OCR call durations kept for the percentiles
+MINUTES = 60  # per-minute counts kept for the sparkline
+
+_DIALECTS = {
+    "/v1/chat/completions": "chat",
+    "/v1/messages": "messages",
+    "/v1/messages/count_tokens": "count_tokens",
+    "/v1/responses": "responses",
+    "/v1/models": "models",
+}
+_UNRECORDED = ("/ui", "/healthz", "/readyz", "/metrics")  # the page's own traffic and probes
+
+
+class Timeline:
+    """The steps of one request, each a small dict with its ``kind`` and ``at_ms``."""
+
+    __slots__ = ("descriptions", "started", "steps")
+
+    def __init__(self, started: float, descriptions: bool) -> None:
+        self.started = started
+        self.descriptions = descriptions
+        self.steps: list[dict[str, Any]] = []
+
+
+_current: contextvars.ContextVar[Timeline | None] = contextvars.ContextVar(
+    "ocrproxy_timeline", default=None
+)
+
+
+def step(kind: str, **fields: Any) -> None:
+    """Note that ``kind`` happened now to the current request (nothing when the page is off)."""
+    timeline = _current.get()
+    if timeline is None:
+        return
+    fields["kind"] = kind
+    fields["at_ms"] = round((time.monotonic() - timeline.started) * 1000, 2)
+    timeline.steps.append(fields)
+
+
+def image(number: int, digest: bytes, text: str | None, reason: str | None) -> None:
+    """Image ``number`` of the request became ``text`` (or a placeholder for ``reason``); the
+    text is kept only with ``[ui] show_descriptions``."""
+    timeline = _current.get()
+    if timeline is None:
+        return
+    fields: dict[str, Any] = {"number": number, "image": digest.hex()[:12], "ok": text is not None}
+    if reason is not None:
+        fields["reason"] = reason
+    if text is not None and timeline.descriptions:
+        fields["description"] = text
+    step("image", **fields)
+
+
+class Finished:
+    """One finished request as the ring keeps it: its trace and its steps. The row the page
+    shows is built only when it is read (or fed to an open page), not for every request."""
+
+    __slots__ = ("ended", "method", "route", "status", "steps", "trace", "wall")
+
+    def __init__(
+        self, trace: state.Trace, method: str, route: str, status: int, steps: list[dict[str, Any]]
+    ) -> None:
+        self.trace = trace
+        self.method = method
+        self.route = route
+        self.status = status
+        self.steps = steps
+        self.ended = time.monotonic()
+        self.wall = time.time()
+
+    @property
+    def total_ms(self) -> float:
+        return round((self.ended - self.trace.started) * 1000, 2)
+
+    def row(self) -> dict[str, Any]:
+        """The request as a row of the page's list."""
+        trace = self.trace
+        tokens_in = tokens_out = 0
+        for item in self.steps:
+            if item["kind"] == "ocr" and item["ok"]:
+                tokens_in += item.get("input_tokens", 0)
+                tokens_out += item.get("output_tokens", 0)
+        route = self.route
+        return {
+            "time": round(self.wall - (self.ended - trace.started), 3),
+            "request_id": trace.request_id,
+            "method": self.method,
+            "route": route,
+            "dialect": _DIALECTS.get(route, "passthrough" if route.startswith("/v1/") else "other"),
+            "model": trace.model,
+            "real_model": trace.real_model,
+            "ocr_model": trace.ocr_model,
+            "images": trace.images,
+            "cache_hits": trace.cache_hits,
+            "failures": trace.ocr_failures,
+            "fallback": trace.fallback,
+            "status": self.status,
+            "upstream": trace.upstream,
+            "ttfb_ms": trace.ttfb_ms,
+            "total_ms": self.total_ms,
+            "ocr_tokens": {"input": tokens_in, "output": tokens_out},
+        }
+
+    def timeline(self) -> list[dict[str, Any]]:
+        """Its steps, ending with the end of the response."""
+        return [*self.steps, {"kind": "end", "at_ms": self.total_ms, "status": self.status}]
+
+
+class Totals:
+    """Counts since the process started, folded from each finished request's steps."""
+
+    def __init__(self, models: frozenset[str]) -> None:
+        self.models = models  # OCR model names shown as they are; any other is "other"
+        self.since = time.time()
+        self.requests = 0
+        self.statuses: dict[int, int] = {}  # by status // 100
+        self.ocr_calls = 0
+        self.ocr_errors = 0
+        self.cache: dict[str, dict[str, int]] = {}
+        self.tokens: dict[str, dict[str, int]] = {}
+        self.failures: dict[str, int] = {}
+        self.latency: deque[float] = deque(maxlen=LATENCY_SAMPLE)
+        self.minutes: deque[list[int]] = deque(maxlen=MINUTES)  # [minute, requests, ocr calls]
+
+    def add(self, finished: Finished) -> None:
+        self.requests += 1
+        status = finished.status // 100
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        calls = 0
+        failed: set[str] = set()
+        for item in finished.steps:
+            kind = item["kind"]
+            if kind == "cache":
+                tier = self.cache.setdefault(item["tier"], {})
+                tier[item["result"]] = tier.get(item["result"], 0) + 1
+            elif kind == "ocr":
+                calls += 1
+                self._ocr(item)
+            elif kind == "image" and "reason" in item and item["image"] not in failed:
+                failed.add(item["image"])  # an image sent twice failed once
+                self.failures[item["reason"]] = self.failures.get(item["reason"], 0) + 1
+        minute = int(finished.wall // 60)
+        minutes = self.minutes
+        if minutes and minutes[-1][0] == minute:
+            minutes[-1][1] += 1
+            minutes[-1][2] += calls
+        else:
+            minutes.append([minute, 1, calls])
+
+    def _ocr(self, item: dict[str, Any]) -> None:
+        self.ocr_calls += 1
+        if not item["ok"]:
+            self.ocr_errors += 1
+            return
+        self.latency.append(item["took_ms"])
+        model = item["model"] if item["model"] in self.models else "other"
+        tokens = self.tokens.setdefault(model, {"input": 0, "output": 0})
+        tokens["input"] += item.get("input_tokens", 0)
+        tokens["output"] += item.get("output_tokens", 0)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The totals as the page reads them (``/ui/totals``)."""
+        ordered = sorted(self.latency)
+
+        def percentile(p: float) -> float | None:
+            return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else None
+
+        hits = {
+            tier: (counts.get("hit", 0) / looked if (looked := sum(counts.values())) else None)
+            for tier, counts in self.cache.items()
+        }
+        return {
+            "since": self.since,
+            "requests": self.requests,
+            "statuses": {f"{s}xx": n for s, n in sorted(self.statuses.items())},
+            "ocr_calls": self.ocr_calls,
+            "ocr_errors": self.ocr_errors,
+            "cache": self.cache,
+            "cache_hit_ratio": hits,
+            "ocr_tokens": self.tokens,
+            "failures": self.failures,
+            "ocr_ms": {"p50": percentile(0.5), "p95": percentile(0.95), "sample": len(ordered)},
+            "per_minute": [list(m) for m in self.minutes],
+        }
+
+
+class Recorder:
+    """The ring of finished requests, their totals and the feed's subscribers (one per process)."""
+
+    def __init__(self, settings: config.Ui, models: frozenset[str] = frozenset()) -> None:
+        self.rows: deque[Finished] = deque(maxlen=settings.recent)
+        self.totals = Totals(models)
+        self.descriptions = settings.show_descriptions
+        self.subscribers: set[asyncio.Queue[dict[str, Any] | None]] = set()
+
+    def begin(self, request: web.Request, started: float) -> contextvars.Token[Timeline | None]:
+        """Give ``request`` a timeline (the middleware calls this when it starts it)."""
+        return _current.set(Timeline(started, self.descriptions))
+
+    def finish(
+        self,
+        request: web.Request,
+        trace: state.Trace,
+        status: int,
+        token: contextvars.Token[Timeline | None],
+    ) -> None:
+        """Record the finished request: into the ring, the totals, the feed."""
+        timeline = _current.get()
+        _current.reset(token)
+        if timeline is None:
+            return
+        finished = Finished(trace, request.method, request.path, status, timeline.steps)
+        self.rows.append(finished)
+        self.totals.add(finished)
+        if self.subscribers:
+            row = finished.row()
+            for queue in self.subscribers:
+                if queue.qsize() < FEED_QUEUE:
+                    queue.put_nowait(row)
+
+    def adopt(self, old: Recorder) -> None:
+        """Carry the ring and the totals of ``old`` over (a reload: the process is the same)."""
+        self.rows.extend(old.rows)
+        old.totals.models = self.totals.models
+        self.totals = old.totals
+
+    def find(self, request_id: str) -> Finished | None:
+        """The newest recorded request with this id (a client may reuse its X-Request-Id)."""
+        for finished in reversed(self.rows):
+            if finished.trace.request_id == request_id:
+                return finished
+        return None
+
+    def subscribe(self) -> asyncio.Queue[dict[str, Any] | None]:
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any] | None]) -> None:
+        self.subscribers.discard(queue)
+
+    def close_feeds(self) -> None:
+        """End every feed (a shutdown must not wait for open pages)."""
+        for queue in self.subscribers:
+            queue.put_nowait(None)
+
+
+def recorded(path: str) -> bool:
+    """Whether a request for ``path`` goes into the ring (not the page's own, not probes)."""
+    return not path.startswith(_UNRECORDED)
+
+
+RECORDER = web.AppKey("ui_recorder", Recorder)
