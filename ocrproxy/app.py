@@ -345,10 +345,12 @@ async def _state(app: web.Application) -> AsyncIterator[None]:
         client_keys=bool(cfg.auth.keys),
         scope=cfg.cache.scope,
     )
-    if cfg.ocr.model == cfg.ocr.local_alias and (problem := engine.problem()):
-        local.log.warning("the default OCR model is the local engine, which can't run: %s", problem)
-    await engine.start()  # RapidOCR loads its models (1.5-6 s) now, not on a request
     try:
+        await engine.start()  # RapidOCR loads its models (1.5-6 s) now, not on a request
+        if cfg.ocr.model == cfg.ocr.local_alias and (problem := engine.problem()):
+            local.log.warning(
+                "the default OCR model is the local engine, which can't run: %s", problem
+            )
         yield
     finally:
         await catalog.close()

@@ -363,6 +363,7 @@ def validate(cfg: Config) -> Config:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _LANGUAGE = re.compile(r"^[A-Za-z0-9_]+$")
+_ADMIN_KEY = re.compile(r"^[\x21-\x7e]{16,}$")
 
 
 def _validate_ui(cfg: Config) -> None:
@@ -375,6 +376,12 @@ def _validate_ui(cfg: Config) -> None:
         return
     if not ui.admin_key:
         raise ConfigError("`$.ui.enabled` needs `$.ui.admin_key`: the key the page asks for")
+    if not _ADMIN_KEY.match(ui.admin_key):
+        raise ConfigError(
+            "`$.ui.admin_key` must be at least 16 printable ASCII characters, no spaces "
+            "(a browser can send nothing else in a header; a short key is guessed at loopback "
+            "speed)"
+        )
     if ui.admin_key in cfg.auth.keys:
         raise ConfigError("`$.ui.admin_key` must differ from every `$.auth.keys` entry")
     for i, up in enumerate(cfg.upstreams):

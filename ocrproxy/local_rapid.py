@@ -61,6 +61,8 @@ DET_LIMIT = 1280
 # at peak with the bundled small model), not the image's.
 DET_BYTES_PER_PIXEL = 96
 
+log = logging.getLogger("ocrproxy.local")
+
 
 def install_hint(then: str = RESTART) -> str:
     """Why the engine cannot run when its packages are missing, and how to fix that."""
@@ -219,9 +221,21 @@ class RapidEngine:
 
     async def start(self) -> None:
         """Load the models and read a small image once, so that no request pays for it; a
-        no-op when the engine cannot run (``problem`` says why, to every request)."""
-        if self.problem() is None:
+        no-op when the engine cannot run (``problem`` says why, to every request). Models that
+        fail to load (a damaged file) make the engine one that cannot run, saying which
+        files: the proxy still starts, for the requests that do not need it."""
+        if self.problem() is not None:
+            return
+        try:
             await self.workers.call(self._warm)
+        except Exception as exc:  # onnxruntime's errors have no common base worth naming
+            files = ", ".join(str(p) for p in model_files(self.settings).values())
+            with self._lock:
+                self._problem = (
+                    f"The local OCR engine RapidOCR could not load its models ({files}: "
+                    f"{type(exc).__name__}); check [ocr.local] model_dir, {self.then}"
+                )
+            log.warning("%s", self._problem)
 
     def _warm(self) -> None:
         from PIL import Image, ImageDraw, ImageFont

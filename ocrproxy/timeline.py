@@ -56,12 +56,16 @@ _UNRECORDED = ("/ui", "/healthz", "/readyz", "/metrics")  # the page's own traff
 class Timeline:
     """The steps of one request, each a small dict with its ``kind`` and ``at_ms``."""
 
-    __slots__ = ("descriptions", "started", "steps")
+    __slots__ = ("closed", "descriptions", "recorder", "started", "steps")
 
-    def __init__(self, started: float, descriptions: bool) -> None:
+    def __init__(self, started: float, descriptions: bool, recorder: Recorder) -> None:
         self.started = started
         self.descriptions = descriptions
+        self.recorder = recorder
         self.steps: list[dict[str, Any]] = []
+        # Set when its request finished. A shared OCR flight runs in the context of the
+        # request that started it and may outlive it: its call still counts in the totals.
+        self.closed = False
 
 
 _current: contextvars.ContextVar[Timeline | None] = contextvars.ContextVar(
@@ -73,6 +77,10 @@ def step(kind: str, **fields: Any) -> None:
     """Note that ``kind`` happened now to the current request (nothing when the page is off)."""
     timeline = _current.get()
     if timeline is None:
+        return
+    if timeline.closed:
+        if kind == "ocr":
+            timeline.recorder.totals.ocr(fields)
         return
     fields["kind"] = kind
     fields["at_ms"] = round((time.monotonic() - timeline.started) * 1000, 2)
@@ -177,7 +185,7 @@ class Totals:
                 tier[item["result"]] = tier.get(item["result"], 0) + 1
             elif kind == "ocr":
                 calls += 1
-                self._ocr(item)
+                self.ocr(item)
             elif kind == "image" and "reason" in item and item["image"] not in failed:
                 failed.add(item["image"])  # an image sent twice failed once
                 self.failures[item["reason"]] = self.failures.get(item["reason"], 0) + 1
@@ -189,7 +197,8 @@ class Totals:
         else:
             minutes.append([minute, 1, calls])
 
-    def _ocr(self, item: dict[str, Any]) -> None:
+    def ocr(self, item: dict[str, Any]) -> None:
+        """Count one OCR call's step."""
         self.ocr_calls += 1
         if not item["ok"]:
             self.ocr_errors += 1
@@ -237,7 +246,7 @@ class Recorder:
 
     def begin(self, request: web.Request, started: float) -> contextvars.Token[Timeline | None]:
         """Give ``request`` a timeline (the middleware calls this when it starts it)."""
-        return _current.set(Timeline(started, self.descriptions))
+        return _current.set(Timeline(started, self.descriptions, self))
 
     def finish(
         self,
@@ -251,6 +260,7 @@ class Recorder:
         _current.reset(token)
         if timeline is None:
             return
+        timeline.closed = True
         finished = Finished(trace, request.method, request.path, status, timeline.steps)
         self.rows.append(finished)
         self.totals.add(finished)
@@ -261,8 +271,13 @@ class Recorder:
                     queue.put_nowait(row)
 
     def adopt(self, old: Recorder) -> None:
-        """Carry the ring and the totals of ``old`` over (a reload: the process is the same)."""
+        """Carry the ring and the totals of ``old`` over (a reload: the process is the same);
+        descriptions only if they are still to be shown."""
         self.rows.extend(old.rows)
+        if not self.descriptions:
+            for finished in self.rows:
+                for item in finished.steps:
+                    item.pop("description", None)
         old.totals.models = self.totals.models
         self.totals = old.totals
 

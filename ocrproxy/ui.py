@@ -74,6 +74,7 @@ def _operator(handler: Handler, *, key: bool = True) -> Handler:
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
             metrics.guard(request)
+            _check_host(request)
             if key:
                 _check_admin(request)
             response = await handler(request)
@@ -86,6 +87,20 @@ def _operator(handler: Handler, *, key: bool = True) -> Handler:
     return wrapped
 
 
+# Host names the page answers to: the loopback names (a tunnel, the machine itself), and the
+# operator port's own address. Any other is a page elsewhere whose name now points here (DNS
+# rebinding): it could guess the admin key at loopback speed.
+_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+
+
+def _check_host(request: web.Request) -> None:
+    host = (request.host or "").lower()
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    allowed = _LOOPBACK_HOSTS | {metrics.main_app(request)[state.CONFIG].server.metrics_host}
+    if name not in allowed:
+        raise NotFound("Not found")
+
+
 def _check_admin(request: web.Request) -> None:
     admin = metrics.main_app(request)[state.CONFIG].ui.admin_key.encode()
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
@@ -94,13 +109,20 @@ def _check_admin(request: web.Request) -> None:
         raise Unauthorized("This page needs the [ui] admin_key, as `Authorization: Bearer <key>`")
 
 
+def _masked(encoded: bytes, secrets: tuple[bytes, ...]) -> bytes:
+    """JSON with every secret masked, also as JSON spells it (a ``\\`` or ``"`` in a secret is
+    escaped once it sits in a string)."""
+    spelled = tuple(orjson.dumps(s.decode("utf-8", "replace"))[1:-1] for s in secrets)
+    return redact.redact(encoded, tuple(dict.fromkeys(secrets + spelled)))
+
+
 def _recorder(request: web.Request) -> Recorder:
     return metrics.main_app(request)[RECORDER]
 
 
 def _json(request: web.Request, value: Any) -> web.Response:
     """``value`` as JSON, every configured secret masked."""
-    body = redact.redact(orjson.dumps(value), metrics.main_app(request)[state.SECRETS])
+    body = _masked(orjson.dumps(value), metrics.main_app(request)[state.SECRETS])
     return web.Response(body=body, content_type="application/json")
 
 
@@ -142,7 +164,7 @@ async def events(request: web.Request) -> web.StreamResponse:
                 continue
             if row is None:
                 break
-            await response.write(b"data: " + redact.redact(orjson.dumps(row), secrets) + b"\n\n")
+            await response.write(b"data: " + _masked(orjson.dumps(row), secrets) + b"\n\n")
         await response.write_eof()
     except ConnectionResetError:
         pass  # the page went away

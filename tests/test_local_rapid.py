@@ -295,6 +295,26 @@ async def test_model_dir_is_read_and_a_missing_file_named(_warm: None, tmp_path:
     assert problem is not None and f"{tmp_path}/rec.onnx" in problem
 
 
+async def test_a_damaged_model_file_makes_an_engine_that_says_so(
+    _warm: None, tmp_path: Any
+) -> None:
+    """The files are there but do not load: start does not raise (the proxy still starts for
+    the requests that need no local engine); every request is told which files."""
+    _copy_models(tmp_path)
+    (tmp_path / "det.onnx").write_bytes(b"not an onnx model")
+    settings = config.from_mapping(
+        {"ocr": {"local": {"engine": "rapidocr", "model_dir": str(tmp_path)}}}, {}
+    ).ocr.local
+    eng = local_rapid.RapidEngine(settings)
+    try:
+        await eng.start()
+        problem = eng.problem()
+        assert problem is not None and "could not load its models" in problem
+        assert f"{tmp_path}/det.onnx" in problem and "model_dir" in problem
+    finally:
+        eng.close()
+
+
 # Through the proxy and the command line.
 
 

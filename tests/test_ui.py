@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,9 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from ocrproxy import config, server, timeline
+from ocrproxy import config, server, timeline, ui
 from ocrproxy.metrics import create_metrics_app
-from ocrproxy.state import CONFIG
+from ocrproxy.state import CONFIG, Trace
 from tests.conftest import ProxyFactory, chat, free_port, require_binary
 from tests.fakes import FakeOpenAI, data_url, image_part, png
 from tests.servers import ProxyProcess, nginx, proxy_toml
@@ -118,6 +119,31 @@ async def test_refused_through_a_reverse_proxy_like_metrics(make_proxy: ProxyFac
             assert resp.status == 404, (header, path)
 
 
+async def test_another_host_name_is_refused(make_proxy: ProxyFactory) -> None:
+    """A page elsewhere whose name now points at 127.0.0.1 (DNS rebinding) gets nothing."""
+    proxy = await make_proxy(ui=ON)
+    for path in ("/ui", "/ui/recent"):
+        resp = await proxy.get(path, headers={**BEARER, "Host": "evil.example:8080"})
+        assert resp.status == 404, path
+        for host in ("localhost:8080", "127.0.0.1", "[::1]:9464"):
+            resp = await proxy.get(path, headers={**BEARER, "Host": host})
+            assert resp.status == 200, (path, host)
+
+
+def test_a_short_or_spaced_admin_key_is_refused() -> None:
+    for key in ("short-key", "sixteen chars ok!", "ключ-администратора-0123"):
+        raw = {"upstreams": [{"base_url": "http://127.0.0.1:1/v1"}], "ui": {**ON, "admin_key": key}}
+        with pytest.raises(config.ConfigError, match="at least 16 printable ASCII"):
+            config.from_mapping(raw, env={})
+
+
+def test_a_secret_is_masked_also_as_json_spells_it() -> None:
+    secret = 'sk-a\\b"c-0123456789'
+    encoded = orjson.dumps({"model": secret + "-ocr"})
+    masked = ui._masked(encoded, (secret.encode(),))
+    assert orjson.dumps(secret)[1:-1] not in masked and b"sk-a" not in masked
+
+
 async def test_with_a_metrics_port_the_page_is_served_there_only(
     make_proxy: ProxyFactory, aiohttp_client: Any
 ) -> None:
@@ -205,6 +231,42 @@ async def test_a_reload_keeps_the_ring_and_the_totals(make_proxy: ProxyFactory) 
     assert [f.trace.request_id for f in recorder.rows] == ["before-1", "before-2"]
     assert recorder.rows.maxlen == 5
     assert recorder.totals.requests == 3
+
+
+async def test_a_reload_that_hides_descriptions_drops_the_kept_ones(
+    make_proxy: ProxyFactory,
+) -> None:
+    proxy = await make_proxy(ui={**ON, "show_descriptions": True})
+    await post(proxy, ocr_chat("private"), "seen")
+    old = server.Generation(proxy.server.app[CONFIG])
+    old.app = proxy.server.app
+    cfg = config.from_mapping({"upstreams": [{"base_url": "http://127.0.0.1:1/v1"}], "ui": ON}, {})
+    recorder = server.Generation(cfg, old).app[timeline.RECORDER]
+    found = recorder.find("seen")
+    assert found is not None and "image" in [s["kind"] for s in found.steps]
+    assert b"A picture showing private" not in orjson.dumps(found.timeline())
+
+
+def test_an_ocr_call_that_outlives_its_request_still_counts() -> None:
+    """A shared OCR flight runs in the context of the request that started it; when that
+    request has finished, its call counts in the totals, and its timeline stays as it ended."""
+    recorder = timeline.Recorder(config.Ui(enabled=True, admin_key=ADMIN))
+
+    async def request() -> contextvars.Context:
+        token = recorder.begin(None, 0.0)  # type: ignore[arg-type]
+        flight = contextvars.copy_context()  # as a task created now would get it
+        recorder.finish(Dummy(), Trace("r1"), 200, token)  # type: ignore[arg-type]
+        return flight
+
+    flight = asyncio.run(request())
+    flight.run(timeline.step, "ocr", model="m", ok=True, took_ms=5.0, input_tokens=3)
+    assert recorder.totals.ocr_calls == 1 and recorder.totals.tokens["other"]["input"] == 3
+    assert [s["kind"] for s in recorder.rows[0].steps] == []
+
+
+class Dummy:
+    method = "POST"
+    path = "/v1/chat/completions"
 
 
 async def read_event(resp: Any) -> dict[str, Any]:
