@@ -3,7 +3,9 @@
 Theory of operation: the routes exist only with ``[ui] enabled`` (else ``/ui`` is a 404 like any
 unknown path). They answer where ``/metrics`` does (``metrics.guard``): on ``[server]
 metrics_port`` when it is set, else on the main port to *direct* loopback clients only (a
-request that came through nginx is a 404). The page itself (``/ui``, ``/ui/app.js``,
+request that came through nginx is a 404), and only under a loopback host name or the
+metrics port's address (any other ``Host`` is a page elsewhere whose name was pointed here:
+DNS rebinding; a 404 too). The page itself (``/ui``, ``/ui/app.js``,
 ``/ui/app.css``, ``/ui/icon.svg``: package data in ``ocrproxy/page/``) holds no data and
 needs no key; it asks for ``[ui] admin_key``, keeps it in ``sessionStorage`` and sends it as
 ``Authorization: Bearer`` on every call for data: ``/ui/recent``, ``/ui/totals``,
