@@ -195,6 +195,28 @@ def _set_image(api: Any, image: PILImage.Image) -> bytes:
     return pixels
 
 
+class Problem:
+    """Why an engine cannot run: found by ``check`` at the first ``get`` (from any thread),
+    then kept; ``set`` records one found later (models that fail to load)."""
+
+    def __init__(self, check: Callable[[], str | None]) -> None:
+        self._check = check
+        self._lock = threading.Lock()
+        self._problem: str | None = None
+        self._checked = False
+
+    def get(self) -> str | None:
+        with self._lock:
+            if not self._checked:
+                self._problem = self._check()
+                self._checked = True
+            return self._problem
+
+    def set(self, problem: str) -> None:
+        with self._lock:
+            self._problem, self._checked = problem, True
+
+
 class Engine:
     """Tesseract in a thread pool, one API object per thread, admitted by threads and bytes."""
 
@@ -214,17 +236,11 @@ class Engine:
         self.budget = budget or Budget(settings.max_decoded_bytes)
         self.workers = Workers(self.threads, self.budget, "ocrproxy-tesseract")
         self._local = threading.local()
-        self._problem: str | None = None
-        self._checked = False
-        self._lock = threading.Lock()
+        self._problem = Problem(self._check)
 
     def problem(self) -> str | None:
         """Why the engine cannot run here (missing package or language data), or None."""
-        with self._lock:
-            if not self._checked:
-                self._problem = self._check()
-                self._checked = True
-            return self._problem
+        return self._problem.get()
 
     def _check(self) -> str | None:
         try:

@@ -42,7 +42,7 @@ from typing import Any
 
 from . import config, layout
 from .admission import Budget, OverBudget, Workers
-from .local import RESTART, Unavailable, _cpu_count, measure
+from .local import RESTART, Problem, Unavailable, _cpu_count, measure
 from .pixels import RecognitionError, decoding_bytes, prepare
 
 # The wheel's own models (rapidocr 3.10: PP-OCRv6 small); the recogniser carries its
@@ -171,18 +171,12 @@ class RapidEngine:
         self.threads = settings.threads or _cpu_count()
         self.budget = budget or Budget(settings.max_decoded_bytes)
         self.workers = Workers(self.threads, self.budget, "ocrproxy-rapidocr")
-        self._lock = threading.Lock()
         self._ocr: Any = None
-        self._problem: str | None = None
-        self._checked = False
+        self._problem = Problem(self._check)
 
     def problem(self) -> str | None:
         """Why the engine cannot run here (missing packages or model files), or None."""
-        with self._lock:
-            if not self._checked:
-                self._problem = self._check()
-                self._checked = True
-            return self._problem
+        return self._problem.get()
 
     def _check(self) -> str | None:
         try:
@@ -230,12 +224,12 @@ class RapidEngine:
             await self.workers.call(self._warm)
         except Exception as exc:  # onnxruntime's errors have no common base worth naming
             files = ", ".join(str(p) for p in model_files(self.settings).values())
-            with self._lock:
-                self._problem = (
-                    f"The local OCR engine RapidOCR could not load its models ({files}: "
-                    f"{type(exc).__name__}); check [ocr.local] model_dir, {self.then}"
-                )
-            log.warning("%s", self._problem)
+            problem = (
+                f"The local OCR engine RapidOCR could not load its models ({files}: "
+                f"{type(exc).__name__}); check [ocr.local] model_dir, {self.then}"
+            )
+            self._problem.set(problem)
+            log.warning("%s", problem)
 
     def _warm(self) -> None:
         from PIL import Image, ImageDraw, ImageFont

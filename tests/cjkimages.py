@@ -36,7 +36,11 @@ def normalise(text: str) -> str:
 
 def cer(truth: str, got: str) -> float:
     """Character error rate of ``got`` against ``truth`` (see the module's docstring)."""
-    a, b = normalise(truth), normalise(got)
+    return error_rate(normalise(truth), normalise(got))
+
+
+def error_rate(a: str, b: str) -> float:
+    """Levenshtein distance from ``a`` to ``b`` over the length of ``a``."""
     previous = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
         current = [i]
