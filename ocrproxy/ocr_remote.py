@@ -137,35 +137,32 @@ class RemoteReader:
         self, image: Image, model: str, up: config.Upstream, auth: Mapping[str, str]
     ) -> Description:
         started = time.monotonic()
-        named = image.digest.hex()[:12]  # for the live page: which image, never its bytes
         try:
             description = await self._request(image, model, up, auth)
         except OcrError as exc:
-            took = time.monotonic() - started
-            if self.on_call is not None:
-                self.on_call(model, False, took)
-            timeline.step(
-                "ocr",
-                model=model,
-                image=named,
-                ok=False,
-                took_ms=round(took * 1000, 2),
-                reason=exc.reason.name,
-            )
+            self._called(model, image, started, ok=False, reason=exc.reason.name)
             raise
-        took = time.monotonic() - started
-        if self.on_call is not None:
-            self.on_call(model, True, took)
-        timeline.step(
-            "ocr",
-            model=model,
-            image=named,
+        self._called(
+            model,
+            image,
+            started,
             ok=True,
-            took_ms=round(took * 1000, 2),
             input_tokens=description.prompt_tokens,
             output_tokens=description.completion_tokens,
         )
         return description
+
+    def _called(
+        self, model: str, image: Image, started: float, *, ok: bool, **outcome: str | int
+    ) -> None:
+        """One OCR call ended: to the metrics and to the live page's timeline."""
+        took = time.monotonic() - started
+        if self.on_call is not None:
+            self.on_call(model, ok, took)
+        named = image.digest.hex()[:12]  # which image, never its bytes
+        timeline.step(
+            "ocr", model=model, image=named, ok=ok, took_ms=round(took * 1000, 2), **outcome
+        )
 
     async def _request(
         self, image: Image, model: str, up: config.Upstream, auth: Mapping[str, str]
