@@ -101,15 +101,13 @@ async def serve(
         trace.real_model = parsed.model
         up = request.app[ROUTER].route(parsed.model, dialect.api)
         trace.routed(up)
-        scope = catalog.scope_of(up, request.headers, relay_auth=not cfg.auth.keys)
-        if not (
-            request.app[fallback.STORE].knows(scope, parsed.model)
-            and await _has_images(dialect, parsed, cfg.ocr, len(body))
-        ):
+        store = request.app[fallback.STORE]
+        learned = bool(store) and store.knows(_scope(request, up), parsed.model)  # empty: free
+        if not (learned and await _has_images(dialect, parsed, cfg.ocr, len(body))):
             answer = await forward_watched(request, up, path or dialect.path, body, dialect)
             if not isinstance(answer, Refused):
                 return answer
-            return await _refused(request, dialect, parsed, body, path, counting, answer, scope)
+            return await _refused(request, dialect, parsed, body, path, counting, answer, up)
         trace.fallback = fallback.LEARNED  # as if it matched `text_only_models`
         switch = parsed.model, cfg.ocr.model
     check_depth(body)  # the OCR step walks and rebuilds the body: bounded depth first
@@ -126,7 +124,7 @@ async def _refused(
     path: str | None,
     counting: bool,
     refused: Refused,
-    scope: tuple[int, bytes],
+    up: config.Upstream,
 ) -> web.StreamResponse:
     """An upstream's 4xx to a request without OCR: if it turned the request's images away, the
     request goes through OCR now (once: that answer is relayed whatever it is; the model is
@@ -153,8 +151,13 @@ async def _refused(
     else:
         response = await _run(request, dialect, parsed, model, settings.model)
     if trace.upstream_status is not None and 200 <= trace.upstream_status < 300:  # the resend's
-        request.app[fallback.STORE].learn(scope, model, trace.upstream or "")
+        request.app[fallback.STORE].learn(_scope(request, up), model, up.name)
     return response
+
+
+def _scope(request: web.Request, up: config.Upstream) -> tuple[int, bytes]:
+    """Whose view of ``up`` this request has, for what the fallback learns (``catalog``)."""
+    return catalog.scope_of(up, request.headers, relay_auth=not request.app[CONFIG].auth.keys)
 
 
 async def _has_images(dialect: Dialect, parsed: Parsed, settings: config.Ocr, size: int) -> bool:
