@@ -6,7 +6,7 @@ import os
 import shutil
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -222,3 +222,17 @@ def make_responses(
         return client
 
     return factory
+
+
+@pytest.fixture
+def logger_restored() -> Iterator[None]:
+    """``ocrproxy describe`` sets up logging for the process; undo that for the other tests."""
+    import logging
+
+    from ocrproxy import logs
+
+    logger = logging.getLogger("ocrproxy")
+    saved = logger.handlers[:], logger.level, logger.propagate, logs._handler
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[:3]
+    logs._handler = saved[3]

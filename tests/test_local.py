@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import logging
 import os
 import random
 import re
@@ -498,22 +497,13 @@ async def test_without_tesserocr_local_is_a_400_and_the_rest_works(
         local._tesserocr.cache_clear()
 
 
-@pytest.fixture
-def _logger_restored() -> Any:
-    """``ocrproxy describe`` sets up logging for the process; undo that for the other tests."""
-    logger = logging.getLogger("ocrproxy")
-    saved = logger.handlers[:], logger.level, logger.propagate
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
-
-
 def _run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     code = cli.main(args)
     out, err = capsys.readouterr()
     return code, out, err
 
 
-@pytest.mark.usefixtures("_logger_restored")
+@pytest.mark.usefixtures("logger_restored")
 async def test_cli_describe(
     tmp_path: Any, fake: FakeOpenAI, capsys: pytest.CaptureFixture[str]
 ) -> None:

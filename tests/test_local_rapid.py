@@ -365,17 +365,7 @@ async def test_without_the_extra_rapidocr_is_a_400(
         local_rapid._modules.cache_clear()
 
 
-@pytest.fixture
-def _logger_restored() -> Any:
-    import logging
-
-    logger = logging.getLogger("ocrproxy")
-    saved = logger.handlers[:], logger.level, logger.propagate
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
-
-
-@pytest.mark.usefixtures("_logger_restored")
+@pytest.mark.usefixtures("logger_restored")
 async def test_cli_describe_with_rapidocr(
     _warm: None, tmp_path: Any, fake: FakeOpenAI, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -181,17 +181,7 @@ def without_tesserocr(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         local._tesserocr.cache_clear()
 
 
-@pytest.fixture
-def _logger_restored() -> Iterator[None]:
-    """``ocrproxy describe`` sets up logging for the process; undo that for the other tests."""
-    logger = logging.getLogger("ocrproxy")
-    saved = logger.handlers[:], logger.level, logger.propagate, logs._handler
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[:3]
-    logs._handler = saved[3]
-
-
-@pytest.mark.usefixtures("without_tesserocr", "_logger_restored")
+@pytest.mark.usefixtures("without_tesserocr", "logger_restored")
 def test_describe_without_the_local_engine_says_to_run_it_again(
     tmp_path: Any, fake: FakeOpenAI, capsys: pytest.CaptureFixture[str]
 ) -> None:
