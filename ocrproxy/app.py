@@ -161,9 +161,9 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     request[state.TRACE] = trace
     token = logs.request_id.set(trace.request_id)
     recorder = app.get(timeline.RECORDER)  # only with [ui] enabled
-    steps = None
+    recording = None
     if recorder is not None and timeline.recorded(request.path):
-        steps = recorder.begin(request, trace.started)
+        recording = recorder.begin(request, trace.started)
     counters.started()
     response: web.StreamResponse | None = None
     error: BaseException | None = None
@@ -206,8 +206,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         body.release(request)
         counters.finished(request, trace, status, error)
         _access_log(request, trace, status, response)
-        if steps is not None and recorder is not None:
-            recorder.finish(request, trace, status, steps)
+        if recording is not None and recorder is not None:
+            recorder.finish(recording, trace, status)
         logs.request_id.reset(token)
     return response
 
@@ -409,9 +409,8 @@ def create_app(cfg: config.Config) -> web.Application:
     app = web.Application(client_max_size=cfg.server.max_body_bytes, middlewares=[middleware])
     app[state.CONFIG] = cfg
     app[state.ROUTER] = upstream.Router(cfg.upstreams)
-    secrets = config.secrets(cfg)
-    app[state.SECRETS] = redact.secrets_of(secrets)
-    app[state.DELIMITER_KEY] = rewrite.delimiter_key(secrets)
+    app[state.SECRETS] = redact.secrets_of(config.secrets(cfg, admin=False))
+    app[state.DELIMITER_KEY] = rewrite.delimiter_key(config.secrets(cfg))
     app[fallback.STORE] = fallback.Learned(cfg.ocr.learned_ttl_s)
     app[relay.WRITE_TIMEOUT] = cfg.server.write_timeout_s
     app[state.PASSTHROUGH] = handlers.routes_pattern(cfg.server.passthrough_routes)

@@ -503,8 +503,11 @@ def load(
 _CREDENTIAL_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "proxy-authorization"})
 
 
-def secrets(cfg: Config) -> tuple[str, ...]:
-    """Every configured credential: none may reach a client or a log line."""
+def secrets(cfg: Config, *, admin: bool = True) -> tuple[str, ...]:
+    """Every configured credential: none may reach a client or a log line. ``admin=False``
+    leaves out ``[ui] admin_key``: no client or upstream is ever given it, so only the page's
+    own answers could hold it (they are masked with it), and relayed traffic is not searched
+    for it (a secret more costs every relayed header block and body piece a search)."""
     found = cfg.auth.keys + tuple(up.api_key for up in cfg.upstreams if up.api_key)
     found += tuple(  # an upstream's `headers` may carry its credentials (Azure's api-key)
         value
@@ -512,7 +515,7 @@ def secrets(cfg: Config) -> tuple[str, ...]:
         for name, value in up.headers.items()
         if name.lower() in _CREDENTIAL_HEADERS and value
     )
-    found += (cfg.ui.admin_key,) if cfg.ui.admin_key else ()
+    found += (cfg.ui.admin_key,) if admin and cfg.ui.admin_key else ()
     return found + _url_passwords(cfg.cache.redis_url)
 
 

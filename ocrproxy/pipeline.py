@@ -143,6 +143,7 @@ async def _refused(
         hinted = notes.with_message_note(refused.payload, fallback.hint(model + settings.suffix))
         return relay.error_response(refused.source, hinted or refused.payload, secrets)
     trace.fallback = fallback.REJECTED
+    timeline.step("refused", upstream=up.name, status=refused.source.status)
     check_depth(body)
     if counting:
         response = await _count(

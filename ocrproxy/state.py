@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from . import config, timeline, upstream
+from . import config, upstream
 from .cache import DescriptionCache
 from .catalog import Catalog
 from .describe import Describer
@@ -64,7 +64,7 @@ class Trace:
         self.upstream = up.name
         self.upstream_status = status
         self.ttfb_ms = round((time.monotonic() - self.started) * 1000, 2)
-        timeline.step("upstream", upstream=up.name, status=status, ttfb_ms=self.ttfb_ms)
+        # The live page's timeline shows this from the trace (``timeline.Timeline.timeline``).
 
 
 TRACE = web.RequestKey("trace", Trace)

@@ -4,18 +4,23 @@ Theory of operation: with ``[ui] enabled``, the request middleware gives every r
 page's own and the quiet probes') a ``Timeline`` in a context variable, ``begin``; without it
 the variable stays None and ``step`` returns at once, so the hot path pays one
 ``ContextVar.get`` per step call and nothing else. The few places where something worth seeing
-happens (the pipeline's scan, a cache lookup and its tier, a fetch, each OCR attempt and call,
-the upstream's first byte, the text that stood in for each image) call ``step`` with a kind and
-a few plain fields. Tasks copy the context when they are created, so the describe task, the
-cache's flight and the fetches of a request append to its timeline too (a flight joined by a
-second request records in the first one's: the second sees its "join").
+happens on the OCR path (the pipeline's scan, a cache lookup and its tier, a fetch, each OCR
+attempt and call, the text that stood in for each image, an upstream's refusal that sends the
+request through OCR) call ``step`` with a kind and a few plain fields. A pass-through request
+makes no step at all: its upstream's first byte is already in its trace (``state.Trace``), from
+which ``Timeline.timeline`` adds it when the page reads it. Tasks copy the context when they are
+created, so the describe task, the cache's flight and the fetches of a request append to its
+timeline too (a flight joined by a second request records in the first one's: the second sees
+its "join").
 
-``Recorder.finish``, called where the access-log line is written, keeps the request's trace and
-steps (``Finished``) in a ``deque(maxlen=[ui] recent)``, folds its steps into the totals and,
-only while a page is open, builds its row and hands it to every subscriber of the feed (a
-bounded queue each: a page that does not read loses rows, it never holds the proxy back). A row
-is otherwise built when the page asks for it. Recording costs a few microseconds a request
-(``python -m bench.ui_record``).
+``Recorder.finish``, called where the access-log line is written, completes the timeline with
+the request's trace and status and keeps that same object in a ``deque(maxlen=[ui] recent)``,
+counts it in the totals (its steps are folded only if it has any) and, only while a page is
+open, builds its row and hands it to every subscriber of the feed (a bounded queue each: a page
+that does not read loses rows, it never holds the proxy back). A row is otherwise built when
+the page asks for it. Recording costs about 1.4 µs a pass-through request and 6 µs an OCR
+request with one image (``python -m bench.ui_record``); bench scenario 1 measures it against
+the proxy with the page off.
 
 Nothing here holds an image's bytes: an image is named by the first hex digits of its digest.
 The text an image became is kept only with ``[ui] show_descriptions``; everything the page
@@ -27,6 +32,7 @@ answered it.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextvars
 import time
 from collections import deque
@@ -54,18 +60,90 @@ _UNRECORDED = ("/ui", "/healthz", "/readyz", "/metrics")  # the page's own traff
 
 
 class Timeline:
-    """The steps of one request, each a small dict with its ``kind`` and ``at_ms``."""
+    """One request as the page sees it: its steps while it runs (each a small dict with its
+    ``kind`` and ``at_ms``), then, once it finished, its trace and status too; the ring keeps
+    this same object. The row the page shows is built only when it is read (or fed to an open
+    page), not for every request."""
 
-    __slots__ = ("closed", "descriptions", "recorder", "started", "steps")
+    __slots__ = (
+        "closed",
+        "ended",
+        "method",
+        "recorder",
+        "route",
+        "started",
+        "status",
+        "steps",
+        "token",
+        "trace",
+        "wall",
+    )
 
-    def __init__(self, started: float, descriptions: bool, recorder: Recorder) -> None:
-        self.started = started
-        self.descriptions = descriptions
+    def __init__(self, recorder: Recorder, method: str, route: str, started: float) -> None:
         self.recorder = recorder
+        self.method = method
+        self.route = route
+        self.started = started
         self.steps: list[dict[str, Any]] = []
         # Set when its request finished. A shared OCR flight runs in the context of the
         # request that started it and may outlive it: its call still counts in the totals.
         self.closed = False
+        self.token: contextvars.Token[Timeline | None] | None = None
+        self.trace: state.Trace | None = None
+        self.status = 0
+        self.ended = started
+        self.wall = 0.0
+
+    @property
+    def total_ms(self) -> float:
+        return round((self.ended - self.started) * 1000, 2)
+
+    def row(self) -> dict[str, Any]:
+        """The request as a row of the page's list."""
+        trace = self.trace
+        assert trace is not None, "a row is built only for a finished request"
+        tokens_in = tokens_out = 0
+        for item in self.steps:
+            if item["kind"] == "ocr" and item["ok"]:
+                tokens_in += item.get("input_tokens", 0)
+                tokens_out += item.get("output_tokens", 0)
+        route = self.route
+        return {
+            "time": round(self.wall - (self.ended - self.started), 3),
+            "request_id": trace.request_id,
+            "method": self.method,
+            "route": route,
+            "dialect": _DIALECTS.get(route, "passthrough" if route.startswith("/v1/") else "other"),
+            "model": trace.model,
+            "real_model": trace.real_model,
+            "ocr_model": trace.ocr_model,
+            "images": trace.images,
+            "cache_hits": trace.cache_hits,
+            "failures": trace.ocr_failures,
+            "fallback": trace.fallback,
+            "status": self.status,
+            "upstream": trace.upstream,
+            "ttfb_ms": trace.ttfb_ms,
+            "total_ms": self.total_ms,
+            "ocr_tokens": {"input": tokens_in, "output": tokens_out},
+        }
+
+    def timeline(self) -> list[dict[str, Any]]:
+        """Its steps in order, with the upstream's answer (from the trace: recording it as a
+        step would cost every pass-through request) and the end of the response."""
+        steps = list(self.steps)
+        trace = self.trace
+        if trace is not None and trace.ttfb_ms is not None:
+            answered = {
+                "kind": "upstream",
+                "at_ms": trace.ttfb_ms,
+                "upstream": trace.upstream,
+                "status": trace.upstream_status,
+                "ttfb_ms": trace.ttfb_ms,
+            }
+            at = bisect.bisect_right([item["at_ms"] for item in steps], trace.ttfb_ms)
+            steps.insert(at, answered)
+        return [*steps, {"kind": "end", "at_ms": self.total_ms, "status": self.status}]
 
 
 _current: contextvars.ContextVar[Timeline | None] = contextvars.ContextVar(
@@ -96,64 +174,9 @@ def image(number: int, digest: bytes, text: str | None, reason: str | None) -> N
     fields: dict[str, Any] = {"number": number, "image": digest.hex()[:12], "ok": text is not None}
     if reason is not None:
         fields["reason"] = reason
-    if text is not None and timeline.descriptions:
+    if text is not None and timeline.recorder.descriptions:
         fields["description"] = text
     step("image", **fields)
-
-
-class Finished:
-    """One finished request as the ring keeps it: its trace and its steps. The row the page
-    shows is built only when it is read (or fed to an open page), not for every request."""
-
-    __slots__ = ("ended", "method", "route", "status", "steps", "trace", "wall")
-
-    def __init__(
-        self, trace: state.Trace, method: str, route: str, status: int, steps: list[dict[str, Any]]
-    ) -> None:
-        self.trace = trace
-        self.method = method
-        self.route = route
-        self.status = status
-        self.steps = steps
-        self.ended = time.monotonic()
-        self.wall = time.time()
-
-    @property
-    def total_ms(self) -> float:
-        return round((self.ended - self.trace.started) * 1000, 2)
-
-    def row(self) -> dict[str, Any]:
-        """The request as a row of the page's list."""
-        trace = self.trace
-        tokens_in = tokens_out = 0
-        for item in self.steps:
-            if item["kind"] == "ocr" and item["ok"]:
-                tokens_in += item.get("input_tokens", 0)
-                tokens_out += item.get("output_tokens", 0)
-        route = self.route
-        return {
-            "time": round(self.wall - (self.ended - trace.started), 3),
-            "request_id": trace.request_id,
-            "method": self.method,
-            "route": route,
-            "dialect": _DIALECTS.get(route, "passthrough" if route.startswith("/v1/") else "other"),
-            "model": trace.model,
-            "real_model": trace.real_model,
-            "ocr_model": trace.ocr_model,
-            "images": trace.images,
-            "cache_hits": trace.cache_hits,
-            "failures": trace.ocr_failures,
-            "fallback": trace.fallback,
-            "status": self.status,
-            "upstream": trace.upstream,
-            "ttfb_ms": trace.ttfb_ms,
-            "total_ms": self.total_ms,
-            "ocr_tokens": {"input": tokens_in, "output": tokens_out},
-        }
-
-    def timeline(self) -> list[dict[str, Any]]:
-        """Its steps, ending with the end of the response."""
-        return [*self.steps, {"kind": "end", "at_ms": self.total_ms, "status": self.status}]
 
 
 class Totals:
@@ -163,7 +186,7 @@ class Totals:
         self.models = models  # OCR model names shown as they are; any other is "other"
         self.since = time.time()
         self.requests = 0
-        self.statuses: dict[int, int] = {}  # by status // 100
+        self.statuses = [0] * 10  # by status // 100
         self.ocr_calls = 0
         self.ocr_errors = 0
         self.cache: dict[str, dict[str, int]] = {}
@@ -171,14 +194,33 @@ class Totals:
         self.failures: dict[str, int] = {}
         self.latency: deque[float] = deque(maxlen=LATENCY_SAMPLE)
         self.minutes: deque[list[int]] = deque(maxlen=MINUTES)  # [minute, requests, ocr calls]
+        self._minute = [0, 0, 0]  # the newest of them
+        self._minute_ends = 0.0  # the wall-clock time its minute ends
 
-    def add(self, finished: Finished) -> None:
+    def add(self, finished: Timeline) -> None:
+        """Count one finished request (most have no steps: only the counts move)."""
         self.requests += 1
-        status = finished.status // 100
-        self.statuses[status] = self.statuses.get(status, 0) + 1
+        self.statuses[finished.status // 100 % 10] += 1
+        calls = self._fold(finished.steps) if finished.steps else 0
+        if not finished.wall < self._minute_ends:
+            self._next_minute(finished.wall)
+        minute = self._minute
+        minute[1] += 1
+        minute[2] += calls
+
+    def _next_minute(self, wall: float) -> None:
+        """Start counting the minute ``wall`` falls in (a clock set back counts in the newest
+        minute until it reaches its end again)."""
+        number = int(wall // 60)
+        self._minute = [number, 0, 0]
+        self.minutes.append(self._minute)
+        self._minute_ends = (number + 1) * 60.0
+
+    def _fold(self, steps: list[dict[str, Any]]) -> int:
+        """Count a request's cache lookups, OCR calls and failed images; its number of calls."""
         calls = 0
         failed: set[str] = set()
-        for item in finished.steps:
+        for item in steps:
             kind = item["kind"]
             if kind == "cache":
                 tier = self.cache.setdefault(item["tier"], {})
@@ -189,13 +231,7 @@ class Totals:
             elif kind == "image" and "reason" in item and item["image"] not in failed:
                 failed.add(item["image"])  # an image sent twice failed once
                 self.failures[item["reason"]] = self.failures.get(item["reason"], 0) + 1
-        minute = int(finished.wall // 60)
-        minutes = self.minutes
-        if minutes and minutes[-1][0] == minute:
-            minutes[-1][1] += 1
-            minutes[-1][2] += calls
-        else:
-            minutes.append([minute, 1, calls])
+        return calls
 
     def ocr(self, item: dict[str, Any]) -> None:
         """Count one OCR call's step."""
@@ -223,7 +259,7 @@ class Totals:
         return {
             "since": self.since,
             "requests": self.requests,
-            "statuses": {f"{s}xx": n for s, n in sorted(self.statuses.items())},
+            "statuses": {f"{s}xx": n for s, n in enumerate(self.statuses) if n},
             "ocr_calls": self.ocr_calls,
             "ocr_errors": self.ocr_errors,
             "cache": self.cache,
@@ -239,33 +275,31 @@ class Recorder:
     """The ring of finished requests, their totals and the feed's subscribers (one per process)."""
 
     def __init__(self, settings: config.Ui, models: frozenset[str] = frozenset()) -> None:
-        self.rows: deque[Finished] = deque(maxlen=settings.recent)
+        self.rows: deque[Timeline] = deque(maxlen=settings.recent)
         self.totals = Totals(models)
         self.descriptions = settings.show_descriptions
         self.subscribers: set[asyncio.Queue[dict[str, Any] | None]] = set()
 
-    def begin(self, request: web.Request, started: float) -> contextvars.Token[Timeline | None]:
+    def begin(self, request: web.Request, started: float) -> Timeline:
         """Give ``request`` a timeline (the middleware calls this when it starts it)."""
-        return _current.set(Timeline(started, self.descriptions, self))
+        timeline = Timeline(self, request.method, request.path, started)
+        timeline.token = _current.set(timeline)
+        return timeline
 
-    def finish(
-        self,
-        request: web.Request,
-        trace: state.Trace,
-        status: int,
-        token: contextvars.Token[Timeline | None],
-    ) -> None:
+    def finish(self, timeline: Timeline, trace: state.Trace, status: int) -> None:
         """Record the finished request: into the ring, the totals, the feed."""
-        timeline = _current.get()
-        _current.reset(token)
-        if timeline is None:
-            return
+        if timeline.token is not None:
+            _current.reset(timeline.token)
+            timeline.token = None
         timeline.closed = True
-        finished = Finished(trace, request.method, request.path, status, timeline.steps)
-        self.rows.append(finished)
-        self.totals.add(finished)
+        timeline.trace = trace
+        timeline.status = status
+        timeline.ended = time.monotonic()
+        timeline.wall = time.time()
+        self.rows.append(timeline)
+        self.totals.add(timeline)
         if self.subscribers:
-            row = finished.row()
+            row = timeline.row()
             for queue in self.subscribers:
                 if queue.qsize() < FEED_QUEUE:
                     queue.put_nowait(row)
@@ -281,10 +315,10 @@ class Recorder:
         old.totals.models = self.totals.models
         self.totals = old.totals
 
-    def find(self, request_id: str) -> Finished | None:
+    def find(self, request_id: str) -> Timeline | None:
         """The newest recorded request with this id (a client may reuse its X-Request-Id)."""
         for finished in reversed(self.rows):
-            if finished.trace.request_id == request_id:
+            if finished.trace is not None and finished.trace.request_id == request_id:
                 return finished
         return None
 

@@ -37,7 +37,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import metrics, redact, state
+from . import config, metrics, redact, state
 from .errors import NotFound, ProxyError, Unauthorized
 from .timeline import RECORDER, Recorder
 
@@ -63,6 +63,10 @@ _ASSETS = {  # path -> (file in ocrproxy/page, content type)
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Masked in every data answer: the relay's secrets and the admin key, which relayed traffic is
+# not searched for (``config.secrets``).
+PAGE_SECRETS = web.AppKey("ui_secrets", tuple[bytes, ...])
 
 
 def _asset(name: str) -> bytes:
@@ -124,7 +128,7 @@ def _recorder(request: web.Request) -> Recorder:
 
 def _json(request: web.Request, value: Any) -> web.Response:
     """``value`` as JSON, every configured secret masked."""
-    body = _masked(orjson.dumps(value), metrics.main_app(request)[state.SECRETS])
+    body = _masked(orjson.dumps(value), metrics.main_app(request)[PAGE_SECRETS])
     return web.Response(body=body, content_type="application/json")
 
 
@@ -150,7 +154,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     """New rows as they are recorded, as server-sent events, until the client or a shutdown
     ends the feed."""
     recorder = _recorder(request)
-    secrets = metrics.main_app(request)[state.SECRETS]
+    secrets = metrics.main_app(request)[PAGE_SECRETS]
     response = web.StreamResponse(
         headers={**SECURITY_HEADERS, "Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
     )
@@ -203,6 +207,7 @@ def add_routes(app: web.Application, main: web.Application) -> None:
 def install(app: web.Application) -> None:
     """The page on the main app (when there is no metrics port), and its feeds ended at
     shutdown."""
+    app[PAGE_SECRETS] = redact.secrets_of(config.secrets(app[state.CONFIG]))
     app.on_shutdown.append(_close_feeds)
     if not app[state.CONFIG].server.metrics_port:
         add_routes(app, app)

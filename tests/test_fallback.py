@@ -198,6 +198,32 @@ async def test_a_rejected_chat_request_is_described_and_sent_again(
     assert b"unknown variant" not in await r.read() and b"1210" not in await r.read()
 
 
+async def test_the_live_page_shows_the_refusal_before_the_ocr(make_proxy: ProxyFactory) -> None:
+    admin = "ui-admin-key-0123456789"
+    proxy = await make_proxy(ui={"enabled": True, "admin_key": admin})
+    r = await proxy.post(
+        CHAT, json=with_image("deepseek-chat", "cat"), headers={"X-Request-Id": "fb"}
+    )
+    assert r.status == 200 and r.headers["X-OCR-Fallback"] == "rejected-images"
+    page = await proxy.get("/ui/requests/fb", headers={"Authorization": f"Bearer {admin}"})
+    found = await page.json()
+    steps = found["steps"]
+    assert [s["kind"] for s in steps] == [
+        "refused",
+        "scan",
+        "cache",
+        "ocr_attempt",
+        "ocr",
+        "image",
+        "upstream",
+        "end",
+    ]
+    assert (steps[0]["upstream"], steps[0]["status"]) == ("rej", 400)
+    assert (steps[-2]["upstream"], steps[-2]["status"]) == ("rej", 200)  # the resend's answer
+    assert [s["at_ms"] for s in steps] == sorted(s["at_ms"] for s in steps)
+    assert found["row"]["fallback"] == "rejected-images"
+
+
 async def test_the_model_is_learned_then_forgotten(
     make_proxy: ProxyFactory, fake: FakeOpenAI, rej: FakeRejecting
 ) -> None:

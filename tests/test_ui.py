@@ -191,10 +191,12 @@ def test_config_validation(
 def test_config_defaults_and_the_admin_key_is_a_secret() -> None:
     cfg = config.from_mapping({"upstreams": [{"base_url": "http://127.0.0.1:1/v1"}]}, env={})
     assert cfg.ui == config.Ui(enabled=False, admin_key="", recent=200, show_descriptions=False)
-    cfg = config.from_mapping(
-        {"upstreams": [{"base_url": "http://127.0.0.1:1/v1"}], "ui": ON}, env={}
-    )
-    assert ADMIN in config.secrets(cfg)  # masked in whatever is relayed to a client
+    upstreams = [{"base_url": "http://127.0.0.1:1/v1", "api_key": UPSTREAM}]
+    cfg = config.from_mapping({"upstreams": upstreams, "ui": ON}, env={})
+    assert ADMIN in config.secrets(cfg)  # masked in the page's answers, never logged
+    # Relayed traffic is not searched for it (no client or upstream is ever given it); it is
+    # for the upstream's key.
+    assert config.secrets(cfg, admin=False) == (UPSTREAM,)
     assert ADMIN not in orjson.dumps(config.masked(cfg)).decode()
 
 
@@ -253,15 +255,26 @@ def test_an_ocr_call_that_outlives_its_request_still_counts() -> None:
     recorder = timeline.Recorder(config.Ui(enabled=True, admin_key=ADMIN))
 
     async def request() -> contextvars.Context:
-        token = recorder.begin(None, 0.0)  # type: ignore[arg-type]
+        recording = recorder.begin(Dummy(), 0.0)  # type: ignore[arg-type]
         flight = contextvars.copy_context()  # as a task created now would get it
-        recorder.finish(Dummy(), Trace("r1"), 200, token)  # type: ignore[arg-type]
+        recorder.finish(recording, Trace("r1"), 200)
         return flight
 
     flight = asyncio.run(request())
     flight.run(timeline.step, "ocr", model="m", ok=True, took_ms=5.0, input_tokens=3)
     assert recorder.totals.ocr_calls == 1 and recorder.totals.tokens["other"]["input"] == 3
     assert [s["kind"] for s in recorder.rows[0].steps] == []
+
+
+def test_requests_are_counted_per_minute_of_the_wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = timeline.Recorder(config.Ui(enabled=True, admin_key=ADMIN))
+    for wall, status in ((60.0, 200), (119.9, 404), (120.0, 200), (305.5, 502)):
+        monkeypatch.setattr(timeline.time, "time", lambda wall=wall: wall)
+        recorder.finish(recorder.begin(Dummy(), 0.0), Trace("r"), status)  # type: ignore[arg-type]
+    totals = recorder.totals.as_dict()
+    assert totals["per_minute"] == [[1, 2, 0], [2, 1, 0], [5, 1, 0]]
+    assert totals["statuses"] == {"2xx": 2, "4xx": 1, "5xx": 1}
+    assert [f.wall for f in recorder.rows] == [60.0, 119.9, 120.0, 305.5]
 
 
 class Dummy:
