@@ -43,6 +43,7 @@ LUA = Path(__file__).resolve().parent / "post.lua"
 PR_SET_PDEATHSIG = 1
 SHORT_RUN_RESPONSES = 20  # a wrk run shorter than a second lasts until this many responses came
 SHORT_RUN_LIMIT = 5  # or this many seconds
+UI_ADMIN_KEY = "bench-ui-admin-key"  # the live page's key on the proxy `live_page` starts
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -168,7 +169,6 @@ class Bench:
     pinning: Pinning = field(default_factory=Pinning.detect)
     log_level: str = "info"
     lean: bool = False
-    ui: bool = False  # the proxies record every request for the live page ([ui] enabled)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     targets: dict[str, Target] = field(default_factory=dict)
     config_text: str = ""
@@ -242,7 +242,7 @@ class Bench:
 host = "127.0.0.1"
 port = {{port}}
 log_level = "{self.log_level}"
-{self._ui_table()}
+
 [[upstreams]]
 name = "fake-ocr"
 base_url = "http://127.0.0.1:{ocr_port}/v1"
@@ -272,9 +272,6 @@ model = "vision-bench"
         if self.lean:
             self.targets["watched"] = self.targets["proxy"]
 
-    def _ui_table(self) -> str:
-        return '\n[ui]\nenabled = true\nadmin_key = "bench-ui-admin-key"\n' if self.ui else ""
-
     def target(self, name: str) -> Target:
         """The target ``name``, once it listens."""
         if name in self._starting:
@@ -293,11 +290,17 @@ model = "vision-bench"
         return target
 
     def _proxy(
-        self, name: str, module: list[str], env: dict[str, str] | None = None, ocr: str = ""
+        self,
+        name: str,
+        module: list[str],
+        env: dict[str, str] | None = None,
+        ocr: str = "",
+        ui: bool = False,
     ) -> Target:
         port = free_port()
         config = self.tmp / f"{name}.toml"
-        config.write_text(self.config_text.replace("{port}", str(port)) + ocr)
+        page = f'\n[ui]\nenabled = true\nadmin_key = "{UI_ADMIN_KEY}"\n' if ui else ""
+        config.write_text(self.config_text.replace("{port}", str(port)) + ocr + page)
         argv = [sys.executable, *module, "serve", "--config", str(config)]
         proc = self.spawn(argv, "server", f"{name}.log", env)
         base = f"http://127.0.0.1:{port}"
@@ -332,6 +335,17 @@ model = "vision-bench"
             name = self._relay("fresh-relay").name
         else:
             name = self._proxy("fresh-proxy", ["-m", "ocrproxy"]).name
+        target = self.target(name)
+        try:
+            yield target
+        finally:
+            self.retire(name)
+
+    @contextlib.contextmanager
+    def live_page(self) -> Iterator[Target]:
+        """A second proxy, the run's own but with ``[ui] enabled`` (it records every request
+        for the live page; its admin key is ``UI_ADMIN_KEY``), stopped afterwards."""
+        name = self._proxy("proxy-ui", ["-m", "ocrproxy"], ui=True).name
         target = self.target(name)
         try:
             yield target

@@ -8,7 +8,6 @@ each. ``--json`` prints everything (raw repeats included) as one JSON object ins
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import math
 import os
@@ -96,7 +95,6 @@ def run(settings: Settings, only: list[str] | None, log: Any) -> dict[str, Any]:
         ocr_delay=settings.ocr_delay,
         pinning=Pinning.shared() if settings.lean else Pinning.detect(),
         lean=settings.lean,
-        ui=settings.ui,
     ) as bench:
         if settings.lean and "7-local-ocr" in chosen:
             local_ocr_start(bench, settings)  # its own CPU-bound process: alongside the others
@@ -144,13 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="seconds; checks the harness only")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--only", nargs="*", help="scenario names or numbers, e.g. 1 4")
-    parser.add_argument(
-        "--ui", action="store_true", help="the proxy with [ui] enabled: what the live page costs"
-    )
     args = parser.parse_args(argv)
     settings = SMOKE if args.smoke else QUICK if args.quick else Settings()
-    if args.ui:
-        settings = dataclasses.replace(settings, ui=True)
 
     def log(line: str) -> None:
         print(line, file=sys.stderr if args.json else sys.stdout, flush=True)

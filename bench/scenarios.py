@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import orjson
 
 from . import payloads
-from .harness import Bench
+from .harness import UI_ADMIN_KEY, Bench, Target
 from .retry import retry
 from .stats import cpu_ns, median, peak_rss_kb, reset_peak, rss_kb
 
@@ -49,7 +50,7 @@ class Settings:
     # The smoke run's savings (harness.Bench ``lean``): fewer processes, none pinned apart, and
     # scenario 7 in the background on one image. Timings then mean nothing.
     lean: bool = False
-    ui: bool = False  # `--ui`: the proxies run with [ui] enabled (the live page records)
+    ui_rounds: int = 4  # scenario 1's rounds of the live page's cost (relay, [ui] off, on)
 
 
 QUICK = Settings(
@@ -65,6 +66,7 @@ QUICK = Settings(
     mixed_seconds=1.0,
     mixed_delay=0.02,
     retry_scale=0.25,
+    ui_rounds=6,
 )
 # For the test suite's smoke run: the harness end to end in a few seconds, timings meaningless.
 # Every scenario and every code path of the full run, each measurement once and tiny.
@@ -89,6 +91,7 @@ SMOKE = Settings(
     idle_settle=0.05,
     retry_scale=0.05,
     lean=True,
+    ui_rounds=1,
 )
 
 Row = dict[str, Any]
@@ -149,9 +152,73 @@ def errors(runs: dict[str, list[dict[str, Any]]]) -> int:
 
 
 def passthrough(b: Bench, s: Settings) -> Result:
-    """Scenario 1: small non-streaming chat; req/s and latency at concurrency 1, 16, 64; and
-    an OCR cache hit at 16."""
-    return _passthrough(b, s, payloads.CHAT)
+    """Scenario 1: small non-streaming chat; req/s and latency at concurrency 1, 16, 64; an
+    OCR cache hit at 16; and what the live page costs, ``[ui]`` on against off."""
+    result = _passthrough(b, s, payloads.CHAT)
+    rows, targets, raw = live_page_cost(b, s)
+    result["rows"] += rows
+    result["targets"] += targets
+    result["raw"]["ui"] = raw
+    result["raw"]["errors"] += errors(raw["runs"])
+    return result
+
+
+def live_page_cost(b: Bench, s: Settings) -> tuple[list[Row], list[Row], Result]:
+    """The run's proxy (``[ui]`` off) against a twin with ``[ui] enabled`` (it records every
+    request for the live page), with the bare relay beside them: ``s.ui_rounds`` rounds of
+    scenario 1's small chat at 16 connections, the order of the two proxies swapped every
+    round (so that a drift of the machine favours neither), each run's requests/s and the
+    server's CPU time per request (every thread's ``schedstat``, ÷ the responses wrk counted).
+    The CPU time is the finer figure: at saturation on its own CPU, a proxy's throughput is the
+    inverse of it, without the noise of the load generator sharing the other CPU."""
+    body = payloads.CHAT.body()
+    runs: dict[str, list[dict[str, Any]]] = {"relay": [], "proxy": [], "proxy-ui": []}
+    with b.live_page() as page:
+        names = ("relay", "proxy", "proxy-ui")
+        b.wrk(page.url, body, connections=16, duration=s.wrk_seconds)  # warmed like the others
+        for index in range(s.ui_rounds):
+            for name in names if index % 2 == 0 else ("relay", "proxy-ui", "proxy"):
+                server = b.targets[name]
+                assert server.pid is not None
+                before = cpu_ns(server.pid)
+                result = b.wrk(server.url, body, connections=16, duration=s.wrk_seconds)
+                result["cpu_us"] = (cpu_ns(server.pid) - before) / 1000 / max(result["requests"], 1)
+                runs[name].append(result)
+        recorded = page_totals(page)["requests"]
+    rps, cpu = med(runs, "rps"), med(runs, "cpu_us")
+    ratios = [
+        on["rps"] / off["rps"] for on, off in zip(runs["proxy-ui"], runs["proxy"], strict=True)
+    ]
+    added = cpu["proxy-ui"] - cpu["proxy"]
+
+    rows: list[Row] = []
+    for what, by, unit, higher in (
+        ("req/s", rps, "req/s", True),
+        ("CPU per request", cpu, "µs", False),
+    ):
+        for state, proxy in (("off", "proxy"), ("on", "proxy-ui")):
+            values = {"relay": by["relay"], "proxy": by[proxy]}
+            rows.append(row(f"c=16 {what}, [ui] {state}", values, unit, higher_is_better=higher))
+    rows += [
+        {"metric": "c=16 req/s [ui] on ÷ off, lowest round", "unit": "x", "proxy": min(ratios)},
+        {"metric": "c=16 req/s [ui] on ÷ off, highest round", "unit": "x", "proxy": max(ratios)},
+    ]
+    targets = [
+        target("[ui] on: c=16 req/s ÷ [ui] off", median(ratios), 0.97, "x", at_most=False),
+        target("[ui] on: CPU added per request", added, 3.0, " µs", at_most=True),
+    ]
+    raw: Result = {"runs": runs, "ratios": ratios, "recorded": recorded}
+    return rows, targets, raw
+
+
+def page_totals(page: Target) -> dict[str, Any]:
+    """The live page's totals, as the page reads them (``/ui/totals``): proof it recorded."""
+    request = urllib.request.Request(
+        page.at("/ui/totals"), headers={"Authorization": f"Bearer {UI_ADMIN_KEY}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        totals: dict[str, Any] = orjson.loads(answer.read())
+    return totals
 
 
 def messages_passthrough(b: Bench, s: Settings) -> Result:

@@ -1,11 +1,11 @@
 """``python -m bench.ui_record``: what recording a request for the live page costs, in µs.
 
 Times (``timeit``, best of 5) what the request middleware and the pipeline do per request with
-``[ui] enabled``: ``Recorder.begin``, the ``timeline.step`` calls of a pass-through request (1:
-the upstream's answer) or of an OCR request with one image described (6), and
-``Recorder.finish`` (the ring and the totals; with one open page, its row for the feed). Also a
-``step`` call with the page off (the context variable is None), which is all the hot path pays
-then. No server runs: the request is aiohttp's mocked one.
+``[ui] enabled``: ``Recorder.begin``, the ``timeline.step`` calls of an OCR request with one
+image described (5; a pass-through request makes none: its upstream's answer is read from its
+trace), and ``Recorder.finish`` (the ring and the totals; with one open page, its row for the
+feed). Also a ``step`` call with the page off (the context variable is None), which is what an
+OCR request pays per step then. No server runs: the request is aiohttp's mocked one.
 """
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ def _ocr_steps() -> None:
     step("ocr_attempt", attempt=1, status=200)
     step("ocr", model="vision-1", ok=True, took_ms=300.0, input_tokens=100, output_tokens=20)
     timeline.image(1, b"\x12" * 32, "A picture showing a cat.", None)
-    step("upstream", upstream="fake", status=200, ttfb_ms=301.0)
 
 
 def _passthrough_steps() -> None:
-    timeline.step("upstream", upstream="fake", status=200, ttfb_ms=1.0)
+    pass
 
 
 def main() -> None:
@@ -41,13 +40,13 @@ def main() -> None:
 
     def record(steps: Callable[[], None]) -> None:
         trace = state.Trace("0123456789abcdef0123456789abcdef")
-        token = recorder.begin(request, trace.started)
+        recording = recorder.begin(request, trace.started)
         steps()
         trace.model = trace.real_model = "gpt-4o"
-        recorder.finish(request, trace, 200, token)
+        recorder.finish(recording, trace, 200)
 
     def off() -> None:
-        timeline.step("upstream", upstream="fake", status=200, ttfb_ms=1.0)
+        timeline.step("scan", images=1)
 
     def trace_only() -> None:
         state.Trace("0123456789abcdef0123456789abcdef")
@@ -55,8 +54,8 @@ def main() -> None:
     cases = {
         "step() with the page off": off,
         "a Trace alone (for scale: every request makes one)": trace_only,
-        "record a pass-through request (begin, 1 step, finish)": lambda: record(_passthrough_steps),
-        "record an OCR request (begin, 6 steps, finish)": lambda: record(_ocr_steps),
+        "record a pass-through request (begin, finish)": lambda: record(_passthrough_steps),
+        "record an OCR request (begin, 5 steps, finish)": lambda: record(_ocr_steps),
     }
     for name, fn in cases.items():
         best = min(timeit.repeat(fn, number=NUMBER, repeat=5)) / NUMBER
