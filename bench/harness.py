@@ -43,7 +43,8 @@ LUA = Path(__file__).resolve().parent / "post.lua"
 PR_SET_PDEATHSIG = 1
 SHORT_RUN_RESPONSES = 20  # a wrk run shorter than a second lasts until this many responses came
 SHORT_RUN_LIMIT = 5  # or this many seconds
-UI_ADMIN_KEY = "bench-ui-admin-key"  # the live page's key on the proxy `live_page` starts
+UI_ADMIN_KEY = "bench-ui-admin-key"  # the live page's key on the twin `twins` starts with it
+TWINS = {"twin-off": False, "twin-ui": True}  # `twins`: name -> [ui] enabled
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -342,15 +343,16 @@ model = "vision-bench"
             self.retire(name)
 
     @contextlib.contextmanager
-    def live_page(self) -> Iterator[Target]:
-        """A second proxy, the run's own but with ``[ui] enabled`` (it records every request
-        for the live page; its admin key is ``UI_ADMIN_KEY``), stopped afterwards."""
-        name = self._proxy("proxy-ui", ["-m", "ocrproxy"], ui=True).name
-        target = self.target(name)
+    def twins(self) -> Iterator[tuple[Target, Target]]:
+        """Two more proxies, the run's own, started together and stopped afterwards: one as it
+        is, one with ``[ui] enabled`` (it records every request for the live page; its admin
+        key is ``UI_ADMIN_KEY``). Two processes alike but for the page, for a fair A/B."""
+        names = [self._proxy(n, ["-m", "ocrproxy"], ui=ui).name for n, ui in TWINS.items()]
         try:
-            yield target
+            yield self.target(names[0]), self.target(names[1])
         finally:
-            self.retire(name)
+            for name in names:
+                self.retire(name)
 
     def _watched(self, name: str) -> None:
         env = {"BENCH_LOOPWATCH": str(self.tmp / "stall.txt")}

@@ -164,20 +164,23 @@ def passthrough(b: Bench, s: Settings) -> Result:
 
 
 def live_page_cost(b: Bench, s: Settings) -> tuple[list[Row], list[Row], Result]:
-    """The run's proxy (``[ui]`` off) against a twin with ``[ui] enabled`` (it records every
-    request for the live page), with the bare relay beside them: ``s.ui_rounds`` rounds of
-    scenario 1's small chat at 16 connections, the order of the two proxies swapped every
-    round (so that a drift of the machine favours neither), each run's requests/s and the
-    server's CPU time per request (every thread's ``schedstat``, ÷ the responses wrk counted).
-    The CPU time is the finer figure: at saturation on its own CPU, a proxy's throughput is the
-    inverse of it, without the noise of the load generator sharing the other CPU."""
+    """What the live page costs: two twins of the proxy started together for this part, one
+    as it is and one with ``[ui] enabled`` (it records every request), each warmed by one run,
+    then ``s.ui_rounds`` rounds of scenario 1's small chat at 16 connections on the bare relay,
+    the run's own proxy and both twins, in an order reversed every round (so that a drift of
+    the machine favours none): requests/s, and each server's CPU time per request (every
+    thread's ``schedstat`` over the run ÷ the responses wrk counted). The CPU time is the finer
+    figure: at saturation on its own CPU, a server's throughput is its inverse, without the
+    noise of the load generator sharing the other CPU. The run's proxy and the plain twin are
+    the same program: their difference is the noise floor the page's cost is read against."""
     body = payloads.CHAT.body()
-    runs: dict[str, list[dict[str, Any]]] = {"relay": [], "proxy": [], "proxy-ui": []}
-    with b.live_page() as page:
-        names = ("relay", "proxy", "proxy-ui")
-        b.wrk(page.url, body, connections=16, duration=s.wrk_seconds)  # warmed like the others
+    names = ("relay", "proxy", "twin-off", "twin-ui")
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    with b.twins() as (plain, page):
+        for twin in (plain, page):
+            b.wrk(twin.url, body, connections=16, duration=s.wrk_seconds)
         for index in range(s.ui_rounds):
-            for name in names if index % 2 == 0 else ("relay", "proxy-ui", "proxy"):
+            for name in names if index % 2 == 0 else names[::-1]:
                 server = b.targets[name]
                 assert server.pid is not None
                 before = cpu_ns(server.pid)
@@ -186,20 +189,24 @@ def live_page_cost(b: Bench, s: Settings) -> tuple[list[Row], list[Row], Result]
                 runs[name].append(result)
         recorded = page_totals(page)["requests"]
     rps, cpu = med(runs, "rps"), med(runs, "cpu_us")
-    ratios = [
-        on["rps"] / off["rps"] for on, off in zip(runs["proxy-ui"], runs["proxy"], strict=True)
-    ]
-    added = cpu["proxy-ui"] - cpu["proxy"]
-
+    pairs = zip(runs["twin-ui"], runs["twin-off"], strict=True)
+    ratios = [on["rps"] / off["rps"] for on, off in pairs]
+    added = cpu["twin-ui"] - cpu["twin-off"]
     rows: list[Row] = []
     for what, by, unit, higher in (
         ("req/s", rps, "req/s", True),
         ("CPU per request", cpu, "µs", False),
     ):
-        for state, proxy in (("off", "proxy"), ("on", "proxy-ui")):
-            values = {"relay": by["relay"], "proxy": by[proxy]}
-            rows.append(row(f"c=16 {what}, [ui] {state}", values, unit, higher_is_better=higher))
+        for label, name in (("", "proxy"), (", twin", "twin-off"), (", twin [ui] on", "twin-ui")):
+            values = {"relay": by["relay"], "proxy": by[name]}
+            rows.append(row(f"c=16 {what}{label}", values, unit, higher_is_better=higher))
     rows += [
+        {"metric": "c=16 CPU per request, twin [ui] on − twin", "unit": "µs", "proxy": added},
+        {
+            "metric": "c=16 CPU per request, twin − proxy (noise)",
+            "unit": "µs",
+            "proxy": cpu["twin-off"] - cpu["proxy"],
+        },
         {"metric": "c=16 req/s [ui] on ÷ off, lowest round", "unit": "x", "proxy": min(ratios)},
         {"metric": "c=16 req/s [ui] on ÷ off, highest round", "unit": "x", "proxy": max(ratios)},
     ]

@@ -4,7 +4,7 @@ Times (``timeit``, best of 5) what the request middleware and the pipeline do pe
 ``[ui] enabled``: ``Recorder.begin``, the ``timeline.step`` calls of an OCR request with one
 image described (5; a pass-through request makes none: its upstream's answer is read from its
 trace), and ``Recorder.finish`` (the ring and the totals; with one open page, its row for the
-feed). Also a ``step`` call with the page off (the context variable is None), which is what an
+feed). Also a ``step`` call with the page off (the trace has no timeline), which is what an
 OCR request pays per step then. No server runs: the request is aiohttp's mocked one.
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from aiohttp.test_utils import make_mocked_request
 
-from ocrproxy import config, state, timeline
+from ocrproxy import config, current, state, timeline
 
 NUMBER = 20_000
 
@@ -40,10 +40,14 @@ def main() -> None:
 
     def record(steps: Callable[[], None]) -> None:
         trace = state.Trace("0123456789abcdef0123456789abcdef")
-        recording = recorder.begin(request, trace.started)
+        token = current.request.set(trace)  # as the middleware does, the page on or off
+        recording = recorder.begin(request, trace)
         steps()
         trace.model = trace.real_model = "gpt-4o"
-        recorder.finish(recording, trace, 200)
+        recorder.finish(trace, recording, 200)
+        current.request.reset(token)
+
+    current.request.set(state.Trace("0123456789abcdef0123456789abcdef"))  # for `off`
 
     def off() -> None:
         timeline.step("scan", images=1)

@@ -34,6 +34,7 @@ from aiohttp import web
 from . import (
     body,
     config,
+    current,
     fallback,
     handlers,
     local,
@@ -159,11 +160,11 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     counters = app[metrics.METRICS]
     trace = state.Trace(_request_id(request))
     request[state.TRACE] = trace
-    token = logs.request_id.set(trace.request_id)
+    token = current.request.set(trace)
     recorder = app.get(timeline.RECORDER)  # only with [ui] enabled
     recording = None
     if recorder is not None and timeline.recorded(request.path):
-        recording = recorder.begin(request, trace.started)
+        recording = recorder.begin(request, trace)
     counters.started()
     response: web.StreamResponse | None = None
     error: BaseException | None = None
@@ -207,8 +208,8 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         counters.finished(request, trace, status, error)
         _access_log(request, trace, status, response)
         if recording is not None and recorder is not None:
-            recorder.finish(recording, trace, status)
-        logs.request_id.reset(token)
+            recorder.finish(trace, recording, status)
+        current.request.reset(token)
     return response
 
 

@@ -1,7 +1,8 @@
 """Structured JSON logging where every line carries the request id.
 
-The request id lives in a context variable set by the request middleware, so any log call made
-while serving a request (in the handler or in a task it started) is tagged with it. Secrets are
+The request id comes from the trace of the request being served (``current``), a context
+variable set by the request middleware, so any log call made while serving a request (in the
+handler or in a task it started) is tagged with it. Secrets are
 redacted from messages by ``redact`` before they are logged or echoed in an error; it also drops
 image payloads (``data:`` URLs, long base64 runs) that an upstream quotes back in its reasons.
 
@@ -15,7 +16,6 @@ loses its quoted bytes and ``Authorization``/``Bearer`` values before it is writ
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import re
 import sys
@@ -25,7 +25,14 @@ from typing import Any
 
 import orjson
 
-request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+from . import current
+
+
+def _serving() -> str:
+    """The id of the request being served (``current``), or ``-``."""
+    trace = current.request.get()
+    return trace.request_id if trace is not None else "-"
+
 
 _LEVELS = {
     logging.DEBUG: "debug",
@@ -83,7 +90,7 @@ class JsonFormatter(logging.Formatter):
             "ts": round(record.created, 3),
             "level": _LEVELS.get(record.levelno) or record.levelname.lower(),
             "logger": record.name,
-            "request_id": getattr(record, "request_id", None) or request_id.get(),
+            "request_id": getattr(record, "request_id", None) or _serving(),
             "msg": record.getMessage() if record.args else str(record.msg),
         }
         fields = getattr(record, "fields", None)

@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -20,6 +21,9 @@ from .cache import DescriptionCache
 from .catalog import Catalog
 from .describe import Describer
 from .fetch import Fetcher
+
+if TYPE_CHECKING:  # timeline reads the trace
+    from .timeline import Timeline
 
 CONFIG = web.AppKey("config", config.Config)
 ROUTER = web.AppKey("router", upstream.Router)
@@ -50,6 +54,7 @@ class Trace:
     upstream_status: int | None = None
     ttfb_ms: float | None = None
     fallback: str | None = None  # why a request without OCR switch went through OCR (`fallback`)
+    timeline: Timeline | None = None  # what the live page records of it (`[ui] enabled`)
 
     def routed(self, up: config.Upstream) -> None:
         """The request goes to ``up`` (named in the metrics even if it never answers)."""

@@ -33,14 +33,14 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextvars
+import itertools
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from . import config
+from . import config, current
 
 if TYPE_CHECKING:  # state imports the modules that call ``step``
     from . import state
@@ -60,117 +60,101 @@ _UNRECORDED = ("/ui", "/healthz", "/readyz", "/metrics")  # the page's own traff
 
 
 class Timeline:
-    """One request as the page sees it: its steps while it runs (each a small dict with its
-    ``kind`` and ``at_ms``), then, once it finished, its trace and status too; the ring keeps
-    this same object. The row the page shows is built only when it is read (or fed to an open
-    page), not for every request."""
+    """What the page keeps of one request beside its trace (``state.Trace.timeline``): its
+    steps while it runs (each a small dict with its ``kind`` and ``at_ms``), then its status and
+    when it ended. The ring keeps the trace; the row the page shows is built only when it is
+    read (or fed to an open page), not for every request."""
 
-    __slots__ = (
-        "closed",
-        "ended",
-        "method",
-        "recorder",
-        "route",
-        "started",
-        "status",
-        "steps",
-        "token",
-        "trace",
-        "wall",
-    )
+    __slots__ = ("closed", "ended", "method", "recorder", "route", "status", "steps", "wall")
 
-    def __init__(self, recorder: Recorder, method: str, route: str, started: float) -> None:
+    def __init__(self, recorder: Recorder, method: str, route: str) -> None:
         self.recorder = recorder
         self.method = method
         self.route = route
-        self.started = started
         self.steps: list[dict[str, Any]] = []
         # Set when its request finished. A shared OCR flight runs in the context of the
         # request that started it and may outlive it: its call still counts in the totals.
         self.closed = False
-        self.token: contextvars.Token[Timeline | None] | None = None
-        self.trace: state.Trace | None = None
         self.status = 0
-        self.ended = started
-        self.wall = 0.0
+        self.ended = self.wall = 0.0
 
-    @property
-    def total_ms(self) -> float:
-        return round((self.ended - self.started) * 1000, 2)
 
-    def row(self) -> dict[str, Any]:
-        """The request as a row of the page's list."""
-        trace = self.trace
-        assert trace is not None, "a row is built only for a finished request"
-        tokens_in = tokens_out = 0
-        for item in self.steps:
-            if item["kind"] == "ocr" and item["ok"]:
-                tokens_in += item.get("input_tokens", 0)
-                tokens_out += item.get("output_tokens", 0)
-        route = self.route
-        return {
-            "time": round(self.wall - (self.ended - self.started), 3),
-            "request_id": trace.request_id,
-            "method": self.method,
-            "route": route,
-            "dialect": _DIALECTS.get(route, "passthrough" if route.startswith("/v1/") else "other"),
-            "model": trace.model,
-            "real_model": trace.real_model,
-            "ocr_model": trace.ocr_model,
-            "images": trace.images,
-            "cache_hits": trace.cache_hits,
-            "failures": trace.ocr_failures,
-            "fallback": trace.fallback,
-            "status": self.status,
+def row(trace: state.Trace) -> dict[str, Any]:
+    """A finished request as a row of the page's list."""
+    timeline = trace.timeline
+    assert timeline is not None, "a row is built only for a recorded request"
+    tokens_in = tokens_out = 0
+    for item in timeline.steps:
+        if item["kind"] == "ocr" and item["ok"]:
+            tokens_in += item.get("input_tokens", 0)
+            tokens_out += item.get("output_tokens", 0)
+    route = timeline.route
+    took = timeline.ended - trace.started
+    return {
+        "time": round(timeline.wall - took, 3),
+        "request_id": trace.request_id,
+        "method": timeline.method,
+        "route": route,
+        "dialect": _DIALECTS.get(route, "passthrough" if route.startswith("/v1/") else "other"),
+        "model": trace.model,
+        "real_model": trace.real_model,
+        "ocr_model": trace.ocr_model,
+        "images": trace.images,
+        "cache_hits": trace.cache_hits,
+        "failures": trace.ocr_failures,
+        "fallback": trace.fallback,
+        "status": timeline.status,
+        "upstream": trace.upstream,
+        "ttfb_ms": trace.ttfb_ms,
+        "total_ms": round(took * 1000, 2),
+        "ocr_tokens": {"input": tokens_in, "output": tokens_out},
+    }
+
+
+def steps(trace: state.Trace) -> list[dict[str, Any]]:
+    """A finished request's steps in order, with the upstream's answer (from the trace:
+    recording it as a step would cost every pass-through request) and the end of the
+    response."""
+    timeline = trace.timeline
+    assert timeline is not None, "steps are read only of a recorded request"
+    found = list(timeline.steps)
+    if trace.ttfb_ms is not None:
+        answered = {
+            "kind": "upstream",
+            "at_ms": trace.ttfb_ms,
             "upstream": trace.upstream,
+            "status": trace.upstream_status,
             "ttfb_ms": trace.ttfb_ms,
-            "total_ms": self.total_ms,
-            "ocr_tokens": {"input": tokens_in, "output": tokens_out},
         }
-
-    def timeline(self) -> list[dict[str, Any]]:
-        """Its steps in order, with the upstream's answer (from the trace: recording it as a
-        step would cost every pass-through request) and the end of the response."""
-        steps = list(self.steps)
-        trace = self.trace
-        if trace is not None and trace.ttfb_ms is not None:
-            answered = {
-                "kind": "upstream",
-                "at_ms": trace.ttfb_ms,
-                "upstream": trace.upstream,
-                "status": trace.upstream_status,
-                "ttfb_ms": trace.ttfb_ms,
-            }
-            at = bisect.bisect_right([item["at_ms"] for item in steps], trace.ttfb_ms)
-            steps.insert(at, answered)
-        return [*steps, {"kind": "end", "at_ms": self.total_ms, "status": self.status}]
-
-
-_current: contextvars.ContextVar[Timeline | None] = contextvars.ContextVar(
-    "ocrproxy_timeline", default=None
-)
+        at = bisect.bisect_right([item["at_ms"] for item in found], trace.ttfb_ms)
+        found.insert(at, answered)
+    total_ms = round((timeline.ended - trace.started) * 1000, 2)
+    return [*found, {"kind": "end", "at_ms": total_ms, "status": timeline.status}]
 
 
 def step(kind: str, **fields: Any) -> None:
-    """Note that ``kind`` happened now to the current request (nothing when the page is off)."""
-    timeline = _current.get()
-    if timeline is None:
+    """Note that ``kind`` happened now to the request being served (nothing when the page is
+    off)."""
+    trace = current.request.get()
+    if trace is None or trace.timeline is None:
         return
+    timeline = trace.timeline
     if timeline.closed:
         if kind == "ocr":
             timeline.recorder.totals.ocr(fields)
         return
     fields["kind"] = kind
-    fields["at_ms"] = round((time.monotonic() - timeline.started) * 1000, 2)
+    fields["at_ms"] = round((time.monotonic() - trace.started) * 1000, 2)
     timeline.steps.append(fields)
 
 
 def image(number: int, digest: bytes, text: str | None, reason: str | None) -> None:
     """Image ``number`` of the request became ``text`` (or a placeholder for ``reason``); the
     text is kept only with ``[ui] show_descriptions``."""
-    timeline = _current.get()
-    if timeline is None:
+    trace = current.request.get()
+    if trace is None or trace.timeline is None:
         return
+    timeline = trace.timeline
     fields: dict[str, Any] = {"number": number, "image": digest.hex()[:12], "ok": text is not None}
     if reason is not None:
         fields["reason"] = reason
@@ -181,6 +165,21 @@ def image(number: int, digest: bytes, text: str | None, reason: str | None) -> N
 
 class Totals:
     """Counts since the process started, folded from each finished request's steps."""
+
+    __slots__ = (
+        "_minute_ends",
+        "cache",
+        "failures",
+        "latency",
+        "minutes",
+        "models",
+        "ocr_calls",
+        "ocr_errors",
+        "requests",
+        "since",
+        "statuses",
+        "tokens",
+    )
 
     def __init__(self, models: frozenset[str]) -> None:
         self.models = models  # OCR model names shown as they are; any other is "other"
@@ -193,32 +192,24 @@ class Totals:
         self.tokens: dict[str, dict[str, int]] = {}
         self.failures: dict[str, int] = {}
         self.latency: deque[float] = deque(maxlen=LATENCY_SAMPLE)
-        self.minutes: deque[list[int]] = deque(maxlen=MINUTES)  # [minute, requests, ocr calls]
-        self._minute = [0, 0, 0]  # the newest of them
-        self._minute_ends = 0.0  # the wall-clock time its minute ends
+        # Per minute: [minute, requests and OCR calls so far] when it began; the counts of a
+        # minute are the difference to the next (``as_dict``), so a request adds nothing here.
+        self.minutes: deque[list[int]] = deque(maxlen=MINUTES + 1)
+        self._minute_ends = 0.0  # the wall-clock time the newest minute ends
 
-    def add(self, finished: Timeline) -> None:
-        """Count one finished request (most have no steps: only the counts move)."""
+    def add(self, timeline: Timeline) -> None:
+        """Count one finished request (most have no steps: only two counts move)."""
+        if not timeline.wall < self._minute_ends:
+            number = int(timeline.wall // 60)
+            self.minutes.append([number, self.requests, self.ocr_calls])
+            self._minute_ends = (number + 1) * 60.0
         self.requests += 1
-        self.statuses[finished.status // 100 % 10] += 1
-        calls = self._fold(finished.steps) if finished.steps else 0
-        if not finished.wall < self._minute_ends:
-            self._next_minute(finished.wall)
-        minute = self._minute
-        minute[1] += 1
-        minute[2] += calls
+        self.statuses[timeline.status // 100 % 10] += 1
+        if timeline.steps:
+            self._fold(timeline.steps)
 
-    def _next_minute(self, wall: float) -> None:
-        """Start counting the minute ``wall`` falls in (a clock set back counts in the newest
-        minute until it reaches its end again)."""
-        number = int(wall // 60)
-        self._minute = [number, 0, 0]
-        self.minutes.append(self._minute)
-        self._minute_ends = (number + 1) * 60.0
-
-    def _fold(self, steps: list[dict[str, Any]]) -> int:
-        """Count a request's cache lookups, OCR calls and failed images; its number of calls."""
-        calls = 0
+    def _fold(self, steps: list[dict[str, Any]]) -> None:
+        """Count a request's cache lookups, OCR calls and failed images."""
         failed: set[str] = set()
         for item in steps:
             kind = item["kind"]
@@ -226,12 +217,10 @@ class Totals:
                 tier = self.cache.setdefault(item["tier"], {})
                 tier[item["result"]] = tier.get(item["result"], 0) + 1
             elif kind == "ocr":
-                calls += 1
                 self.ocr(item)
             elif kind == "image" and "reason" in item and item["image"] not in failed:
                 failed.add(item["image"])  # an image sent twice failed once
                 self.failures[item["reason"]] = self.failures.get(item["reason"], 0) + 1
-        return calls
 
     def ocr(self, item: dict[str, Any]) -> None:
         """Count one OCR call's step."""
@@ -267,59 +256,62 @@ class Totals:
             "ocr_tokens": self.tokens,
             "failures": self.failures,
             "ocr_ms": {"p50": percentile(0.5), "p95": percentile(0.95), "sample": len(ordered)},
-            "per_minute": [list(m) for m in self.minutes],
+            "per_minute": self._per_minute(),
         }
+
+    def _per_minute(self) -> list[list[int]]:
+        """[minute, requests, OCR calls] for each of the last ``MINUTES`` minutes seen."""
+        marks = [*self.minutes, [0, self.requests, self.ocr_calls]]
+        return [
+            [at, later[1] - requests, later[2] - calls]
+            for (at, requests, calls), later in itertools.pairwise(marks)
+        ][-MINUTES:]
 
 
 class Recorder:
     """The ring of finished requests, their totals and the feed's subscribers (one per process)."""
 
     def __init__(self, settings: config.Ui, models: frozenset[str] = frozenset()) -> None:
-        self.rows: deque[Timeline] = deque(maxlen=settings.recent)
+        self.rows: deque[state.Trace] = deque(maxlen=settings.recent)  # each with its timeline
         self.totals = Totals(models)
         self.descriptions = settings.show_descriptions
         self.subscribers: set[asyncio.Queue[dict[str, Any] | None]] = set()
 
-    def begin(self, request: web.Request, started: float) -> Timeline:
+    def begin(self, request: web.Request, trace: state.Trace) -> Timeline:
         """Give ``request`` a timeline (the middleware calls this when it starts it)."""
-        timeline = Timeline(self, request.method, request.path, started)
-        timeline.token = _current.set(timeline)
+        timeline = trace.timeline = Timeline(self, request.method, request.path)
         return timeline
 
-    def finish(self, timeline: Timeline, trace: state.Trace, status: int) -> None:
+    def finish(self, trace: state.Trace, timeline: Timeline, status: int) -> None:
         """Record the finished request: into the ring, the totals, the feed."""
-        if timeline.token is not None:
-            _current.reset(timeline.token)
-            timeline.token = None
         timeline.closed = True
-        timeline.trace = trace
         timeline.status = status
         timeline.ended = time.monotonic()
         timeline.wall = time.time()
-        self.rows.append(timeline)
+        self.rows.append(trace)
         self.totals.add(timeline)
         if self.subscribers:
-            row = timeline.row()
+            fed = row(trace)
             for queue in self.subscribers:
                 if queue.qsize() < FEED_QUEUE:
-                    queue.put_nowait(row)
+                    queue.put_nowait(fed)
 
     def adopt(self, old: Recorder) -> None:
         """Carry the ring and the totals of ``old`` over (a reload: the process is the same);
         descriptions only if they are still to be shown."""
         self.rows.extend(old.rows)
         if not self.descriptions:
-            for finished in self.rows:
-                for item in finished.steps:
+            for trace in self.rows:
+                for item in trace.timeline.steps if trace.timeline else ():
                     item.pop("description", None)
         old.totals.models = self.totals.models
         self.totals = old.totals
 
-    def find(self, request_id: str) -> Timeline | None:
+    def find(self, request_id: str) -> state.Trace | None:
         """The newest recorded request with this id (a client may reuse its X-Request-Id)."""
-        for finished in reversed(self.rows):
-            if finished.trace is not None and finished.trace.request_id == request_id:
-                return finished
+        for trace in reversed(self.rows):
+            if trace.request_id == request_id:
+                return trace
         return None
 
     def subscribe(self) -> asyncio.Queue[dict[str, Any] | None]:

@@ -37,7 +37,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import config, metrics, redact, state
+from . import config, metrics, redact, state, timeline
 from .errors import NotFound, ProxyError, Unauthorized
 from .timeline import RECORDER, Recorder
 
@@ -134,7 +134,7 @@ def _json(request: web.Request, value: Any) -> web.Response:
 
 async def recent(request: web.Request) -> web.Response:
     """The ring, oldest first, and which worker process answered."""
-    rows = [finished.row() for finished in _recorder(request).rows]
+    rows = [timeline.row(trace) for trace in _recorder(request).rows]
     return _json(request, {"worker": os.getpid(), "rows": rows})
 
 
@@ -147,7 +147,7 @@ async def one_request(request: web.Request) -> web.Response:
     found = _recorder(request).find(request.match_info["request_id"])
     if found is None:
         raise NotFound("No such request among the recent ones of this worker")
-    return _json(request, {"row": found.row(), "steps": found.timeline()})
+    return _json(request, {"row": timeline.row(found), "steps": timeline.steps(found)})
 
 
 async def events(request: web.Request) -> web.StreamResponse:

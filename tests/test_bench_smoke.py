@@ -101,12 +101,13 @@ def test_throughput_is_measured_for_all_three_targets(
 def test_the_live_page_twin_recorded_what_it_served(report: dict[str, Any]) -> None:
     """Scenario 1's [ui] on ÷ off figures come from a proxy that really recorded."""
     ui = report["scenarios"]["1-passthrough"]["raw"]["ui"]
-    served = sum(r["requests"] for r in ui["runs"]["proxy-ui"])
+    served = sum(r["requests"] for r in ui["runs"]["twin-ui"])
     assert served > 0 and ui["recorded"] >= served  # its warm-up run is recorded too
     assert all(r["cpu_us"] > 0 for runs in ui["runs"].values() for r in runs)
     rows = {r["metric"]: r for r in report["scenarios"]["1-passthrough"]["rows"]}
-    assert rows["c=16 req/s, [ui] on"]["proxy/relay"] > 0
-    assert rows["c=16 CPU per request, [ui] on"]["proxy"] > 0
+    assert rows["c=16 req/s, twin [ui] on"]["proxy/relay"] > 0
+    assert rows["c=16 CPU per request, twin [ui] on"]["proxy"] > 0
+    assert math.isfinite(rows["c=16 CPU per request, twin [ui] on − twin"]["proxy"])
 
 
 @pytest.mark.parametrize(

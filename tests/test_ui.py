@@ -15,7 +15,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from ocrproxy import config, server, timeline, ui
+from ocrproxy import config, current, server, timeline, ui
 from ocrproxy.metrics import create_metrics_app
 from ocrproxy.state import CONFIG, Trace
 from tests.conftest import ProxyFactory, chat, free_port, require_binary
@@ -230,7 +230,7 @@ async def test_a_reload_keeps_the_ring_and_the_totals(make_proxy: ProxyFactory) 
     )
     new = server.Generation(cfg, old)
     recorder = new.app[timeline.RECORDER]
-    assert [f.trace.request_id for f in recorder.rows] == ["before-1", "before-2"]
+    assert [trace.request_id for trace in recorder.rows] == ["before-1", "before-2"]
     assert recorder.rows.maxlen == 5
     assert recorder.totals.requests == 3
 
@@ -245,8 +245,8 @@ async def test_a_reload_that_hides_descriptions_drops_the_kept_ones(
     cfg = config.from_mapping({"upstreams": [{"base_url": "http://127.0.0.1:1/v1"}], "ui": ON}, {})
     recorder = server.Generation(cfg, old).app[timeline.RECORDER]
     found = recorder.find("seen")
-    assert found is not None and "image" in [s["kind"] for s in found.steps]
-    assert b"A picture showing private" not in orjson.dumps(found.timeline())
+    assert found is not None and "image" in kinds(timeline.steps(found))
+    assert b"A picture showing private" not in orjson.dumps(timeline.steps(found))
 
 
 def test_an_ocr_call_that_outlives_its_request_still_counts() -> None:
@@ -255,26 +255,30 @@ def test_an_ocr_call_that_outlives_its_request_still_counts() -> None:
     recorder = timeline.Recorder(config.Ui(enabled=True, admin_key=ADMIN))
 
     async def request() -> contextvars.Context:
-        recording = recorder.begin(Dummy(), 0.0)  # type: ignore[arg-type]
+        trace = Trace("r1")
+        current.request.set(trace)  # as the middleware does
+        recording = recorder.begin(Dummy(), trace)  # type: ignore[arg-type]
+        timeline.step("scan", images=1)
         flight = contextvars.copy_context()  # as a task created now would get it
-        recorder.finish(recording, Trace("r1"), 200)
+        recorder.finish(trace, recording, 200)
         return flight
 
     flight = asyncio.run(request())
     flight.run(timeline.step, "ocr", model="m", ok=True, took_ms=5.0, input_tokens=3)
     assert recorder.totals.ocr_calls == 1 and recorder.totals.tokens["other"]["input"] == 3
-    assert [s["kind"] for s in recorder.rows[0].steps] == []
+    assert [s["kind"] for s in timeline.steps(recorder.rows[0])] == ["scan", "end"]
 
 
 def test_requests_are_counted_per_minute_of_the_wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     recorder = timeline.Recorder(config.Ui(enabled=True, admin_key=ADMIN))
     for wall, status in ((60.0, 200), (119.9, 404), (120.0, 200), (305.5, 502)):
         monkeypatch.setattr(timeline.time, "time", lambda wall=wall: wall)
-        recorder.finish(recorder.begin(Dummy(), 0.0), Trace("r"), status)  # type: ignore[arg-type]
+        trace = Trace("r")
+        recorder.finish(trace, recorder.begin(Dummy(), trace), status)  # type: ignore[arg-type]
     totals = recorder.totals.as_dict()
     assert totals["per_minute"] == [[1, 2, 0], [2, 1, 0], [5, 1, 0]]
     assert totals["statuses"] == {"2xx": 2, "4xx": 1, "5xx": 1}
-    assert [f.wall for f in recorder.rows] == [60.0, 119.9, 120.0, 305.5]
+    assert [timeline.row(t)["status"] for t in recorder.rows] == [200, 404, 200, 502]
 
 
 class Dummy:
