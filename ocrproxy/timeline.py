@@ -46,6 +46,11 @@ if TYPE_CHECKING:  # state imports the modules that call ``step``
     from . import state
 
 FEED_QUEUE = 256  # rows a subscriber may be behind before it loses some
+# With [ui] show_descriptions: at most this many characters of descriptions, in at most this
+# many steps, are kept (the oldest go first), whatever the ring's length and the images per
+# request (64 descriptions of 1,500 tokens each in every one of 200 requests would be ~80 MB).
+DESCRIPTION_CHARS = 2_000_000
+DESCRIPTION_STEPS = 20_000
 LATENCY_SAMPLE = 1024  # OCR call durations kept for the percentiles
 MINUTES = 60  # per-minute counts kept for the sparkline
 
@@ -132,20 +137,21 @@ def steps(trace: state.Trace) -> list[dict[str, Any]]:
     return [*found, {"kind": "end", "at_ms": total_ms, "status": timeline.status}]
 
 
-def step(kind: str, **fields: Any) -> None:
+def step(kind: str, **fields: Any) -> dict[str, Any] | None:
     """Note that ``kind`` happened now to the request being served (nothing when the page is
-    off)."""
+    off); the step as recorded, if it was."""
     trace = current.request.get()
     if trace is None or trace.timeline is None:
-        return
+        return None
     timeline = trace.timeline
     if timeline.closed:
         if kind == "ocr":
             timeline.recorder.totals.ocr(fields)
-        return
+        return None
     fields["kind"] = kind
     fields["at_ms"] = round((time.monotonic() - trace.started) * 1000, 2)
     timeline.steps.append(fields)
+    return fields
 
 
 def image(number: int, digest: bytes, text: str | None, reason: str | None) -> None:
@@ -158,9 +164,9 @@ def image(number: int, digest: bytes, text: str | None, reason: str | None) -> N
     fields: dict[str, Any] = {"number": number, "image": digest.hex()[:12], "ok": text is not None}
     if reason is not None:
         fields["reason"] = reason
-    if text is not None and timeline.recorder.descriptions:
-        fields["description"] = text
-    step("image", **fields)
+    item = step("image", **fields)
+    if item is not None and text is not None and timeline.recorder.descriptions:
+        timeline.recorder.keep(item, text)
 
 
 class Totals:
@@ -275,6 +281,8 @@ class Recorder:
         self.rows: deque[state.Trace] = deque(maxlen=settings.recent)  # each with its timeline
         self.totals = Totals(models)
         self.descriptions = settings.show_descriptions
+        self.described: deque[dict[str, Any]] = deque()  # the steps holding one, oldest first
+        self.described_chars = 0
         self.subscribers: set[asyncio.Queue[dict[str, Any] | None]] = set()
 
     def begin(self, request: web.Request, trace: state.Trace) -> Timeline:
@@ -296,14 +304,26 @@ class Recorder:
                 if queue.qsize() < FEED_QUEUE:
                     queue.put_nowait(fed)
 
+    def keep(self, item: dict[str, Any], text: str) -> None:
+        """Keep ``text`` in the step ``item``, dropping the oldest kept descriptions beyond
+        ``DESCRIPTION_CHARS`` or ``DESCRIPTION_STEPS`` (their steps say so)."""
+        item["description"] = text
+        self.described.append(item)
+        self.described_chars += len(text)
+        while self.described_chars > DESCRIPTION_CHARS or len(self.described) > DESCRIPTION_STEPS:
+            oldest = self.described.popleft()
+            self.described_chars -= len(oldest.pop("description"))
+            oldest["description_dropped"] = True
+
     def adopt(self, old: Recorder) -> None:
         """Carry the ring and the totals of ``old`` over (a reload: the process is the same);
         descriptions only if they are still to be shown."""
         self.rows.extend(old.rows)
-        if not self.descriptions:
-            for trace in self.rows:
-                for item in trace.timeline.steps if trace.timeline else ():
-                    item.pop("description", None)
+        if self.descriptions:
+            self.described, self.described_chars = old.described, old.described_chars
+        else:
+            for item in old.described:
+                item.pop("description", None)
         old.totals.models = self.totals.models
         self.totals = old.totals
 

@@ -368,6 +368,36 @@ async def test_descriptions_are_shown_with_show_descriptions(make_proxy: ProxyFa
     assert sum(1 for s in steps if s["kind"] == "ocr") == 2
 
 
+async def test_only_the_newest_descriptions_are_kept(
+    make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However long the ring and however many images, the descriptions kept are bounded: the
+    oldest are dropped first, and their steps say so."""
+    text = len("A picture showing cat.")
+    monkeypatch.setattr(timeline, "DESCRIPTION_CHARS", 2 * text + 1)
+    proxy = await make_proxy(ui={**ON, "show_descriptions": True})
+    for label in ("cat", "dog", "owl"):  # each description as long as the first
+        await post(proxy, ocr_chat(label), label)
+    kept = {}
+    for label in ("cat", "dog", "owl"):
+        image = next(
+            s
+            for s in (await get_json(proxy, f"/ui/requests/{label}"))["steps"]
+            if s["kind"] == "image"
+        )
+        kept[label] = "dropped" if image.get("description_dropped") else image["description"]
+    assert kept == {
+        "cat": "dropped",
+        "dog": "A picture showing dog.",
+        "owl": "A picture showing owl.",
+    }
+    recorder = proxy.server.app[timeline.RECORDER]
+    assert recorder.described_chars == 2 * text and len(recorder.described) == 2
+    monkeypatch.setattr(timeline, "DESCRIPTION_STEPS", 1)  # the count bounds them too
+    await post(proxy, ocr_chat("cat"), "cat-again")  # a cache hit: its description is kept too
+    assert len(recorder.described) == 1 and recorder.described_chars == text
+
+
 async def test_fetch_retries_and_failures_on_the_timeline_and_in_the_totals(
     make_proxy: ProxyFactory, fake: FakeOpenAI
 ) -> None:

@@ -225,6 +225,7 @@ async function openRequest(id) {
     li.append(el("span", "+" + fmtMs(s.at_ms) + " ms", "at"), el("span", LABELS[s.kind] || s.kind, "kind"),
       el("span", stepText(s), "what"));
     if (s.description !== undefined) li.append(el("pre", s.description, "description"));
+    else if (s.description_dropped) li.append(el("p", "(description no longer kept: the page keeps the newest ones only)", "dropped"));
     list.append(li);
   }
   $("detail").hidden = false;
