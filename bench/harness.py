@@ -351,8 +351,9 @@ model = "vision-bench"
         try:
             yield self.target(names[0]), self.target(names[1])
         finally:
-            for name in names:
-                self.retire(name)
+            for name in names:  # one that never listened is stopped with the rest by `stop`
+                if name in self.targets or name in self._starting:
+                    self.retire(name)
 
     def _watched(self, name: str) -> None:
         env = {"BENCH_LOOPWATCH": str(self.tmp / "stall.txt")}

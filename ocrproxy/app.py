@@ -410,8 +410,11 @@ def create_app(cfg: config.Config) -> web.Application:
     app = web.Application(client_max_size=cfg.server.max_body_bytes, middlewares=[middleware])
     app[state.CONFIG] = cfg
     app[state.ROUTER] = upstream.Router(cfg.upstreams)
-    app[state.SECRETS] = redact.secrets_of(config.secrets(cfg, admin=False))
-    app[state.DELIMITER_KEY] = rewrite.delimiter_key(config.secrets(cfg))
+    relayed = config.secrets(cfg, admin=False)
+    app[state.SECRETS] = redact.secrets_of(relayed)
+    # Not the admin key: turning the page on, or changing its key, must not change the tags
+    # (an upstream's prefix cache) nor make two instances of one deployment tag differently.
+    app[state.DELIMITER_KEY] = rewrite.delimiter_key(relayed)
     app[fallback.STORE] = fallback.Learned(cfg.ocr.learned_ttl_s)
     app[relay.WRITE_TIMEOUT] = cfg.server.write_timeout_s
     app[state.PASSTHROUGH] = handlers.routes_pattern(cfg.server.passthrough_routes)

@@ -505,9 +505,10 @@ _CREDENTIAL_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "proxy
 
 def secrets(cfg: Config, *, admin: bool = True) -> tuple[str, ...]:
     """Every configured credential: none may reach a client or a log line. ``admin=False``
-    leaves out ``[ui] admin_key``: no client or upstream is ever given it, so only the page's
-    own answers could hold it (they are masked with it), and relayed traffic is not searched
-    for it (a secret more costs every relayed header block and body piece a search)."""
+    leaves out ``[ui] admin_key``: the proxy itself never sends it anywhere, so only the page's
+    own answers could hold it (they are masked with it; anyone else who sends it, as a key in
+    relay mode say, already has it), and relayed traffic is not searched for it (a secret more
+    costs every relayed header block and body piece a search)."""
     found = cfg.auth.keys + tuple(up.api_key for up in cfg.upstreams if up.api_key)
     found += tuple(  # an upstream's `headers` may carry its credentials (Azure's api-key)
         value

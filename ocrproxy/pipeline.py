@@ -143,7 +143,8 @@ async def _refused(
         hinted = notes.with_message_note(refused.payload, fallback.hint(model + settings.suffix))
         return relay.error_response(refused.source, hinted or refused.payload, secrets)
     trace.fallback = fallback.REJECTED
-    timeline.step("refused", upstream=up.name, status=refused.source.status)
+    # The resend's answer overwrites the trace's TTFB: the refusal's is kept in its step.
+    timeline.step("refused", upstream=up.name, status=refused.source.status, ttfb_ms=trace.ttfb_ms)
     check_depth(body)
     if counting:
         response = await _count(

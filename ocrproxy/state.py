@@ -69,7 +69,7 @@ class Trace:
         self.upstream = up.name
         self.upstream_status = status
         self.ttfb_ms = round((time.monotonic() - self.started) * 1000, 2)
-        # The live page's timeline shows this from the trace (``timeline.Timeline.timeline``).
+        # The live page's timeline shows this from the trace (``timeline.steps``).
 
 
 TRACE = web.RequestKey("trace", Trace)

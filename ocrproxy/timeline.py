@@ -1,29 +1,32 @@
 """What the live page shows: each request's steps as they happen, and the ring of finished ones.
 
 Theory of operation: with ``[ui] enabled``, the request middleware gives every request (but the
-page's own and the quiet probes') a ``Timeline`` in a context variable, ``begin``; without it
-the variable stays None and ``step`` returns at once, so the hot path pays one
-``ContextVar.get`` per step call and nothing else. The few places where something worth seeing
-happens on the OCR path (the pipeline's scan, a cache lookup and its tier, a fetch, each OCR
-attempt and call, the text that stood in for each image, an upstream's refusal that sends the
-request through OCR) call ``step`` with a kind and a few plain fields. A pass-through request
+page's own and the quiet probes') a ``Timeline``, ``begin``, which it hangs on the request's
+trace (``Trace.timeline``; the trace of the request being served is in a context variable,
+``current``); without it ``Trace.timeline`` stays None and ``step`` returns at once, so the hot
+path pays one context-variable read and one attribute check per step call and nothing else.
+The few places where something worth seeing happens on the OCR path (the pipeline's scan, a
+cache lookup and its tier, a fetch, each OCR attempt and call, the text that stood in for each
+image, an upstream's refusal that sends the request through OCR) call ``step`` with a kind and
+a few plain fields. A pass-through request
 makes no step at all: its upstream's first byte is already in its trace (``state.Trace``), from
-which ``Timeline.timeline`` adds it when the page reads it. Tasks copy the context when they are
+which ``steps`` adds it when the page reads it. Tasks copy the context when they are
 created, so the describe task, the cache's flight and the fetches of a request append to its
 timeline too (a flight joined by a second request records in the first one's: the second sees
 its "join").
 
 ``Recorder.finish``, called where the access-log line is written, completes the timeline with
-the request's trace and status and keeps that same object in a ``deque(maxlen=[ui] recent)``,
-counts it in the totals (its steps are folded only if it has any) and, only while a page is
-open, builds its row and hands it to every subscriber of the feed (a bounded queue each: a page
-that does not read loses rows, it never holds the proxy back). A row is otherwise built when
-the page asks for it. Recording costs about 1.4 µs a pass-through request and 6 µs an OCR
-request with one image (``python -m bench.ui_record``); bench scenario 1 measures it against
+the request's status and end and keeps the trace (which holds it) in a ``deque(maxlen=[ui]
+recent)``, counts it in the totals (``totals``) and, only while a page is open, builds its row
+and hands it to every subscriber of the feed (a bounded queue each: a page that does not read
+loses rows, it never holds the proxy back). A row is otherwise built when the page asks for it.
+Recording a pass-through request costs about 3 µs inside a proxy at saturation (1.3 µs in a
+``timeit`` loop, ``python -m bench.ui_record``); bench scenario 1 measures it against a twin of
 the proxy with the page off.
 
 Nothing here holds an image's bytes: an image is named by the first hex digits of its digest.
-The text an image became is kept only with ``[ui] show_descriptions``; everything the page
+The text an image became is kept only with ``[ui] show_descriptions``, and only the newest
+(``Kept``: ``DESCRIPTION_CHARS``, ``DESCRIPTION_STEPS``); everything the page
 receives is redacted of the configured secrets by ``ui`` when it is sent. The ring and the
 totals belong to one process: with ``[server] workers`` > 1 the page shows the worker that
 answered it.
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import itertools
+import operator
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -41,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from . import config, current
+from .totals import Totals
 
 if TYPE_CHECKING:  # state imports the modules that call ``step``
     from . import state
@@ -51,8 +55,6 @@ FEED_QUEUE = 256  # rows a subscriber may be behind before it loses some
 # request (64 descriptions of 1,500 tokens each in every one of 200 requests would be ~80 MB).
 DESCRIPTION_CHARS = 2_000_000
 DESCRIPTION_STEPS = 20_000
-LATENCY_SAMPLE = 1024  # OCR call durations kept for the percentiles
-MINUTES = 60  # per-minute counts kept for the sparkline
 
 _DIALECTS = {
     "/v1/chat/completions": "chat",
@@ -131,7 +133,7 @@ def steps(trace: state.Trace) -> list[dict[str, Any]]:
             "status": trace.upstream_status,
             "ttfb_ms": trace.ttfb_ms,
         }
-        at = bisect.bisect_right([item["at_ms"] for item in found], trace.ttfb_ms)
+        at = bisect.bisect_right(found, trace.ttfb_ms, key=operator.itemgetter("at_ms"))
         found.insert(at, answered)
     total_ms = round((timeline.ended - trace.started) * 1000, 2)
     return [*found, {"kind": "end", "at_ms": total_ms, "status": timeline.status}]
@@ -146,7 +148,7 @@ def step(kind: str, **fields: Any) -> dict[str, Any] | None:
     timeline = trace.timeline
     if timeline.closed:
         if kind == "ocr":
-            timeline.recorder.totals.ocr(fields)
+            timeline.recorder.totals.late_ocr(fields)
         return None
     fields["kind"] = kind
     fields["at_ms"] = round((time.monotonic() - trace.started) * 1000, 2)
@@ -166,112 +168,37 @@ def image(number: int, digest: bytes, text: str | None, reason: str | None) -> N
         fields["reason"] = reason
     item = step("image", **fields)
     if item is not None and text is not None and timeline.recorder.descriptions:
-        timeline.recorder.keep(item, text)
+        timeline.recorder.kept.add(item, text)
 
 
-class Totals:
-    """Counts since the process started, folded from each finished request's steps."""
+class Kept:
+    """The descriptions the page keeps (``[ui] show_descriptions``): the steps holding one,
+    oldest first, and their length in all, within ``DESCRIPTION_CHARS`` and
+    ``DESCRIPTION_STEPS``. A reload hands it on (``Recorder.adopt``)."""
 
-    __slots__ = (
-        "_minute_ends",
-        "cache",
-        "failures",
-        "latency",
-        "minutes",
-        "models",
-        "ocr_calls",
-        "ocr_errors",
-        "requests",
-        "since",
-        "statuses",
-        "tokens",
-    )
+    __slots__ = ("chars", "steps")
 
-    def __init__(self, models: frozenset[str]) -> None:
-        self.models = models  # OCR model names shown as they are; any other is "other"
-        self.since = time.time()
-        self.requests = 0
-        self.statuses = [0] * 10  # by status // 100
-        self.ocr_calls = 0
-        self.ocr_errors = 0
-        self.cache: dict[str, dict[str, int]] = {}
-        self.tokens: dict[str, dict[str, int]] = {}
-        self.failures: dict[str, int] = {}
-        self.latency: deque[float] = deque(maxlen=LATENCY_SAMPLE)
-        # Per minute: [minute, requests and OCR calls so far] when it began; the counts of a
-        # minute are the difference to the next (``as_dict``), so a request adds nothing here.
-        self.minutes: deque[list[int]] = deque(maxlen=MINUTES + 1)
-        self._minute_ends = 0.0  # the wall-clock time the newest minute ends
+    def __init__(self) -> None:
+        self.steps: deque[dict[str, Any]] = deque()
+        self.chars = 0
 
-    def add(self, timeline: Timeline) -> None:
-        """Count one finished request (most have no steps: only two counts move)."""
-        if not timeline.wall < self._minute_ends:
-            number = int(timeline.wall // 60)
-            self.minutes.append([number, self.requests, self.ocr_calls])
-            self._minute_ends = (number + 1) * 60.0
-        self.requests += 1
-        self.statuses[timeline.status // 100 % 10] += 1
-        if timeline.steps:
-            self._fold(timeline.steps)
+    def add(self, item: dict[str, Any], text: str) -> None:
+        """Keep ``text`` in the step ``item``; drop the oldest beyond the bounds (their steps
+        say so)."""
+        item["description"] = text
+        self.steps.append(item)
+        self.chars += len(text)
+        while self.chars > DESCRIPTION_CHARS or len(self.steps) > DESCRIPTION_STEPS:
+            oldest = self.steps.popleft()
+            self.chars -= len(oldest.pop("description", ""))
+            oldest["description_dropped"] = True
 
-    def _fold(self, steps: list[dict[str, Any]]) -> None:
-        """Count a request's cache lookups, OCR calls and failed images."""
-        failed: set[str] = set()
-        for item in steps:
-            kind = item["kind"]
-            if kind == "cache":
-                tier = self.cache.setdefault(item["tier"], {})
-                tier[item["result"]] = tier.get(item["result"], 0) + 1
-            elif kind == "ocr":
-                self.ocr(item)
-            elif kind == "image" and "reason" in item and item["image"] not in failed:
-                failed.add(item["image"])  # an image sent twice failed once
-                self.failures[item["reason"]] = self.failures.get(item["reason"], 0) + 1
-
-    def ocr(self, item: dict[str, Any]) -> None:
-        """Count one OCR call's step."""
-        self.ocr_calls += 1
-        if not item["ok"]:
-            self.ocr_errors += 1
-            return
-        self.latency.append(item["took_ms"])
-        model = item["model"] if item["model"] in self.models else "other"
-        tokens = self.tokens.setdefault(model, {"input": 0, "output": 0})
-        tokens["input"] += item.get("input_tokens", 0)
-        tokens["output"] += item.get("output_tokens", 0)
-
-    def as_dict(self) -> dict[str, Any]:
-        """The totals as the page reads them (``/ui/totals``)."""
-        ordered = sorted(self.latency)
-
-        def percentile(p: float) -> float | None:
-            return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else None
-
-        hits = {
-            tier: (counts.get("hit", 0) / looked if (looked := sum(counts.values())) else None)
-            for tier, counts in self.cache.items()
-        }
-        return {
-            "since": self.since,
-            "requests": self.requests,
-            "statuses": {f"{s}xx": n for s, n in enumerate(self.statuses) if n},
-            "ocr_calls": self.ocr_calls,
-            "ocr_errors": self.ocr_errors,
-            "cache": self.cache,
-            "cache_hit_ratio": hits,
-            "ocr_tokens": self.tokens,
-            "failures": self.failures,
-            "ocr_ms": {"p50": percentile(0.5), "p95": percentile(0.95), "sample": len(ordered)},
-            "per_minute": self._per_minute(),
-        }
-
-    def _per_minute(self) -> list[list[int]]:
-        """[minute, requests, OCR calls] for each of the last ``MINUTES`` minutes seen."""
-        marks = [*self.minutes, [0, self.requests, self.ocr_calls]]
-        return [
-            [at, later[1] - requests, later[2] - calls]
-            for (at, requests, calls), later in itertools.pairwise(marks)
-        ][-MINUTES:]
+    def drop_all(self) -> None:
+        """Drop every kept description (``show_descriptions`` was turned off)."""
+        for item in self.steps:
+            item.pop("description", None)
+        self.steps.clear()
+        self.chars = 0
 
 
 class Recorder:
@@ -281,8 +208,7 @@ class Recorder:
         self.rows: deque[state.Trace] = deque(maxlen=settings.recent)  # each with its timeline
         self.totals = Totals(models)
         self.descriptions = settings.show_descriptions
-        self.described: deque[dict[str, Any]] = deque()  # the steps holding one, oldest first
-        self.described_chars = 0
+        self.kept = Kept()
         self.subscribers: set[asyncio.Queue[dict[str, Any] | None]] = set()
 
     def begin(self, request: web.Request, trace: state.Trace) -> Timeline:
@@ -297,35 +223,27 @@ class Recorder:
         timeline.ended = time.monotonic()
         timeline.wall = time.time()
         self.rows.append(trace)
-        self.totals.add(timeline)
+        self.totals.add(status, timeline.wall, timeline.steps)
         if self.subscribers:
             fed = row(trace)
             for queue in self.subscribers:
                 if queue.qsize() < FEED_QUEUE:
                     queue.put_nowait(fed)
 
-    def keep(self, item: dict[str, Any], text: str) -> None:
-        """Keep ``text`` in the step ``item``, dropping the oldest kept descriptions beyond
-        ``DESCRIPTION_CHARS`` or ``DESCRIPTION_STEPS`` (their steps say so)."""
-        item["description"] = text
-        self.described.append(item)
-        self.described_chars += len(text)
-        while self.described_chars > DESCRIPTION_CHARS or len(self.described) > DESCRIPTION_STEPS:
-            oldest = self.described.popleft()
-            self.described_chars -= len(oldest.pop("description"))
-            oldest["description_dropped"] = True
-
     def adopt(self, old: Recorder) -> None:
-        """Carry the ring and the totals of ``old`` over (a reload: the process is the same);
-        descriptions only if they are still to be shown."""
+        """Take over from ``old`` (a reload: the process is the same): its ring, its totals and
+        the descriptions it kept (dropped if they are no longer to be shown). The requests
+        ``old`` still serves finish into the same ring and follow the new setting; the ones it
+        had recorded point to this recorder (``old`` and its ring are not kept alive by them)."""
         self.rows.extend(old.rows)
-        if self.descriptions:
-            self.described, self.described_chars = old.described, old.described_chars
-        else:
-            for item in old.described:
-                item.pop("description", None)
+        for trace in self.rows:
+            if trace.timeline is not None:
+                trace.timeline.recorder = self
+        if not self.descriptions:
+            old.kept.drop_all()
         old.totals.models = self.totals.models
-        self.totals = old.totals
+        self.totals, self.kept = old.totals, old.kept
+        old.rows, old.descriptions = self.rows, self.descriptions
 
     def find(self, request_id: str) -> state.Trace | None:
         """The newest recorded request with this id (a client may reuse its X-Request-Id)."""

@@ -101,6 +101,7 @@ def test_throughput_is_measured_for_all_three_targets(
 def test_the_live_page_twin_recorded_what_it_served(report: dict[str, Any]) -> None:
     """Scenario 1's [ui] on ÷ off figures come from a proxy that really recorded."""
     ui = report["scenarios"]["1-passthrough"]["raw"]["ui"]
+    assert ui["plain_page"] == 404  # the plain twin really has no page
     served = sum(r["requests"] for r in ui["runs"]["twin-ui"])
     assert served > 0 and ui["recorded"] >= served  # its warm-up run is recorded too
     assert all(r["cpu_us"] > 0 for runs in ui["runs"].values() for r in runs)

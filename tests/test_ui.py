@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -281,6 +282,72 @@ def test_requests_are_counted_per_minute_of_the_wall_clock(monkeypatch: pytest.M
     assert [timeline.row(t)["status"] for t in recorder.rows] == [200, 404, 200, 502]
 
 
+def begun(recorder: timeline.Recorder, request_id: str) -> tuple[Trace, timeline.Timeline]:
+    """A request begun on ``recorder``, its trace the one being served, as the middleware does
+    (call inside ``contextvars.copy_context().run``)."""
+    trace = Trace(request_id)
+    current.request.set(trace)
+    return trace, recorder.begin(Dummy(), trace)  # type: ignore[arg-type]
+
+
+def described(trace: Trace) -> list[str | None]:
+    return [s.get("description") for s in timeline.steps(trace) if s["kind"] == "image"]
+
+
+def test_a_reload_hands_the_ring_and_the_kept_descriptions_on() -> None:
+    """Requests the old generation still serves at a reload finish into the one ring and keep
+    their descriptions in the one account; a reload that hides descriptions drops them all,
+    in flight too; the requests a recorder had recorded point to the one that took over."""
+    shown = config.Ui(enabled=True, admin_key=ADMIN, show_descriptions=True)
+    old = timeline.Recorder(shown)
+
+    def request(recorder: timeline.Recorder, rid: str, text: str, end: bool = True) -> Any:
+        trace, recording = begun(recorder, rid)
+        timeline.image(1, b"\x01" * 32, text, None)
+        if end:
+            recorder.finish(trace, recording, 200)
+        return trace, recording
+
+    contextvars.copy_context().run(request, old, "done", "first text")
+    flight = contextvars.copy_context()
+    in_flight, recording = flight.run(request, old, "in-flight", "second text", end=False)
+    new = timeline.Recorder(shown)
+    new.adopt(old)
+    old.finish(in_flight, recording, 200)  # the old app's middleware ends it
+    assert [t.request_id for t in new.rows] == ["done", "in-flight"]
+    assert new.kept.chars == len("first text") + len("second text") and len(new.kept.steps) == 2
+    assert new.rows[0].timeline is not None and new.rows[0].timeline.recorder is new
+
+    flight = contextvars.copy_context()
+    late, late_recording = flight.run(begun, new, "late")
+    hidden = timeline.Recorder(config.Ui(enabled=True, admin_key=ADMIN))
+    hidden.adopt(new)
+    flight.run(timeline.image, 1, b"\x02" * 32, "third text", None)
+    new.finish(late, late_recording, 200)
+    assert [described(t) for t in hidden.rows] == [[None], [None], [None]]
+    assert hidden.kept.chars == 0 and not hidden.kept.steps
+    assert all(
+        t.timeline is not None and t.timeline.recorder is hidden for t in list(hidden.rows)[:2]
+    )
+
+
+def test_late_ocr_calls_count_in_the_minute_they_ended(monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = timeline.Recorder(config.Ui(enabled=True, admin_key=ADMIN))
+    monkeypatch.setattr(time, "time", lambda: 120.0)
+
+    def request() -> contextvars.Context:
+        trace, recording = begun(recorder, "r")
+        timeline.step("ocr", model="m", ok=True, took_ms=5.0)
+        recorder.finish(trace, recording, 200)
+        return contextvars.copy_context()
+
+    flight = contextvars.copy_context().run(request)
+    monkeypatch.setattr(time, "time", lambda: 420.0)  # five minutes later the flight ends
+    flight.run(timeline.step, "ocr", model="m", ok=True, took_ms=5.0)
+    assert recorder.totals.as_dict()["per_minute"] == [[2, 1, 1], [7, 0, 1]]
+    assert recorder.totals.ocr_calls == 2
+
+
 class Dummy:
     method = "POST"
     path = "/v1/chat/completions"
@@ -391,11 +458,13 @@ async def test_only_the_newest_descriptions_are_kept(
         "dog": "A picture showing dog.",
         "owl": "A picture showing owl.",
     }
-    recorder = proxy.server.app[timeline.RECORDER]
-    assert recorder.described_chars == 2 * text and len(recorder.described) == 2
+    kept = proxy.server.app[timeline.RECORDER].kept
+    assert kept.chars == 2 * text and len(kept.steps) == 2
     monkeypatch.setattr(timeline, "DESCRIPTION_STEPS", 1)  # the count bounds them too
     await post(proxy, ocr_chat("cat"), "cat-again")  # a cache hit: its description is kept too
-    assert len(recorder.described) == 1 and recorder.described_chars == text
+    assert len(kept.steps) == 1 and kept.chars == text
+    steps = (await get_json(proxy, "/ui/requests/cat-again"))["steps"]
+    assert next(s for s in steps if s["kind"] == "image")["description"] == "A picture showing cat."
 
 
 async def test_fetch_retries_and_failures_on_the_timeline_and_in_the_totals(

@@ -194,7 +194,7 @@ function stepText(s) {
         (s.ok ? "ok in " + fmtMs(s.took_ms) + " ms" + (s.engine ? "" : ", " + s.input_tokens + " + " + s.output_tokens + " tokens")
               : "failed (" + s.reason + ") after " + fmtMs(s.took_ms) + " ms");
     case "image": return "#" + s.number + " " + s.image + ": " + (s.ok ? "description" : "placeholder (" + s.reason + ")");
-    case "refused": return s.upstream + " HTTP " + s.status + ": sent again through OCR";
+    case "refused": return s.upstream + " HTTP " + s.status + " after " + fmtMs(s.ttfb_ms) + " ms: sent again through OCR";
     case "upstream": return s.upstream + " HTTP " + s.status + " after " + fmtMs(s.ttfb_ms) + " ms";
     case "end": return "HTTP " + s.status;
     default: return "";
