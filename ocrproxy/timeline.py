@@ -8,12 +8,11 @@ path pays one context-variable read and one attribute check per step call and no
 The few places where something worth seeing happens on the OCR path (the pipeline's scan, a
 cache lookup and its tier, a fetch, each OCR attempt and call, the text that stood in for each
 image, an upstream's refusal that sends the request through OCR) call ``step`` with a kind and
-a few plain fields. A pass-through request
-makes no step at all: its upstream's first byte is already in its trace (``state.Trace``), from
-which ``steps`` adds it when the page reads it. Tasks copy the context when they are
-created, so the describe task, the cache's flight and the fetches of a request append to its
-timeline too (a flight joined by a second request records in the first one's: the second sees
-its "join").
+a few plain fields. A pass-through request makes no step at all: its upstream's first byte is
+already in its trace (``state.Trace``), from which ``steps`` adds it when the page reads it.
+Tasks copy the context when they are created, so the describe task, the cache's flight and the
+fetches of a request append to its timeline too (a flight joined by a second request records
+in the first one's: the second sees its "join").
 
 ``Recorder.finish``, called where the access-log line is written, completes the timeline with
 the request's status and end and keeps the trace (which holds it) in a ``deque(maxlen=[ui]
@@ -26,8 +25,8 @@ the proxy with the page off.
 
 Nothing here holds an image's bytes: an image is named by the first hex digits of its digest.
 The text an image became is kept only with ``[ui] show_descriptions``, and only the newest
-(``Kept``: ``DESCRIPTION_CHARS``, ``DESCRIPTION_STEPS``); everything the page
-receives is redacted of the configured secrets by ``ui`` when it is sent. The ring and the
+(``Kept``: ``DESCRIPTION_CHARS``, ``DESCRIPTION_STEPS``); everything the page receives is
+redacted of the configured secrets by ``ui`` when it is sent. The ring and the
 totals belong to one process: with ``[server] workers`` > 1 the page shows the worker that
 answered it.
 """
