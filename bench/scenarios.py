@@ -195,9 +195,8 @@ def live_page_cost(b: Bench, s: Settings) -> tuple[list[Row], list[Row], Result]
     pairs = list(zip(runs["twin-ui"], runs["twin-off"], strict=True))
     ratios = [on["rps"] / off["rps"] for on, off in pairs]
     added = median([on["cpu_us"] - off["cpu_us"] for on, off in pairs])
-    noise = median(
-        [a["cpu_us"] - b["cpu_us"] for a, b in zip(runs["twin-off"], runs["proxy"], strict=True)]
-    )
+    plain_runs = zip(runs["twin-off"], runs["proxy"], strict=True)
+    noise = median([twin["cpu_us"] - own["cpu_us"] for twin, own in plain_runs])
     rows: list[Row] = []
     for what, by, unit, higher in (
         ("req/s", rps, "req/s", True),
@@ -232,7 +231,9 @@ def live_page_cost(b: Bench, s: Settings) -> tuple[list[Row], list[Row], Result]
 def page_status(server: Target) -> int:
     """What ``/ui/totals`` answers on ``server`` (404 where the page is off)."""
     try:
-        return page_totals_answer(server).status
+        with page_totals_answer(server) as answer:
+            status: int = answer.status
+            return status
     except urllib.error.HTTPError as refused:
         return refused.code
 
