@@ -94,9 +94,12 @@ def bombs() -> list[str]:
     ]
 
 
-async def _peak_rss(fake: FakeOpenAI, folder: Path, bombs: list[str], threads: int) -> str:
-    """Send the bombs at once to a fresh proxy with ``threads`` engine threads; its peak RSS."""
-    folder.mkdir()
+async def read_at_once(
+    fake: FakeOpenAI, folder: Path, urls: list[str], local: str, ocr: str = ""
+) -> tuple[dict[str, int], dict[str, int], list[tuple[int, str]]]:
+    """A fresh ``ocrproxy serve`` (``[ocr.local]`` lines ``local``, more ``[ocr]`` lines
+    ``ocr``) reads the images ``urls`` with the local engine, all at once: its /proc status
+    after start-up and after the answers, and the answers."""
     cfg = f"""
 [[upstreams]]
 name = "fake"
@@ -105,8 +108,9 @@ check_models = false
 [ocr]
 model = "vision-1"
 on_error = "fail"
+{ocr}
 [ocr.local]
-threads = {threads}
+{local}
 """
     async with spawn_proxy(folder, cfg) as (proc, base, session, _):
         before = _status(proc.pid)
@@ -116,8 +120,14 @@ threads = {threads}
             async with session.post(base + "/v1/chat/completions", json=body) as r:
                 return r.status, await r.text()
 
-        answers = await asyncio.gather(*(send(u) for u in bombs))
-        after = _status(proc.pid)
+        answers = await asyncio.gather(*(send(u) for u in urls))
+        return before, _status(proc.pid), answers
+
+
+async def _peak_rss(fake: FakeOpenAI, folder: Path, bombs: list[str], threads: int) -> str:
+    """Send the bombs at once to a fresh proxy with ``threads`` engine threads; its peak RSS."""
+    folder.mkdir()
+    before, after, answers = await read_at_once(fake, folder, bombs, f"threads = {threads}")
     peak = after["VmHWM"]
     report = (
         f"threads={threads or 'default'}: RSS {before['VmRSS'] / 1e6:.0f} MB before, "

@@ -267,10 +267,15 @@ def _copy_models(into: Any) -> None:
     (into / "dict.txt").write_text(meta["character"], encoding="utf-8")
 
 
+def _from_dir(folder: Any) -> config.OcrLocal:
+    """``[ocr.local]`` for the rapidocr engine with its models in ``folder`` (validated)."""
+    section = {"ocr": {"local": {"engine": "rapidocr", "model_dir": str(folder)}}}
+    return config.from_mapping(section, {}).ocr.local
+
+
 def test_model_dir_must_hold_every_file(tmp_path: Any) -> None:
-    section = {"ocr": {"local": {"engine": "rapidocr", "model_dir": str(tmp_path)}}}
     with pytest.raises(config.ConfigError, match=re.escape(f"{tmp_path}/det.onnx is missing")):
-        config.from_mapping(section, {})
+        _from_dir(tmp_path)
     with pytest.raises(config.ConfigError, match="rapidocr"):
         config.from_mapping({"ocr": {"local": {"model_dir": str(tmp_path)}}}, {})
     with pytest.raises(config.ConfigError, match="ocr.local.engine"):
@@ -279,9 +284,7 @@ def test_model_dir_must_hold_every_file(tmp_path: Any) -> None:
 
 async def test_model_dir_is_read_and_a_missing_file_named(_warm: None, tmp_path: Any) -> None:
     _copy_models(tmp_path)
-    settings = config.from_mapping(
-        {"ocr": {"local": {"engine": "rapidocr", "model_dir": str(tmp_path)}}}, {}
-    ).ocr.local
+    settings = _from_dir(tmp_path)
     eng = local_rapid.RapidEngine(settings)
     try:
         await eng.start()
@@ -302,9 +305,7 @@ async def test_a_damaged_model_file_makes_an_engine_that_says_so(
     the requests that need no local engine); every request is told which files."""
     _copy_models(tmp_path)
     (tmp_path / "det.onnx").write_bytes(b"not an onnx model")
-    settings = config.from_mapping(
-        {"ocr": {"local": {"engine": "rapidocr", "model_dir": str(tmp_path)}}}, {}
-    ).ocr.local
+    settings = _from_dir(tmp_path)
     eng = local_rapid.RapidEngine(settings)
     try:
         await eng.start()
@@ -397,8 +398,7 @@ async def test_proxy_peak_rss_with_rapidocr(_warm: None, fake: FakeOpenAI, tmp_p
     once; its peak resident memory (VmHWM) stays under RAPID_LIMIT. The figures are printed."""
     from PIL import Image, ImageDraw
 
-    from tests.conftest import spawn_proxy
-    from tests.test_local_memory import _status, bomb_png
+    from tests.test_local_memory import bomb_png, read_at_once
 
     page = Image.new("L", (2000, 2800), 255)
     draw = ImageDraw.Draw(page)
@@ -410,28 +410,9 @@ async def test_proxy_peak_rss_with_rapidocr(_warm: None, fake: FakeOpenAI, tmp_p
         )
     images = [make()[0] for make in cjkimages.IMAGES.values()]
     images += [cjkimages.png(page), bomb_png("a")]
-    cfg = f"""
-[[upstreams]]
-name = "fake"
-base_url = "{fake.url}"
-check_models = false
-[ocr]
-model = "vision-1"
-on_error = "fail"
-timeout_s = 120
-[ocr.local]
-engine = "rapidocr"
-"""
-    async with spawn_proxy(tmp_path, cfg) as (proc, base, session, _):
-        before = _status(proc.pid)
-
-        async def send(data: bytes) -> tuple[int, str]:
-            body = chat("text-1", "Read it", image_part(data_url(data)), ocr_model="local")
-            async with session.post(base + "/v1/chat/completions", json=body) as r:
-                return r.status, await r.text()
-
-        answers = await asyncio.gather(*(send(d) for d in images))
-        after = _status(proc.pid)
+    before, after, answers = await read_at_once(
+        fake, tmp_path, [data_url(d) for d in images], 'engine = "rapidocr"', "timeout_s = 120"
+    )
     report = (
         f"rapidocr proxy: RSS {before['VmRSS'] / 1e6:.0f} MB after start-up (models warm), "
         f"peak {after['VmHWM'] / 1e6:.0f} MB, {after['VmRSS'] / 1e6:.0f} MB after {len(images)} images"
